@@ -1,0 +1,209 @@
+"""The Latent Guidance Predictor (LGP): a per-pixel MLP from UNet activations to the VAE latent of an edge map."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .capture import block_output_channels, resolve_blocks
+
+FEATURE_BRANCHES = ("conditional", "unconditional")
+SKETCH_POLARITIES = ("light_on_dark", "dark_on_light")
+
+# Widths of the community LGP, said to follow section 4.1 of the paper (see DESIGN.md, "Published details").
+DEFAULT_HIDDEN_DIMS = (512, 256, 128, 64)
+# sin(2*pi*n*2^-l) for l = 0..8, as in the published SD1.5 LGPs.
+DEFAULT_NUM_NOISE_FREQUENCIES = 9
+
+
+def sketch2img_blocks(unet: nn.Module) -> list[str]:
+    """Every down and up block but the last, then the mid block's attention and resnets (in that order).
+
+    On SD 1.x / 2.x UNets this is exactly the 9-block set of the published sketch2img LGP
+    (nyanko7/sketch2img-edge-predictor-train), so its converted weights drop straight in.
+    """
+    num_down, num_up = len(unet.down_blocks), len(unet.up_blocks)
+    blocks = [f"down_blocks.{i}" for i in range(max(num_down - 1, 1))]
+    mid = getattr(unet, "mid_block", None)
+    if mid is not None:
+        blocks += [f"mid_block.attentions.{i}" for i in range(len(getattr(mid, "attentions", [])))]
+        blocks += [f"mid_block.resnets.{i}" for i in range(len(getattr(mid, "resnets", [])))]
+    blocks += [f"up_blocks.{i}" for i in range(max(num_up - 1, 1))]
+    return blocks
+
+
+def down_up_blocks(unet: nn.Module) -> list[str]:
+    """All down blocks then all up blocks: the set of the published Sketch-Guided-Stable-Diffusion LGP
+    (ogkalu/Stable-Diffusion-Latent-Guidance-Predictor)."""
+    return [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + [
+        f"up_blocks.{i}" for i in range(len(unet.up_blocks))
+    ]
+
+
+BLOCK_PRESETS = {"sketch2img": sketch2img_blocks, "down-up": down_up_blocks}
+
+
+def noise_level_map(noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The LGP's noise-level input n = sqrt(1 - alphabar_t) * epsilon.
+
+    Args:
+        noise: epsilon, `(B, C, h, w)`: the true noise when training, the UNet's estimate of it when sampling.
+        alphas_cumprod: alphabar_t, a scalar or one value per sample.
+    """
+    alphas_cumprod = torch.as_tensor(alphas_cumprod, device=noise.device, dtype=torch.float32)
+    sigma = (1 - alphas_cumprod).sqrt().reshape(-1, 1, 1, 1)
+    return (sigma * noise.float()).to(noise.dtype)
+
+
+class LGPModel(ModelMixin, ConfigMixin):
+    r"""
+    Latent Guidance Predictor of "Sketch-Guided Text-to-Image Diffusion Models" (Voynov et al., 2023).
+
+    For every latent pixel it maps the UNet's activations there (each captured block resized bilinearly to the latent
+    size, concatenated in `blocks` order), followed by a noise-level input, to the VAE latent of the edge map at that
+    pixel. The noise-level input is n = sqrt(1 - alphabar_t) * epsilon (`latent_channels` channels) and its encoding
+    sin(2 pi n 2^-l) for l = 0 .. `num_noise_frequencies` - 1 (ordered frequency-major).
+
+    The MLP is `layers`: Linear, then (ReLU, BatchNorm1d, Linear) for each hidden width, the state-dict layout of the
+    published community LGPs. Its first layer is linear and so is bilinear resizing, so `forward` applies the first
+    layer to each activation at its own resolution and sums the resized results: the wide concatenated feature map is
+    never built.
+
+    Args:
+        blocks (`list[str]`): module paths in the UNet whose outputs are read, in input order.
+        block_channels (`list[int]`): channels of each block's output, checked against the UNet.
+        feature_branch (`str`, defaults to `"conditional"`): the classifier-free guidance branch whose activations the
+            LGP was trained on, `"conditional"` (text) or `"unconditional"` (empty prompt).
+        tuple_output_index (`int`, defaults to 0): which element is read where a block returns a tuple.
+        latent_channels (`int`, defaults to 4): channels of the UNet's latents, the width of the noise-level map.
+        num_noise_frequencies (`int`, defaults to 9): frequencies of the sinusoidal noise-level encoding.
+        hidden_dims (`list[int]`, defaults to `[512, 256, 128, 64]`): widths of the hidden layers.
+        out_channels (`int`, defaults to 4): channels of the predicted edge latent (the VAE's latent channels).
+        sketch_polarity (`str`, defaults to `"light_on_dark"`): how the edge maps it was trained on look: light
+            strokes on a dark background (edge detectors' output) or dark on light.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        blocks: Sequence[str],
+        block_channels: Sequence[int],
+        feature_branch: str = "conditional",
+        tuple_output_index: int = 0,
+        latent_channels: int = 4,
+        num_noise_frequencies: int = DEFAULT_NUM_NOISE_FREQUENCIES,
+        hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
+        out_channels: int = 4,
+        sketch_polarity: str = "light_on_dark",
+    ):
+        super().__init__()
+        if len(blocks) == 0 or len(blocks) != len(block_channels):
+            raise ValueError(
+                f"`blocks` and `block_channels` must be non-empty and of the same length, got {len(blocks)} blocks"
+                f" and {len(block_channels)} channel counts."
+            )
+        if feature_branch not in FEATURE_BRANCHES:
+            raise ValueError(f"`feature_branch` must be one of {FEATURE_BRANCHES}, got {feature_branch!r}.")
+        if sketch_polarity not in SKETCH_POLARITIES:
+            raise ValueError(f"`sketch_polarity` must be one of {SKETCH_POLARITIES}, got {sketch_polarity!r}.")
+        if len(hidden_dims) == 0:
+            raise ValueError("`hidden_dims` must name at least one hidden width.")
+
+        widths = [self.in_features, *hidden_dims]
+        layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
+        for width_in, width_out in zip(widths[1:], [*hidden_dims[1:], out_channels]):
+            layers += [nn.ReLU(), nn.BatchNorm1d(width_in), nn.Linear(width_in, width_out)]
+        self.layers = nn.Sequential(*layers)
+
+    @property
+    def noise_level_channels(self) -> int:
+        return self.config.latent_channels * (1 + self.config.num_noise_frequencies)
+
+    @property
+    def in_features(self) -> int:
+        """Width of one pixel's input vector: all block channels, then the noise level and its encoding."""
+        return sum(self.config.block_channels) + self.noise_level_channels
+
+    @classmethod
+    def from_unet(
+        cls, unet: nn.Module, blocks: Sequence[str] | None = None, preset: str = "sketch2img", **kwargs
+    ) -> "LGPModel":
+        """A freshly initialised LGP that reads `blocks` (or the blocks of `preset`) of `unet`.
+
+        Presets: `"sketch2img"` (default; on SD 1.x / 2.x the published 9-block set) and `"down-up"` (all down blocks
+        then all up blocks). Other keyword arguments go to the config (`hidden_dims`, `feature_branch`, ...).
+        """
+        if blocks is None:
+            if preset not in BLOCK_PRESETS:
+                raise ValueError(f"Unknown block preset {preset!r}; choose one of {list(BLOCK_PRESETS)}.")
+            blocks = BLOCK_PRESETS[preset](unet)
+        modules = resolve_blocks(unet, blocks)
+        channels = [block_output_channels(module) for module in modules.values()]
+        kwargs.setdefault("latent_channels", unet.config.in_channels)
+        return cls(blocks=list(blocks), block_channels=channels, **kwargs)
+
+    def check_unet(self, unet: nn.Module) -> None:
+        """Raise a `ValueError` naming the block where `unet` does not provide what this LGP was built for."""
+        modules = resolve_blocks(unet, self.config.blocks)
+        for (name, module), expected in zip(modules.items(), self.config.block_channels):
+            found = block_output_channels(module)
+            if found != expected:
+                raise ValueError(
+                    f"This LGP expects {expected} channels from UNet block {name!r}, but that block of the UNet"
+                    f" outputs {found}. The LGP was made for a different base model: load an LGP trained for this"
+                    " UNet, or train one with `training/train_lgp.py`."
+                )
+        if unet.config.in_channels != self.config.latent_channels:
+            raise ValueError(
+                f"This LGP expects {self.config.latent_channels} latent channels, but the UNet has"
+                f" {unet.config.in_channels}."
+            )
+
+    def encode_noise_level(self, noise_level: torch.Tensor) -> torch.Tensor:
+        """[n | sin(2 pi n 2^-l) for each l], frequency-major: the last `noise_level_channels` of the input."""
+        scales = [2 * math.pi * 2.0**-level for level in range(self.config.num_noise_frequencies)]
+        return torch.cat([noise_level] + [torch.sin(noise_level * scale) for scale in scales], dim=1)
+
+    def forward(
+        self, features: Sequence[torch.Tensor] | Mapping[str, torch.Tensor], noise_level: torch.Tensor
+    ) -> torch.Tensor:
+        """Predict the edge latent.
+
+        Args:
+            features: the captured activations, `(B, C_i, H_i, W_i)` each, in `blocks` order (or a dict by block name,
+                as `capture_activations` fills it).
+            noise_level: `(B, latent_channels, h, w)`, see `noise_level_map`; sets the output size.
+
+        Returns:
+            `torch.Tensor` of shape `(B, out_channels, h, w)`.
+        """
+        if isinstance(features, Mapping):
+            features = [features[name] for name in self.config.blocks]
+        if len(features) != len(self.config.blocks):
+            raise ValueError(f"Expected {len(self.config.blocks)} feature maps, got {len(features)}.")
+        first = self.layers[0]
+        dtype = first.weight.dtype
+        batch, _, height, width = noise_level.shape
+
+        # The first Linear, applied per block at the block's own resolution: W @ resize(f) == resize(W @ f).
+        weights = first.weight.split([*self.config.block_channels, self.noise_level_channels], dim=1)
+        hidden = F.conv2d(self.encode_noise_level(noise_level.to(dtype)), weights[-1][:, :, None, None], first.bias)
+        for name, feature, weight, channels in zip(
+            self.config.blocks, features, weights, self.config.block_channels
+        ):
+            if feature.shape[1] != channels:
+                raise ValueError(f"Block {name!r} gave {feature.shape[1]} channels; this LGP expects {channels}.")
+            projected = F.conv2d(feature.to(dtype), weight[:, :, None, None])
+            if projected.shape[-2:] != (height, width):
+                projected = F.interpolate(projected, size=(height, width), mode="bilinear", align_corners=False)
+            hidden = hidden + projected
+
+        pixels = hidden.permute(0, 2, 3, 1).reshape(batch * height * width, -1)
+        out = self.layers[1:](pixels)
+        return out.reshape(batch, height, width, -1).permute(0, 3, 1, 2)

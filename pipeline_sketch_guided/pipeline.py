@@ -1,0 +1,541 @@
+"""SketchGuidedStableDiffusionPipeline: Stable Diffusion steered by a sketch through a Latent Guidance Predictor.
+
+Loadable as a package module or as a diffusers custom pipeline:
+`DiffusionPipeline.from_pretrained(base, custom_pipeline="path/to/pipeline_sketch_guided", trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.utils import logging, replace_example_docstring
+
+from .capture import capture_activations
+from .lgp import LGPModel, noise_level_map
+from .sketch import SketchInput, prepare_sketch
+
+logger = logging.get_logger(__name__)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline
+
+        >>> lgp = LGPModel.from_pretrained("path/or/hub-id-of-an-lgp")
+        >>> pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(
+        ...     "stable-diffusion-v1-5/stable-diffusion-v1-5", lgp=lgp, torch_dtype=torch.float16
+        ... ).to("cuda")
+        >>> image = pipe("a cozy cabin in the woods", sketch="cabin_sketch.png").images[0]
+        >>> image.save("cabin.png")
+        ```
+"""
+
+
+@dataclass
+class SketchGuidedStableDiffusionPipelineOutput(StableDiffusionPipelineOutput):
+    """
+    Output of [`SketchGuidedStableDiffusionPipeline`].
+
+    Args:
+        images: the generated images, as for `StableDiffusionPipeline`.
+        nsfw_content_detected: the safety checker's verdicts, or `None`.
+        edge_maps: with `return_edge_maps=True`, the LGP's prediction of each image's edge map at the last guided
+            step, decoded by the VAE, in the same `output_type` as the images; otherwise `None`.
+    """
+
+    edge_maps: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
+
+
+def is_guided_step(step_index: int, num_steps: int, start: float, end: float) -> bool:
+    """Whether step `step_index` of `num_steps` lies in the guided fraction [start, end] of the schedule.
+
+    The same rule as diffusers' `control_guidance_start` / `control_guidance_end`.
+    """
+    return not (step_index / num_steps < start or (step_index + 1) / num_steps > end)
+
+
+def sketch_guidance_step(
+    latents: torch.Tensor, next_latents: torch.Tensor, gradient: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """z_{t-1} <- z_{t-1} - alpha * g, with alpha = beta * ||z_t - z_{t-1}|| / ||g|| for each image.
+
+    Scaling the gradient step to the size of the denoising step makes `scale` (beta) mean the same thing for every
+    scheduler and step count. Norms are taken per image, never over the batch, in float32.
+    """
+    step_norm = (latents.float() - next_latents.float()).flatten(1).norm(dim=1)
+    gradient = gradient.float()
+    gradient_norm = gradient.flatten(1).norm(dim=1)
+    alpha = scale * step_norm / gradient_norm.clamp_min(torch.finfo(torch.float32).tiny)
+    return (next_latents.float() - alpha.view(-1, 1, 1, 1) * gradient).to(next_latents.dtype)
+
+
+class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
+    r"""
+    Stable Diffusion text-to-image generation that follows a sketch ("Sketch-Guided Text-to-Image Diffusion Models",
+    Voynov, Aberman, Cohen-Or, SIGGRAPH 2023). No weight of the diffusion model changes: a small Latent Guidance
+    Predictor (LGP) reads the UNet's activations, predicts the edge map of the image being made, and the gradient of its
+    error against the sketch steers the latents during the early steps.
+
+    Everything of [`StableDiffusionPipeline`] works as usual; without a sketch the output is exactly its output.
+
+    Args:
+        vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder,
+        requires_safety_checker: as for [`StableDiffusionPipeline`].
+        lgp ([`LGPModel`], *optional*):
+            The Latent Guidance Predictor trained for this `unet`. Needed only to generate with a sketch; it is
+            checked against the UNet when set.
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->lgp->vae"
+    _optional_components = [*StableDiffusionPipeline._optional_components, "lgp"]
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker,
+        feature_extractor,
+        image_encoder=None,
+        requires_safety_checker: bool = True,
+        lgp: LGPModel | None = None,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+        self.register_modules(lgp=lgp)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # Check when the LGP or the UNet is set, so that a mismatch names the block now, not in a matmul later.
+        if name in ("lgp", "unet") and getattr(self, "lgp", None) is not None and getattr(self, "unet", None) is not None:
+            self.lgp.check_unet(self.unet)
+
+    def check_sketch_inputs(
+        self,
+        sketch,
+        sketch_guidance_scale: float,
+        sketch_guidance_start: float,
+        sketch_guidance_end: float,
+        return_edge_maps: bool,
+        num_images: int,
+        batch_size: int,
+    ) -> None:
+        if not isinstance(sketch_guidance_scale, (int, float)) or sketch_guidance_scale < 0:
+            raise ValueError(
+                f"`sketch_guidance_scale` must be a number >= 0 (0 turns guidance off), got {sketch_guidance_scale!r}."
+            )
+        if not 0.0 <= sketch_guidance_start < sketch_guidance_end <= 1.0:
+            raise ValueError(
+                "The guided part of the schedule must satisfy 0 <= `sketch_guidance_start` < `sketch_guidance_end`"
+                f" <= 1 (fractions of the steps), got start={sketch_guidance_start!r}, end={sketch_guidance_end!r}."
+            )
+        if sketch is None:
+            if return_edge_maps:
+                raise ValueError("`return_edge_maps=True` needs a `sketch`: edge maps are predicted while guiding.")
+            return
+        if self.lgp is None:
+            raise ValueError(
+                "A `sketch` was given but this pipeline has no LGP. Load one with"
+                " `pipe.lgp = LGPModel.from_pretrained(<LGP repo id or folder>)`, or pass `lgp=` to `from_pretrained`."
+            )
+        num_sketches = len(sketch) if isinstance(sketch, list) else 1
+        if num_sketches not in (1, batch_size, num_images):
+            raise ValueError(
+                f"Got {num_sketches} sketches for {batch_size} prompts and {num_images} images: pass one sketch for"
+                " all, one per prompt, or one per image."
+            )
+        if not hasattr(self.scheduler, "alphas_cumprod"):
+            raise ValueError(
+                f"Sketch guidance needs a scheduler with a DDPM noise schedule (`alphas_cumprod`) for the LGP's"
+                f" noise-level input; {type(self.scheduler).__name__} has none."
+            )
+        if self.lgp.config.feature_branch == "unconditional" and not self.do_classifier_free_guidance:
+            raise ValueError(
+                "This LGP reads the UNet's unconditional branch, which runs only with classifier-free guidance:"
+                " use `guidance_scale` > 1."
+            )
+        if self._execution_device.type == "cpu" and self.unet.dtype == torch.float16:
+            raise ValueError(
+                "Sketch guidance back-propagates through the UNet, which is not supported in float16 on the CPU."
+                " Use float32 or bfloat16 on the CPU, or float16 on a GPU."
+            )
+
+    def prepare_sketch_latents(
+        self, sketch: SketchInput | list[SketchInput], num_images: int, height: int, width: int, device
+    ) -> torch.Tensor:
+        """The guidance target E(s): each sketch normalised to the LGP's convention and encoded by the VAE."""
+        sketches = sketch if isinstance(sketch, list) else [sketch]
+        polarity = self.lgp.config.sketch_polarity
+        images = torch.cat([prepare_sketch(s, height, width, polarity) for s in sketches])
+        images = images.to(device=device, dtype=self.vae.dtype)
+        latents = self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
+        # One sketch for all images, or one per prompt (repeated for its images), or one per image.
+        return latents.repeat_interleave(num_images // len(sketches), dim=0)
+
+    def predict_noise_epsilon(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor):
+        """The UNet's estimate of epsilon, whatever it predicts (`prediction_type` of the scheduler)."""
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return model_output
+        if prediction_type == "v_prediction":
+            return alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * sample
+        if prediction_type == "sample":
+            return (sample - alpha_bar.sqrt() * model_output) / (1 - alpha_bar).sqrt()
+        raise ValueError(f"Sketch guidance does not support prediction_type={prediction_type!r}.")
+
+    def noise_and_sketch_gradient(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        sketch_latents: torch.Tensor,
+        unet_kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One guided step's model work: the UNet on each CFG branch, and the sketch loss's gradient g = dL/dz_t.
+
+        The branch the LGP reads runs with autograd and gives both its noise prediction and (through the hooks) the
+        LGP's features; the other branch runs without. So the gradient flows through one half only.
+
+        Returns:
+            (noise prediction of the conditional branch, of the unconditional branch or `None` without CFG, the
+            gradient, the LGP's predicted edge latents)
+        """
+        if self.do_classifier_free_guidance:
+            embeds = dict(zip(("unconditional", "conditional"), prompt_embeds.chunk(2)))
+            kwargs = {
+                name: {**unet_kwargs, "added_cond_kwargs": self._branch_added_cond(unet_kwargs, index)}
+                for index, name in enumerate(("unconditional", "conditional"))
+            }
+        else:
+            embeds = {"conditional": prompt_embeds}
+            kwargs = {"conditional": unet_kwargs}
+        read = self.lgp.config.feature_branch
+        alpha_bar = self.scheduler.alphas_cumprod[int(torch.as_tensor(t).round())].to(latents.device)
+
+        with torch.enable_grad():
+            latents = latents.detach().requires_grad_(True)
+            model_input = self.scheduler.scale_model_input(latents, t)
+            with capture_activations(self.unet, self.lgp.config.blocks, self.lgp.config.tuple_output_index) as feats:
+                prediction = self.unet(model_input, t, encoder_hidden_states=embeds[read], **kwargs[read])[0]
+            # The noise level is conditioning for the LGP, not something to optimise: no gradient through it.
+            epsilon = self.predict_noise_epsilon(prediction.detach().float(), model_input.detach().float(), alpha_bar)
+            noise_level = noise_level_map(epsilon, alpha_bar)
+            edge_latents = self.lgp(feats, noise_level)
+            # Summed per image, so each image's gradient is its own; the loss is in float32 whatever the UNet's dtype.
+            loss = (edge_latents.float() - sketch_latents.float()).square().sum()
+            (gradient,) = torch.autograd.grad(loss, latents)
+
+        predictions = {read: prediction.detach()}
+        for name in embeds.keys() - {read}:
+            model_input = model_input.detach()
+            predictions[name] = self.unet(model_input, t, encoder_hidden_states=embeds[name], **kwargs[name])[0]
+
+        finite = torch.isfinite(gradient).flatten(1).all(dim=1)
+        if not finite.all():
+            logger.warning(
+                f"The sketch gradient at timestep {int(t)} is not finite for {int((~finite).sum())} image(s), whose"
+                " guidance is skipped at this step. In float16, bfloat16 often avoids this."
+            )
+            gradient = torch.where(finite.view(-1, 1, 1, 1), gradient, torch.zeros_like(gradient))
+        return predictions["conditional"], predictions.get("unconditional"), gradient, edge_latents.detach()
+
+    @staticmethod
+    def _branch_added_cond(unet_kwargs: dict[str, Any], index: int) -> dict[str, Any] | None:
+        # IP-Adapter image embeddings are stacked [negative, positive] like the prompt embeddings.
+        added = unet_kwargs.get("added_cond_kwargs")
+        if added is None:
+            return None
+        return {"image_embeds": [embeds.chunk(2)[index] for embeds in added["image_embeds"]]}
+
+    def combine_noise_predictions(self, noise_pred_text: torch.Tensor, noise_pred_uncond: torch.Tensor | None):
+        """Classifier-free guidance and its rescaling, exactly as in `StableDiffusionPipeline`."""
+        if not self.do_classifier_free_guidance:
+            return noise_pred_text
+        noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+        if self.guidance_rescale > 0.0:
+            noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
+        return noise_pred
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] = None,
+        sigmas: list[float] = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        sketch: SketchInput | list[SketchInput] | None = None,
+        sketch_guidance_scale: float = 1.6,
+        sketch_guidance_start: float = 0.0,
+        sketch_guidance_end: float = 0.5,
+        return_edge_maps: bool = False,
+        **kwargs,
+    ):
+        r"""
+        Generate images from a prompt, following a sketch.
+
+        Every argument of [`StableDiffusionPipeline.__call__`] means the same here; see its documentation. The new ones:
+
+        Args:
+            sketch (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str` path, or a list of them, *optional*):
+                The drawing to follow: any size (resized to `height` x `width`), dark strokes on light paper or light on
+                dark, modes 1, L, RGB or RGBA (transparency is paper). One sketch for all images, one per prompt, or one
+                per image. `None` generates exactly as `StableDiffusionPipeline` does.
+            sketch_guidance_scale (`float`, *optional*, defaults to 1.6):
+                beta of the paper: the size of each guidance step relative to the denoising step it follows. Higher
+                follows the sketch more closely at some cost in realism; 0 turns guidance off.
+            sketch_guidance_start (`float`, *optional*, defaults to 0.0):
+                Fraction of the steps after which guidance starts.
+            sketch_guidance_end (`float`, *optional*, defaults to 0.5):
+                Fraction of the steps after which guidance stops. Guiding late makes the strokes appear literally.
+            return_edge_maps (`bool`, *optional*, defaults to `False`):
+                Also return the LGP's predicted edge maps at the last guided step (`edge_maps` of the output; the last
+                element of the tuple when `return_dict=False`).
+
+        Examples:
+
+        Returns:
+            [`SketchGuidedStableDiffusionPipelineOutput`] or `tuple`: the images, the safety checker's verdicts and,
+            with `return_edge_maps=True`, the predicted edge maps.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0] if prompt_embeds is not None else 1
+        num_images = batch_size * num_images_per_prompt
+        self._guidance_scale = guidance_scale
+        self.check_sketch_inputs(
+            sketch,
+            sketch_guidance_scale,
+            sketch_guidance_start,
+            sketch_guidance_end,
+            return_edge_maps,
+            num_images,
+            batch_size,
+        )
+
+        if sketch is None or sketch_guidance_scale == 0:
+            # Unguided: exactly StableDiffusionPipeline, at exactly its cost.
+            output = super().__call__(
+                prompt=prompt,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                timesteps=timesteps,
+                sigmas=sigmas,
+                guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images_per_prompt,
+                eta=eta,
+                generator=generator,
+                latents=latents,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                ip_adapter_image=ip_adapter_image,
+                ip_adapter_image_embeds=ip_adapter_image_embeds,
+                output_type=output_type,
+                return_dict=return_dict,
+                cross_attention_kwargs=cross_attention_kwargs,
+                guidance_rescale=guidance_rescale,
+                clip_skip=clip_skip,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                **kwargs,
+            )
+            if not return_dict:
+                return output
+            return SketchGuidedStableDiffusionPipelineOutput(
+                images=output.images, nsfw_content_detected=output.nsfw_content_detected
+            )
+
+        if kwargs:
+            raise TypeError(
+                f"Unexpected arguments {sorted(kwargs)}. The deprecated `callback` and `callback_steps` do not work"
+                " with a sketch: use `callback_on_step_end`."
+            )
+
+        # 0. Default height and width to unet
+        if not height or not width:
+            sample_size = self.unet.config.sample_size
+            height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+            height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            None,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+        # BatchNorm must use its running statistics while sampling.
+        self.lgp.eval()
+
+        # 2. Encode the prompt, stacked [negative, positive] with classifier-free guidance as in StableDiffusionPipeline
+        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=self.clip_skip,
+        )
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        added_cond_kwargs = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, num_images, self.do_classifier_free_guidance
+            )
+            added_cond_kwargs = {"image_embeds": image_embeds}
+
+        # 3. Timesteps, latents, the sketch target
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+        latents = self.prepare_latents(
+            num_images,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(num_images)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+        unet_kwargs = {
+            "timestep_cond": timestep_cond,
+            "cross_attention_kwargs": self.cross_attention_kwargs,
+            "added_cond_kwargs": added_cond_kwargs,
+            "return_dict": False,
+        }
+        sketch_latents = self.prepare_sketch_latents(sketch, num_images, height, width, device)
+
+        # 4. Denoising loop: guided steps add the sketch gradient step after the scheduler's step
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        self._num_timesteps = len(timesteps)
+        edge_latents = None
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+
+                guided = is_guided_step(i, len(timesteps), sketch_guidance_start, sketch_guidance_end)
+                if guided:
+                    noise_pred_text, noise_pred_uncond, gradient, edge_latents = self.noise_and_sketch_gradient(
+                        latents, t, prompt_embeds, sketch_latents, unet_kwargs
+                    )
+                else:
+                    latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                    latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                    noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, **unet_kwargs)[0]
+                    noise_pred_uncond, noise_pred_text = (
+                        noise_pred.chunk(2) if self.do_classifier_free_guidance else (None, noise_pred)
+                    )
+                noise_pred = self.combine_noise_predictions(noise_pred_text, noise_pred_uncond)
+
+                previous_latents = latents
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if guided:
+                    latents = sketch_guidance_step(previous_latents, latents, gradient, sketch_guidance_scale)
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+
+        # 5. Decode
+        edge_maps = None
+        if output_type == "latent":
+            image, has_nsfw_concept = latents, None
+            edge_maps = edge_latents if return_edge_maps else None
+        else:
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
+            if return_edge_maps and edge_latents is not None:
+                edge_maps = self.vae.decode(
+                    edge_latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False
+                )[0]
+                edge_maps = self.image_processor.postprocess(edge_maps, output_type=output_type)
+        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not x for x in has_nsfw_concept]
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image, has_nsfw_concept, edge_maps) if return_edge_maps else (image, has_nsfw_concept)
+        return SketchGuidedStableDiffusionPipelineOutput(
+            images=image, nsfw_content_detected=has_nsfw_concept, edge_maps=edge_maps
+        )

@@ -1,0 +1,91 @@
+"""Turn a user's sketch (any format, either polarity) into the image the LGP's training edge maps looked like."""
+
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import numpy as np
+import PIL.Image
+import torch
+
+SketchInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
+
+# A sketch whose darkest and lightest pixels differ by less than this (in [0, 1]) has no strokes to follow.
+MIN_STROKE_CONTRAST = 0.05
+
+
+def _to_grayscale_image(sketch: SketchInput) -> PIL.Image.Image:
+    if isinstance(sketch, (str, os.PathLike)):
+        if not os.path.isfile(sketch):
+            raise ValueError(f"The sketch file {os.fspath(sketch)!r} does not exist.")
+        try:
+            with PIL.Image.open(sketch) as opened:
+                sketch = opened.copy()
+        except (OSError, PIL.UnidentifiedImageError) as error:
+            raise ValueError(f"Cannot read the sketch file {os.fspath(sketch)!r}: {error}") from error
+    if isinstance(sketch, torch.Tensor):
+        sketch = sketch.detach().cpu()
+        if sketch.is_floating_point() and sketch.min() < 0:
+            sketch = (sketch + 1) / 2  # diffusers reads a tensor with negative values as [-1, 1]
+        if sketch.ndim == 4 and sketch.shape[0] == 1:
+            sketch = sketch[0]
+        if sketch.ndim == 3:  # channels first, as torch images are
+            sketch = sketch.permute(1, 2, 0)
+        sketch = sketch.numpy()
+    if isinstance(sketch, np.ndarray):
+        array = sketch
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+            raise ValueError(
+                f"A sketch array must be (H, W), (H, W, 1|3|4), or (1|3|4, H, W) as a tensor; got shape {sketch.shape}."
+            )
+        if array.dtype == np.bool_:
+            array = array.astype(np.uint8) * 255
+        elif array.dtype != np.uint8:
+            # Floats are read as [0, 1], the diffusers convention for image arrays and tensors.
+            array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+        sketch = PIL.Image.fromarray(array)
+    if not isinstance(sketch, PIL.Image.Image):
+        raise TypeError(
+            "`sketch` must be a PIL image, a numpy array, a torch tensor or a path to an image file, got"
+            f" {type(sketch).__name__}."
+        )
+    if sketch.mode in ("RGBA", "LA", "PA") or (sketch.mode == "P" and "transparency" in sketch.info):
+        # Transparent pixels are paper: composite on white.
+        rgba = sketch.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        sketch = PIL.Image.alpha_composite(background, rgba)
+    return sketch.convert("L")
+
+
+def prepare_sketch(
+    sketch: SketchInput, height: int, width: int, polarity: str = "light_on_dark"
+) -> torch.Tensor:
+    """Load, normalise and resize a sketch to a `(1, 3, height, width)` tensor in [-1, 1], ready for the VAE.
+
+    Accepts a PIL image (modes 1, L, P, RGB, RGBA, LA: transparency is composited on white), a numpy array or torch
+    tensor (uint8, bool, or float in [0, 1]), or a path to an image file. Dark strokes on light paper and light
+    strokes on dark paper are both accepted: the background is told by the median brightness, and the result is
+    turned into `polarity`, the convention the LGP was trained on (`"light_on_dark"` or `"dark_on_light"`).
+
+    Raises:
+        ValueError: for an unreadable file, a bad array shape, an unknown polarity, or a blank sketch.
+    """
+    if polarity not in ("light_on_dark", "dark_on_light"):
+        raise ValueError(f"`polarity` must be 'light_on_dark' or 'dark_on_light', got {polarity!r}.")
+    image = _to_grayscale_image(sketch)
+    # BOX averages every source pixel into the result, so thin strokes fade instead of vanishing when shrunk.
+    image = image.resize((width, height), resample=PIL.Image.Resampling.BOX)
+    gray = np.asarray(image, dtype=np.float32) / 255.0
+    if gray.max() - gray.min() < MIN_STROKE_CONTRAST:
+        raise ValueError(
+            "The sketch is blank (one flat tone after resizing to the output size); draw some strokes, or pass"
+            " `sketch=None` to generate without sketch guidance."
+        )
+    light_background = np.median(gray) >= 0.5
+    if light_background != (polarity == "dark_on_light"):
+        gray = 1.0 - gray
+    tensor = torch.from_numpy(gray)[None, None].expand(1, 3, height, width)
+    return tensor * 2.0 - 1.0
