@@ -117,7 +117,7 @@ class LGPModel(ModelMixin, ConfigMixin):
 
         widths = [self.in_features, *hidden_dims]
         layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
-        for width_in, width_out in zip(widths[1:], [*hidden_dims[1:], out_channels]):
+        for width_in, width_out in zip(widths[1:], [*hidden_dims[1:], out_channels], strict=True):
             layers += [nn.ReLU(), nn.BatchNorm1d(width_in), nn.Linear(width_in, width_out)]
         self.layers = nn.Sequential(*layers)
 
@@ -151,7 +151,7 @@ class LGPModel(ModelMixin, ConfigMixin):
     def check_unet(self, unet: nn.Module) -> None:
         """Raise a `ValueError` naming the block where `unet` does not provide what this LGP was built for."""
         modules = resolve_blocks(unet, self.config.blocks)
-        for (name, module), expected in zip(modules.items(), self.config.block_channels):
+        for (name, module), expected in zip(modules.items(), self.config.block_channels, strict=True):
             found = block_output_channels(module)
             if found != expected:
                 raise ValueError(
@@ -195,7 +195,11 @@ class LGPModel(ModelMixin, ConfigMixin):
         weights = first.weight.split([*self.config.block_channels, self.noise_level_channels], dim=1)
         hidden = F.conv2d(self.encode_noise_level(noise_level.to(dtype)), weights[-1][:, :, None, None], first.bias)
         for name, feature, weight, channels in zip(
-            self.config.blocks, features, weights, self.config.block_channels
+            self.config.blocks,
+            features,
+            weights,
+            self.config.block_channels,
+            strict=False,  # weights has one more
         ):
             if feature.shape[1] != channels:
                 raise ValueError(f"Block {name!r} gave {feature.shape[1]} channels; this LGP expects {channels}.")

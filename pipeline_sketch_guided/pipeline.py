@@ -127,8 +127,9 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         # Check when the LGP or the UNet is set, so that a mismatch names the block now, not in a matmul later.
-        if name in ("lgp", "unet") and getattr(self, "lgp", None) is not None and getattr(self, "unet", None) is not None:
-            self.lgp.check_unet(self.unet)
+        lgp, unet = getattr(self, "lgp", None), getattr(self, "unet", None)
+        if name in ("lgp", "unet") and lgp is not None and unet is not None:
+            lgp.check_unet(unet)
 
     def check_sketch_inputs(
         self,
@@ -221,7 +222,7 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
             gradient, the LGP's predicted edge latents)
         """
         if self.do_classifier_free_guidance:
-            embeds = dict(zip(("unconditional", "conditional"), prompt_embeds.chunk(2)))
+            embeds = dict(zip(("unconditional", "conditional"), prompt_embeds.chunk(2), strict=True))
             kwargs = {
                 name: {**unet_kwargs, "added_cond_kwargs": self._branch_added_cond(unet_kwargs, index)}
                 for index, name in enumerate(("unconditional", "conditional"))

@@ -60,9 +60,7 @@ def _to_grayscale_image(sketch: SketchInput) -> PIL.Image.Image:
     return sketch.convert("L")
 
 
-def prepare_sketch(
-    sketch: SketchInput, height: int, width: int, polarity: str = "light_on_dark"
-) -> torch.Tensor:
+def prepare_sketch(sketch: SketchInput, height: int, width: int, polarity: str = "light_on_dark") -> torch.Tensor:
     """Load, normalise and resize a sketch to a `(1, 3, height, width)` tensor in [-1, 1], ready for the VAE.
 
     Accepts a PIL image (modes 1, L, P, RGB, RGBA, LA: transparency is composited on white), a numpy array or torch
