@@ -127,7 +127,8 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         # Check when the LGP or the UNet is set, so that a mismatch names the block now, not in a matmul later.
-        lgp, unet = getattr(self, "lgp", None), getattr(self, "unet", None)
+        # (Read from __dict__: while a module is being registered, getattr would find it in the config instead.)
+        lgp, unet = self.__dict__.get("lgp"), self.__dict__.get("unet")
         if name in ("lgp", "unet") and lgp is not None and unet is not None:
             lgp.check_unet(unet)
 

@@ -1,0 +1,116 @@
+"""Tiny, randomly initialised Stable Diffusion components built from configs, for tests and offline smoke runs.
+
+Nothing here is downloaded: the tokenizer's vocabulary is written out in code. The images such a model draws are noise;
+what it shows is that the machinery runs, end to end, on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .lgp import LGPModel
+from .pipeline import SketchGuidedStableDiffusionPipeline
+
+# The tokenizer's whole vocabulary: special tokens, single letters (with and without the end-of-word mark), and a
+# few words so that prompts tokenise into more than letters.
+WORDS = ["a", "red", "blue", "circle", "square", "star", "cat", "on", "the", "grey", "background"]
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    letters = list(string.ascii_lowercase)
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [f"{c}</w>" for c in letters]
+    merges = []
+    for word in WORDS:
+        # Merge the word letter by letter, ending with its end-of-word form.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            if pieces[0] not in tokens:
+                tokens.append(pieces[0])
+    vocab = {token: index for index, token in enumerate(tokens)}
+    # Files, because that is what every transformers version's CLIPTokenizer reads.
+    with tempfile.TemporaryDirectory(prefix="tiny_clip_tokenizer_") as folder:
+        vocab_file, merges_file = Path(folder, "vocab.json"), Path(folder, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab))
+        merges_file.write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
+
+
+def tiny_components() -> dict:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=16,
+        attention_head_dim=8,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=16,
+    )
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=16,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+        "requires_safety_checker": False,
+    }
+
+
+def random_lgp(unet: UNet2DConditionModel, seed: int = 0, **kwargs) -> LGPModel:
+    torch.manual_seed(seed)
+    return LGPModel.from_unet(unet, hidden_dims=[32, 16], **kwargs).eval()
+
+
+def tiny_random_pipeline(seed: int = 0) -> SketchGuidedStableDiffusionPipeline:
+    """A tiny random `SketchGuidedStableDiffusionPipeline` (32x32 images) with a random LGP."""
+    components = tiny_components()
+    pipe = SketchGuidedStableDiffusionPipeline(**components, lgp=random_lgp(components["unet"], seed=seed))
+    return pipe
