@@ -148,6 +148,22 @@ class LGPModel(ModelMixin, ConfigMixin):
         kwargs.setdefault("latent_channels", unet.config.in_channels)
         return cls(blocks=list(blocks), block_channels=channels, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "LGPModel":
+        """Load an LGP saved with `save_pretrained` (config.json + safetensors) from a folder or a Hub repo id.
+
+        Takes the keyword arguments of diffusers' `ModelMixin.from_pretrained` (`subfolder`, `torch_dtype`, `revision`,
+        ...). A missing or corrupt weights file raises an `OSError` that says what was expected.
+        """
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as error:
+            raise OSError(
+                f"Cannot load an LGP from {str(pretrained_model_name_or_path)!r}: {error}\nAn LGP folder or repo holds"
+                " config.json and diffusion_pytorch_model.safetensors, as written by `LGPModel.save_pretrained`. A"
+                " community .pt file must be converted first (`sketch-guided convert`)."
+            ) from error
+
     def check_unet(self, unet: nn.Module) -> None:
         """Raise a `ValueError` naming the block where `unet` does not provide what this LGP was built for."""
         modules = resolve_blocks(unet, self.config.blocks)

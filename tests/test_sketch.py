@@ -1,0 +1,89 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import draw_square
+
+from pipeline_sketch_guided import prepare_sketch
+
+
+def strokes(tensor: torch.Tensor) -> torch.Tensor:
+    """Where the prepared sketch (light strokes on dark, in [-1, 1]) has ink."""
+    return tensor[0, 0] > 0
+
+
+@pytest.fixture
+def reference():
+    return prepare_sketch(draw_square(32), 32, 32)
+
+
+def test_output_is_a_three_channel_batch_in_range(reference):
+    assert reference.shape == (1, 3, 32, 32)
+    assert reference.min() == -1 and reference.max() == 1
+    assert torch.equal(reference[:, 0], reference[:, 1]) and torch.equal(reference[:, 0], reference[:, 2])
+    # light_on_dark: a few bright stroke pixels on a dark background.
+    assert 0.1 < strokes(reference).float().mean() < 0.4
+
+
+def test_both_polarities_give_the_same_result(reference):
+    assert torch.equal(prepare_sketch(draw_square(32, dark_on_light=False), 32, 32), reference)
+
+
+def test_dark_on_light_convention_is_the_inverse(reference):
+    assert torch.equal(prepare_sketch(draw_square(32), 32, 32, polarity="dark_on_light"), -reference)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "RGB", "P"])
+def test_image_modes(mode, reference):
+    assert torch.equal(prepare_sketch(draw_square(32).convert(mode), 32, 32), reference)
+
+
+def test_transparent_background_counts_as_paper(reference):
+    # Black strokes on a fully transparent (black!) background: only compositing on white makes this a sketch.
+    alpha = 255 - np.asarray(draw_square(32))
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[..., 3] = alpha
+    assert torch.equal(prepare_sketch(PIL.Image.fromarray(rgba, "RGBA"), 32, 32), reference)
+
+
+def test_arrays_tensors_and_files(tmp_path, reference):
+    array = np.array(draw_square(32))
+    assert torch.equal(prepare_sketch(array, 32, 32), reference)
+    assert torch.equal(prepare_sketch(array.astype(np.float32) / 255, 32, 32), reference)
+    assert torch.equal(prepare_sketch(array > 127, 32, 32), reference)
+    tensor = torch.from_numpy(array).float() / 255
+    assert torch.equal(prepare_sketch(tensor, 32, 32), reference)
+    assert torch.equal(prepare_sketch(tensor.expand(1, 3, 32, 32), 32, 32), reference)
+    assert torch.equal(prepare_sketch(tensor * 2 - 1, 32, 32), reference)  # diffusers' [-1, 1] tensors
+    path = tmp_path / "sketch.png"
+    draw_square(32).save(path)
+    assert torch.equal(prepare_sketch(path, 32, 32), reference)
+    assert torch.equal(prepare_sketch(str(path), 32, 32), reference)
+
+
+def test_any_size_is_resized_and_thin_strokes_survive():
+    big = draw_square(256).resize((300, 200))
+    prepared = prepare_sketch(big, 32, 48)
+    assert prepared.shape == (1, 3, 32, 48)
+    # 2-pixel strokes at 256 px become a fraction of a pixel at 32: they fade but must not vanish.
+    assert strokes(prepared).any()
+
+
+def test_blank_sketch_is_rejected():
+    with pytest.raises(ValueError, match="blank"):
+        prepare_sketch(PIL.Image.new("L", (32, 32), 255), 32, 32)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        prepare_sketch(tmp_path / "missing.png", 32, 32)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="Cannot read the sketch file"):
+        prepare_sketch(broken, 32, 32)
+    with pytest.raises(ValueError, match="shape"):
+        prepare_sketch(np.zeros((4, 4, 2), dtype=np.uint8), 32, 32)
+    with pytest.raises(TypeError, match="PIL image"):
+        prepare_sketch(42, 32, 32)
+    with pytest.raises(ValueError, match="polarity"):
+        prepare_sketch(draw_square(), 32, 32, polarity="sideways")
