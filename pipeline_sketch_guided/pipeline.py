@@ -4,19 +4,20 @@ Loadable as a package module or as a diffusers custom pipeline:
 `DiffusionPipeline.from_pretrained(base, custom_pipeline="path/to/pipeline_sketch_guided", trust_remote_code=True)`.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from .capture import capture_activations
 from .lgp import LGPModel, noise_level_map
@@ -100,14 +101,14 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        scheduler,
-        safety_checker,
-        feature_extractor,
-        image_encoder=None,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: StableDiffusionSafetyChecker,
+        feature_extractor: CLIPImageProcessor,
+        image_encoder: CLIPVisionModelWithProjection = None,
         requires_safety_checker: bool = True,
         lgp: LGPModel | None = None,
     ):
@@ -212,7 +213,7 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
         prompt_embeds: torch.Tensor,
         sketch_latents: torch.Tensor,
         unet_kwargs: dict[str, Any],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """One guided step's model work: the UNet on each CFG branch, and the sketch loss's gradient g = dL/dz_t.
 
         The branch the LGP reads runs with autograd and gives both its noise prediction and (through the hooks) the
@@ -476,7 +477,9 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
             "added_cond_kwargs": added_cond_kwargs,
             "return_dict": False,
         }
-        sketch_latents = self.prepare_sketch_latents(sketch, num_images, height, width, device)
+        # At the size of the latents, which may have come from the user with a size of their own.
+        sketch_height, sketch_width = (size * self.vae_scale_factor for size in latents.shape[-2:])
+        sketch_latents = self.prepare_sketch_latents(sketch, num_images, sketch_height, sketch_width, device)
 
         # 4. Denoising loop: guided steps add the sketch gradient step after the scheduler's step
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
