@@ -110,8 +110,9 @@ SKETCH2IMG_SD15 = CommunityLGPFormat(
     feature_branch="conditional",
     sketch_polarity="dark_on_light",
     training_data=(
-        "per its trainer's published config, anime illustrations (a pixiv set) with Anime2Sketch line art as"
-        " targets, timesteps 0..999; the Hub file does not state its data"
+        "per its trainer's published config: anime illustrations (a pixiv set) with Anime2Sketch line art as"
+        " targets, timesteps 0..999, on an anime SD1.x fine-tune; the Hub file states neither its data nor its base"
+        " model"
     ),
     project_url="https://github.com/Mikubill/sketch2img",
 )

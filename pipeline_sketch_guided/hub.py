@@ -1,0 +1,226 @@
+"""Publish an LGP on the Hugging Face Hub: a model card, the weights, and the code that `custom_pipeline=` loads.
+
+A published LGP repo is one folder (see `hub_card/README.md`):
+
+    README.md                            model card (huggingface_hub `ModelCard`, template in hub_card/)
+    config.json                          LGPModel config, with `auto_map` so that `AutoModel` finds the class
+    diffusion_pytorch_model.safetensors  the weights
+    pipeline.py lgp.py capture.py sketch.py   this package's modules, for users who have not installed it
+    figures/                             the figures named in the card, if any
+
+The weights sit at the root so that one id serves every way in: `LGPModel.from_pretrained(repo)` with the package,
+`AutoModel.from_pretrained(repo, trust_remote_code=True)` without it, and
+`DiffusionPipeline.from_pretrained(base, custom_pipeline=repo, trust_remote_code=True, lgp=lgp)` for the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+from .convert import CommunityLGPFormat
+from .lgp import BLOCK_PRESETS, LGPModel
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The modules diffusers copies for `custom_pipeline=`: pipeline.py and its direct relative imports (for a local folder
+# diffusers copies only those, so pipeline.py must import each of them itself). lgp.py also serves `AutoModel`.
+HUB_CODE_FILES = ("pipeline.py", "lgp.py", "capture.py", "sketch.py")
+# `AutoModel.from_pretrained(repo, trust_remote_code=True)` imports the class named here from the repo's lgp.py.
+LGP_AUTO_MAP = {"AutoModel": "lgp.LGPModel"}
+DEFAULT_CARD_TEMPLATE = PACKAGE_DIR.parent / "hub_card" / "model_card_template.md"
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_LICENSE = "apache-2.0"  # the license of our own LGPs; converted ones carry their source's terms
+CARD_TAGS = ["diffusers", "stable-diffusion", "text-to-image", "sketch-to-image", "latent-guidance-predictor"]
+
+
+def infer_block_preset(blocks: Sequence[str]) -> str | None:
+    """The name of the `BLOCK_PRESETS` entry that gives exactly `blocks` for some UNet, or `None` for a custom set."""
+    blocks = list(blocks)
+
+    def count(prefix: str) -> int:
+        indices = [
+            int(name[len(prefix) :]) for name in blocks if name.startswith(prefix) and name[len(prefix) :].isdigit()
+        ]
+        return max(indices, default=-1) + 1
+
+    num_down, num_up = count("down_blocks."), count("up_blocks.")
+    mid = SimpleNamespace(
+        attentions=[None] * count("mid_block.attentions."), resnets=[None] * count("mid_block.resnets.")
+    )
+    # A preset may leave out the last down / up block (sketch2img does), so also try one more than the names show; the
+    # exact count first, so that all down then all up blocks read as "down-up".
+    for extra in (0, 1):
+        for name, preset in BLOCK_PRESETS.items():
+            unet = SimpleNamespace(down_blocks=[None] * (num_down + extra), up_blocks=[None] * (num_up + extra))
+            unet.mid_block = mid
+            if preset(unet) == blocks:
+                return name
+    return None
+
+
+def build_model_card(
+    lgp: LGPModel,
+    repo_id: str,
+    base_model: str = DEFAULT_BASE_MODEL,
+    license: str | None = DEFAULT_LICENSE,
+    training_data: str | None = None,
+    training_details: str | None = None,
+    datasets: Sequence[str] | None = None,
+    figures: Sequence[str | os.PathLike] = (),
+    source: CommunityLGPFormat | None = None,
+    template_path: str | os.PathLike | None = None,
+) -> ModelCard:
+    """The model card of a published LGP.
+
+    Args:
+        lgp: the LGP; its config gives the blocks, branch and polarity shown in the card.
+        repo_id: the Hub repo the card is for; the usage snippets load from it.
+        base_model: the Hub id of the diffusion model whose UNet the LGP reads.
+        license: a Hub license id; for weights converted from a community repo, use that repo's terms (`"other"` if
+            it states none).
+        training_data: what it was trained on (images, edge detector, captions, timesteps), in a sentence or two.
+        training_details: steps, batch size, final loss, hardware, the command line: anything that reproduces it.
+        datasets: Hub dataset ids for the card's metadata.
+        figures: image files shown in the card (as `figures/<name>`; `export_hub_folder` copies them there).
+        source: for converted community weights, where they come from.
+        template_path: a Jinja template; defaults to `hub_card/model_card_template.md`.
+
+    Returns:
+        `huggingface_hub.ModelCard`, whose `data` holds the metadata and `text` the rendered body.
+    """
+    template_path = Path(template_path) if template_path is not None else DEFAULT_CARD_TEMPLATE
+    if not template_path.is_file():
+        raise FileNotFoundError(
+            f"No model card template at {str(template_path)!r}. It ships in the repository's hub_card/ folder; pass"
+            " `template_path` when the package is installed without it."
+        )
+    config = lgp.config
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="diffusers",
+        license=license,
+        tags=list(CARD_TAGS),
+        datasets=list(datasets) if datasets else None,
+    )
+    preset = infer_block_preset(config.blocks)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        repo_id=repo_id,
+        base_model=base_model,
+        preset=preset,
+        blocks=list(zip(config.blocks, config.block_channels, strict=True)),
+        in_features=lgp.in_features,
+        hidden_dims=list(config.hidden_dims),
+        feature_branch=config.feature_branch,
+        sketch_polarity=config.sketch_polarity,
+        num_noise_frequencies=config.num_noise_frequencies,
+        num_parameters=sum(p.numel() for p in lgp.parameters()),
+        training_data=training_data or (source.training_data if source else None),
+        training_details=training_details,
+        figures=[f"figures/{Path(figure).name}" for figure in figures],
+        source=source,
+    )
+
+
+def export_hub_folder(
+    lgp: LGPModel,
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    figures: Sequence[str | os.PathLike] = (),
+    card: ModelCard | None = None,
+    **card_kwargs,
+) -> Path:
+    """Write everything a published LGP repo holds into `output_dir`, ready for `push_lgp_to_hub` or a local load.
+
+    Args:
+        lgp: the LGP to publish.
+        output_dir: the folder to fill (created if needed; files of the same name are replaced).
+        repo_id: the Hub repo it is meant for (the card's snippets load from it).
+        figures: image files to show in the card; copied to `figures/`.
+        card: a ready model card; by default one is built with `build_model_card(lgp, repo_id, figures=figures,
+            **card_kwargs)`.
+
+    Returns:
+        `Path` of `output_dir`. `DiffusionPipeline.from_pretrained(base, custom_pipeline=output_dir,
+        trust_remote_code=True, lgp=AutoModel.from_pretrained(output_dir, trust_remote_code=True))` works from it
+        without this package installed.
+    """
+    output_dir = Path(output_dir)
+    missing = [str(Path(figure)) for figure in figures if not Path(figure).is_file()]
+    if missing:
+        raise FileNotFoundError(f"Figures not found: {', '.join(missing)}.")
+    names = [Path(figure).name for figure in figures]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Figures are copied to figures/<file name>, so their names must differ; got {names}.")
+    if card is None:
+        card = build_model_card(lgp, repo_id, figures=figures, **card_kwargs)
+
+    lgp.save_pretrained(output_dir, safe_serialization=True)
+    config_file = output_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = dict(LGP_AUTO_MAP)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in HUB_CODE_FILES:
+        shutil.copyfile(PACKAGE_DIR / name, output_dir / name)
+    if figures:
+        (output_dir / "figures").mkdir(exist_ok=True)
+        for figure in figures:
+            shutil.copyfile(figure, output_dir / "figures" / Path(figure).name)
+    card.save(output_dir / "README.md")
+    return output_dir
+
+
+def upload_hub_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload sketch-guidance LGP",
+) -> str:
+    """Create (or reuse) the Hub model repo `repo_id` and upload `folder` to it. Needs internet and a write token.
+
+    Args:
+        folder: a folder built by `export_hub_folder`.
+        repo_id: `"<user or org>/<name>"`.
+        private: create the repo private (an existing repo keeps its visibility).
+        token: a Hub token with write access; defaults to the logged-in one (`hf auth login`).
+        commit_message: the commit's message.
+
+    Returns:
+        `str`: the URL of the commit.
+    """
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return str(getattr(commit, "commit_url", commit))
+
+
+def push_lgp_to_hub(
+    lgp: LGPModel,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload sketch-guidance LGP",
+    **export_kwargs,
+) -> str:
+    """Publish `lgp` with its card and code in one call: `export_hub_folder` to a temporary folder, then upload it.
+
+    Args:
+        lgp: the LGP to publish.
+        repo_id, private, token, commit_message: as for `upload_hub_folder`.
+        export_kwargs: passed to `export_hub_folder` (`figures`, `base_model`, `license`, `training_data`, ...).
+
+    Returns:
+        `str`: the URL of the commit.
+    """
+    with tempfile.TemporaryDirectory(prefix="lgp_hub_") as folder:
+        export_hub_folder(lgp, folder, repo_id, **export_kwargs)
+        return upload_hub_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
