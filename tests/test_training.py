@@ -1,0 +1,312 @@
+"""LGP training, offline on the CPU: data preparation, the trainer (loss, checkpoints, resume, several processes), and
+loading the result into the pipeline. A tiny base model is saved in a temporary folder and loaded as users' are."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline
+from pipeline_sketch_guided.testing import tiny_components
+from training import prepare_data, train_lgp
+from training.train_lgp import epoch_batches, last_block_to_run, latest_checkpoint, lgp_loss
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = 32
+NUM_IMAGES = 12
+
+
+def draw_example(index: int) -> tuple[PIL.Image.Image, str]:
+    """A filled rectangle on grey, in a mode and size that vary with `index`."""
+    rng = np.random.default_rng(index)
+    height, width = (40, 56) if index % 2 else (64, 48)
+    array = np.full((height, width, 3), 200, dtype=np.uint8)
+    top, left = rng.integers(12, 20, size=2)
+    colour = ("red", (230, 30, 30)) if index % 3 else ("blue", (30, 30, 230))
+    array[top : top + 16, left : left + 16] = colour[1]
+    image = PIL.Image.fromarray(array)
+    image = [image, image.convert("L"), image.convert("RGBA"), image.convert("P")][index % 4]
+    return image, f"a {colour[0]} square on the grey background"
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("base")
+    StableDiffusionPipeline(**tiny_components()).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """ImageFolder convention: images and a metadata.jsonl, plus a corrupt file and a truncated PNG."""
+    folder = tmp_path_factory.mktemp("images")
+    rows = []
+    for index in range(NUM_IMAGES):
+        image, caption = draw_example(index)
+        name = f"shape_{index}.{'jpg' if image.mode == 'L' else 'png'}"
+        image.save(folder / name)
+        rows.append({"file_name": name, "text": caption})
+    (folder / "corrupt.png").write_bytes(b"this is not an image")
+    draw_example(0)[0].save(folder / "whole.png")
+    whole = (folder / "whole.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "whole.png").unlink()
+    rows += [{"file_name": "corrupt.png", "text": "a cat"}, {"file_name": "truncated.png", "text": "a cat"}]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(image_folder, tmp_path_factory) -> tuple[Path, dict]:
+    output = tmp_path_factory.mktemp("prepared")
+    report = prepare_data.main(
+        ["--input_dir", str(image_folder), "--output_dir", str(output), "--resolution", str(RESOLUTION), "--overwrite"]
+    )
+    return output, report
+
+
+def train_args(base_model: str, data: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path",
+        base_model,
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(output),
+        "--hidden_dims",
+        "32",
+        "16",
+        "--train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        *extra,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data preparation
+
+
+def test_prepare_data_skips_and_reports_corrupt_images(prepared, image_folder):
+    output, report = prepared
+    assert report["written"] == NUM_IMAGES
+    skipped = {Path(entry["source"]).name: entry["reason"] for entry in report["skipped_files"]}
+    assert set(skipped) == {"corrupt.png", "truncated.png"}
+    assert all("unreadable" in reason for reason in skipped.values())
+    assert json.loads((output / "report.json").read_text())["skipped"] == 2
+
+    examples = prepare_data.load_prepared_dataset(str(output))
+    assert len(examples) == NUM_IMAGES
+    assert examples[0].caption == draw_example(0)[1]
+    for example in examples:
+        with PIL.Image.open(example.image_path) as image, PIL.Image.open(example.edge_path) as edges:
+            assert (image.mode, image.size) == ("RGB", (RESOLUTION, RESOLUTION))
+            assert (edges.mode, edges.size) == ("L", (RESOLUTION, RESOLUTION))
+            values = np.unique(np.asarray(edges))
+        # Canny: white edges on black, and every picture here has a square to find.
+        assert set(values.tolist()) == {0, 255}
+
+
+def test_prepare_data_reads_sidecar_captions_and_skips_uncaptioned(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for index in range(3):
+        image, caption = draw_example(index)
+        image.save(source / f"{index}.png")
+        if index != 2:
+            (source / f"{index}.txt").write_text(caption + "\n")
+    output = tmp_path / "out"
+    report = prepare_data.main(["--input_dir", str(source), "--output_dir", str(output), "--resolution", "16"])
+    assert report["written"] == 2
+    assert [(Path(e["source"]).name, e["reason"]) for e in report["skipped_files"]] == [("2.png", "no caption")]
+    rows = [json.loads(line) for line in (output / "metadata.jsonl").read_text().splitlines()]
+    assert [row["text"] for row in rows] == [draw_example(0)[1], draw_example(1)[1]]
+    with pytest.raises(ValueError, match="--overwrite"):
+        prepare_data.main(["--input_dir", str(source), "--output_dir", str(output)])
+
+
+def test_prepare_data_centre_crops_any_mode():
+    tall = PIL.Image.new("LA", (20, 60))
+    tall.paste((255, 255), (0, 20, 20, 40))  # opaque white band in the middle third
+    result = prepare_data.resize_and_center_crop(tall, 10)
+    assert (result.mode, result.size) == ("RGB", (10, 10))
+    # The crop keeps the middle (the opaque band); transparency elsewhere would have turned white too.
+    assert np.asarray(result).min() > 200
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+def test_trainer_rejects_bad_arguments_up_front(base_model, prepared, image_folder, tmp_path):
+    data, _ = prepared
+    args = train_args(base_model, data, tmp_path / "out")
+    with pytest.raises(ValueError, match="learning_rate"):
+        train_lgp.parse_args([*args, "--learning_rate", "0"])
+    with pytest.raises(ValueError, match="validation sketches"):
+        sketch = str(data / "edges" / "000000.png")
+        train_lgp.parse_args([*args, "--validation_prompts", "a", "b", "c", "--validation_sketches", sketch, sketch])
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        train_lgp.parse_args([*args, "--resume_from_checkpoint", str(tmp_path)])
+    with pytest.raises(ValueError, match="hub_model_id"):
+        train_lgp.parse_args([*args, "--push_to_hub"])
+    # A raw image folder instead of a prepared one: told how to prepare it.
+    with pytest.raises(ValueError, match="training.prepare_data"):
+        train_lgp.main(train_args(base_model, image_folder, tmp_path / "raw", "--max_train_steps", "1"))
+    with pytest.raises(ValueError, match="fewer than one step"):
+        train_lgp.main([*args, "--train_batch_size", "64", "--max_train_steps", "1"])
+
+
+def test_epoch_batches_are_reproducible_and_split_between_processes():
+    first = epoch_batches(10, 2, epoch=3, seed=7, process_index=0, num_processes=2)
+    second = epoch_batches(10, 2, epoch=3, seed=7, process_index=1, num_processes=2)
+    assert first == epoch_batches(10, 2, epoch=3, seed=7, process_index=0, num_processes=2)
+    assert len(first) == len(second) == 2  # 5 examples each, so 2 full batches of 2
+    seen = [i for batch in first + second for i in batch]
+    assert len(set(seen)) == len(seen) == 8
+    assert first != epoch_batches(10, 2, epoch=4, seed=7, process_index=0, num_processes=2)
+
+
+def test_unet_forward_stops_after_the_last_captured_block(components):
+    unet = components["unet"]
+    lgp = LGPModel.from_unet(unet, hidden_dims=[8])
+    embeds = torch.randn(2, 16, 32)
+    latents = torch.randn(2, 4, 16, 16)
+    last = last_block_to_run(unet, lgp.config.blocks, latents[:1], 0, encoder_hidden_states=embeds[:1])
+    assert last == "up_blocks.0"  # sketch2img leaves out the last up block
+
+    calls = []
+    handle = unet.conv_out.register_forward_hook(lambda *args: calls.append(1))
+    scheduler = train_lgp.DDPMScheduler.from_config(components["scheduler"].config)
+    arguments = (unet, lgp, lgp.config, latents, torch.randn(2, 4, 16, 16), embeds, torch.tensor([10, 900]))
+    noise = torch.randn(2, 4, 16, 16)
+    try:
+        early = lgp_loss(*arguments, noise, scheduler, stop_block=unet.get_submodule(last))
+        assert calls == []
+        full = lgp_loss(*arguments, noise, scheduler, stop_block=None)
+        assert calls == [1]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(early, full)
+
+
+def test_training_loss_falls_and_the_result_drives_the_pipeline(base_model, prepared, tmp_path):
+    data, _ = prepared
+    output = tmp_path / "run"
+    sketch = str(data / "edges" / "000000.png")
+    result = train_lgp.main(
+        train_args(
+            base_model,
+            data,
+            output,
+            "--max_train_steps",
+            "24",
+            "--cache_latents",
+            "--validation_prompts",
+            "a red square",
+            "--validation_sketches",
+            sketch,
+            "--validation_steps",
+            "24",
+            "--num_validation_inference_steps",
+            "2",
+        )
+    )
+    assert result.global_step == 24 and len(result.losses) == 24
+    assert np.mean(result.losses[-4:]) < 0.6 * np.mean(result.losses[:4])
+    assert (output / "validation" / "step-000024" / "00_image.png").is_file()
+
+    lgp = LGPModel.from_pretrained(output)
+    assert list(lgp.config.hidden_dims) == [32, 16]
+    base = StableDiffusionPipeline.from_pretrained(base_model)
+    pipe = SketchGuidedStableDiffusionPipeline(**base.components, lgp=lgp)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 2, "output_type": "np"}
+    guided = pipe("a red square", sketch=sketch, generator=torch.Generator().manual_seed(0), **kwargs).images
+    plain = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert guided.shape == (1, RESOLUTION, RESOLUTION, 3) and np.isfinite(guided).all()
+    assert not np.allclose(guided, plain)
+
+
+def test_killed_run_resumes_from_its_last_complete_checkpoint(base_model, prepared, tmp_path, monkeypatch):
+    data, _ = prepared
+    steps = ["--max_train_steps", "6", "--checkpointing_steps", "3"]
+    uninterrupted = train_lgp.main(train_args(base_model, data, tmp_path / "whole", *steps))
+
+    # Kill the second run while it writes checkpoint-6: after the files are written, before the rename.
+    output = tmp_path / "killed"
+    rename = train_lgp.replace_directory
+
+    def killed_at_step_6(source, target):
+        if target.endswith("checkpoint-6"):
+            raise KeyboardInterrupt
+        rename(source, target)
+
+    monkeypatch.setattr(train_lgp, "replace_directory", killed_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_lgp.main(train_args(base_model, data, output, *steps))
+    monkeypatch.undo()
+    assert (output / "checkpoint-6.tmp").is_dir() and not (output / "checkpoint-6").exists()
+    assert latest_checkpoint(str(output)) == str(output / "checkpoint-3")
+    LGPModel.from_pretrained(output / "checkpoint-3" / "lgp")  # the last good checkpoint loads
+
+    resumed = train_lgp.main(train_args(base_model, data, output, *steps, "--resume_from_checkpoint", "latest"))
+    assert resumed.global_step == 6 and len(resumed.losses) == 3
+    assert not (output / "checkpoint-6.tmp").exists()
+    # Same optimizer state, data order and noise: the resumed run ends exactly where the uninterrupted one did.
+    assert resumed.losses == uninterrupted.losses[3:]
+    expected = LGPModel.from_pretrained(tmp_path / "whole").state_dict()
+    for name, value in LGPModel.from_pretrained(output).state_dict().items():
+        torch.testing.assert_close(value, expected[name], msg=name)
+
+    # Resuming with another LGP shape is refused, naming the difference.
+    with pytest.raises(ValueError, match="hidden_dims"):
+        args = train_args(base_model, data, output, *steps, "--resume_from_checkpoint", "latest")
+        train_lgp.main([*args, "--hidden_dims", "8"])
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate command is not installed")
+def test_two_processes_with_accelerate_launch(base_model, prepared, tmp_path):
+    # accelerate's `--cpu` launcher starts one process unless MPI is set up; its torchrun launcher (`--multi_gpu`)
+    # with ACCELERATE_USE_CPU starts several CPU processes that talk over gloo.
+    data, _ = prepared
+    output = tmp_path / "ddp"
+    command = [
+        shutil.which("accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "training.train_lgp",
+        *train_args(base_model, data, output, "--max_train_steps", "2", "--train_batch_size", "2"),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "x 2 processes" in done.stderr
+    checkpoint = output / "checkpoint-2"
+    assert (checkpoint / "rng_state_0.pt").is_file() and (checkpoint / "rng_state_1.pt").is_file()
+    assert json.loads((checkpoint / "training_state.json").read_text())["global_step"] == 2
+    LGPModel.from_pretrained(output)

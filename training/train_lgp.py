@@ -1,0 +1,755 @@
+"""Train a Latent Guidance Predictor (LGP) for a Stable Diffusion base model.
+
+The base model (UNet, VAE, text encoder) is frozen; only the LGP learns. For each batch of (image x, edge map e,
+caption c) from a folder made by `training.prepare_data`: z_t = add_noise(E(x), noise, t), one UNet forward on
+(z_t, t, c) without gradients captures the LGP's blocks, and the LGP is fitted to E(e) at every latent pixel (mean
+squared error), given the noise level n = sqrt(1 - alphabar_t) * noise.
+
+Runs on the CPU, one GPU, or many GPUs and nodes through accelerate:
+
+    python -m training.train_lgp --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --train_data_dir data/lgp --output_dir lgp-sd15 --mixed_precision fp16
+    accelerate launch -m training.train_lgp ...   # the same arguments, on every GPU that accelerate is configured for
+
+The result loads with `LGPModel.from_pretrained(output_dir)`. Checkpoints (`output_dir/checkpoint-<step>`) are written
+to a temporary folder and renamed when complete, so a run killed at any moment leaves its last checkpoint loadable;
+`--resume_from_checkpoint latest` continues from it with the same optimizer state, step count and random state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pipeline_sketch_guided import BLOCK_PRESETS, LGPModel, SketchGuidedStableDiffusionPipeline, capture_activations
+from pipeline_sketch_guided.capture import resolve_blocks
+from pipeline_sketch_guided.lgp import FEATURE_BRANCHES, SKETCH_POLARITIES, noise_level_map
+
+from .prepare_data import PreparedExample, load_prepared_dataset, resize_and_center_crop
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TEMPORARY_SUFFIX = ".tmp"
+TRAINING_STATE_FILE = "training_state.json"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a Latent Guidance Predictor for a Stable Diffusion model.")
+    # The base model and the data
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub id or local folder of a StableDiffusionPipeline-compatible base model.",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Weights variant of the base model, e.g. fp16.")
+    parser.add_argument(
+        "--train_data_dir", type=str, required=True, help="A training set written by `python -m training.prepare_data`."
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="Training image side; defaults to the training set's resolution."
+    )
+    parser.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image and edge map with the VAE once, before training, instead of at every step.",
+    )
+    # The LGP
+    parser.add_argument("--block_preset", type=str, default="sketch2img", choices=sorted(BLOCK_PRESETS))
+    parser.add_argument("--blocks", type=str, nargs="+", default=None, help="UNet blocks to read (overrides preset).")
+    parser.add_argument("--hidden_dims", type=int, nargs="+", default=[512, 256, 128, 64], help="LGP hidden widths.")
+    parser.add_argument("--feature_branch", type=str, default="conditional", choices=FEATURE_BRANCHES)
+    parser.add_argument("--sketch_polarity", type=str, default="light_on_dark", choices=SKETCH_POLARITIES)
+    parser.add_argument(
+        "--min_timestep", type=int, default=0, help="Lowest training timestep (inclusive), out of the base model's."
+    )
+    parser.add_argument(
+        "--max_timestep", type=int, default=None, help="Highest training timestep (inclusive); default: the last."
+    )
+    # Optimisation
+    parser.add_argument("--train_batch_size", type=int, default=8, help="Images per step on each process.")
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
+    parser.add_argument("--lr_scheduler", type=str, default="constant", help="A diffusers.optimization schedule.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--num_train_epochs", type=int, default=10)
+    parser.add_argument(
+        "--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides --num_train_epochs."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the LGP's initialisation, data order and noise.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    # Output, checkpoints, logging
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N.")
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='A checkpoint folder, or "latest" for the newest in --output_dir (a fresh start if there is none).',
+    )
+    parser.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "none"])
+    parser.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, inside --output_dir.")
+    # Validation
+    parser.add_argument("--validation_prompts", type=str, nargs="+", default=None)
+    parser.add_argument(
+        "--validation_sketches", type=str, nargs="+", default=None, help="One sketch for all prompts, or one each."
+    )
+    parser.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps and at the end.")
+    parser.add_argument("--num_validation_inference_steps", type=int, default=30)
+    parser.add_argument("--validation_sketch_guidance_scale", type=float, default=1.6)
+    # Publishing
+    parser.add_argument("--push_to_hub", action="store_true", help="Push the trained LGP to --hub_model_id.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repository id, e.g. user/my-lgp.")
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before loading a model, so that a bad argument costs seconds, not a run."""
+
+    def positive(name: str, minimum: float = 1) -> None:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"`--{name}` must be at least {minimum}, got {value}.")
+
+    for name in ("train_batch_size", "num_train_epochs", "max_train_steps", "checkpointing_steps", "validation_steps"):
+        positive(name)
+    for name in ("num_validation_inference_steps", "checkpoints_total_limit", "resolution"):
+        positive(name)
+    positive("lr_warmup_steps", 0)
+    positive("dataloader_num_workers", 0)
+    if not args.learning_rate > 0:
+        raise ValueError(f"`--learning_rate` must be positive, got {args.learning_rate}.")
+    if any(width < 1 for width in args.hidden_dims):
+        raise ValueError(f"`--hidden_dims` must all be positive, got {args.hidden_dims}.")
+    if args.resolution is not None and args.resolution % 8 != 0:
+        raise ValueError(f"`--resolution` must be a multiple of 8 (the VAE's factor), got {args.resolution}.")
+    if args.min_timestep < 0 or (args.max_timestep is not None and args.max_timestep < args.min_timestep):
+        raise ValueError(
+            f"Need 0 <= --min_timestep <= --max_timestep, got {args.min_timestep} and {args.max_timestep}."
+        )
+    if not os.path.isdir(args.train_data_dir):
+        raise ValueError(f"`--train_data_dir` {args.train_data_dir!r} is not a folder.")
+    if args.resume_from_checkpoint not in (None, "latest") and not is_checkpoint(args.resume_from_checkpoint):
+        raise ValueError(
+            f"`--resume_from_checkpoint` {args.resume_from_checkpoint!r} is not a complete checkpoint folder (one with"
+            f' {TRAINING_STATE_FILE}); pass one, or "latest".'
+        )
+    if (args.validation_prompts is None) != (args.validation_sketches is None):
+        raise ValueError("Validation needs both `--validation_prompts` and `--validation_sketches`.")
+    if args.validation_prompts is not None:
+        if len(args.validation_sketches) not in (1, len(args.validation_prompts)):
+            raise ValueError(
+                f"Got {len(args.validation_sketches)} validation sketches for {len(args.validation_prompts)} prompts:"
+                " pass one sketch for all prompts, or one per prompt."
+            )
+        for sketch in args.validation_sketches:
+            if not os.path.isfile(sketch):
+                raise ValueError(f"The validation sketch {sketch!r} does not exist.")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("`--push_to_hub` needs `--hub_model_id`, the repository to push to (e.g. user/my-lgp).")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("`--mixed_precision fp16` needs a CUDA GPU; on the CPU use bf16 or no.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def image_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float tensor in [-1, 1], as the VAE reads it."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+class EdgeDataset(Dataset):
+    """The prepared (image, edge map, caption) triplets as tensors in [-1, 1], edge maps in `sketch_polarity`."""
+
+    def __init__(self, examples: list[PreparedExample], resolution: int, sketch_polarity: str = "light_on_dark"):
+        self.examples = examples
+        self.resolution = resolution
+        self.invert_edges = sketch_polarity == "dark_on_light"  # prepared edge maps are light on dark
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _load(self, path: str) -> PIL.Image.Image:
+        with PIL.Image.open(path) as image:
+            image = image.convert("RGB")
+        if image.size != (self.resolution, self.resolution):
+            image = resize_and_center_crop(image, self.resolution)
+        return image
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.examples[index]
+        edges = image_to_tensor(self._load(example.edge_path))
+        return {
+            "pixel_values": image_to_tensor(self._load(example.image_path)),
+            "edge_values": -edges if self.invert_edges else edges,
+            "caption": example.caption,
+        }
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0] if key != "caption"}
+    batch["caption"] = [e["caption"] for e in examples]
+    return batch
+
+
+class CachedLatents(Dataset):
+    def __init__(self, image_latents: torch.Tensor, edge_latents: torch.Tensor, captions: list[str]):
+        self.image_latents, self.edge_latents, self.captions = image_latents, edge_latents, captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {
+            "image_latents": self.image_latents[index],
+            "edge_latents": self.edge_latents[index],
+            "caption": self.captions[index],
+        }
+
+
+def epoch_batches(
+    num_examples: int, batch_size: int, epoch: int, seed: int, process_index: int = 0, num_processes: int = 1
+) -> list[list[int]]:
+    """This process's batches of one epoch: a permutation seeded by (seed, epoch), dealt out to the processes.
+
+    A function of its arguments only, so a resumed run sees exactly the batches the interrupted one would have seen.
+    Every process gets the same number of full batches (the remainder is left out: BatchNorm dislikes odd batches).
+    """
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_process = num_examples // num_processes
+    mine = order[process_index * per_process : (process_index + 1) * per_process]
+    return [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model work of a training step
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def stop_forward_after(module: nn.Module | None) -> Iterator[None]:
+    """End a forward pass as soon as `module` has run: the UNet blocks after the last captured one are never needed."""
+    if module is None:
+        yield
+        return
+
+    def hook(module, args, output):
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+def last_block_to_run(unet: nn.Module, blocks: Sequence[str], *unet_args, **unet_kwargs) -> str:
+    """Which of `blocks` runs last in a forward pass of `unet` (run once, without gradients, on the given inputs)."""
+    order: list[str] = []
+    handles = [
+        module.register_forward_hook(lambda module, args, output, name=name: order.append(name))
+        for name, module in resolve_blocks(unet, blocks).items()
+    ]
+    try:
+        with torch.no_grad():
+            unet(*unet_args, **unet_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order[-1]
+
+
+def encode_latents(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """E(x): the mean of the VAE's posterior times its scaling factor, as the pipeline encodes the sketch."""
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+
+
+def lgp_loss(
+    unet: nn.Module,
+    lgp: nn.Module,
+    lgp_config,
+    image_latents: torch.Tensor,
+    edge_latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    noise_scheduler: DDPMScheduler,
+    stop_block: nn.Module | None = None,
+) -> torch.Tensor:
+    """Mean squared error of the LGP's edge latent at every pixel of z_t = add_noise(E(x), noise, t), against E(e).
+
+    The UNet runs without gradients, in its own dtype; `lgp` may be wrapped (DDP), so its config comes separately.
+    """
+    noisy_latents = noise_scheduler.add_noise(image_latents.float(), noise.float(), timesteps)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(noise.device)[timesteps]
+    with torch.no_grad():
+        with capture_activations(unet, lgp_config.blocks, lgp_config.tuple_output_index) as features:
+            with stop_forward_after(stop_block):
+                unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states=encoder_hidden_states)
+        features = dict(features)
+    prediction = lgp(features, noise_level_map(noise.float(), alphas_cumprod))
+    return F.mse_loss(prediction.float(), edge_latents.float())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, TRAINING_STATE_FILE))
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint with the highest step in `output_dir` (half-written `.tmp` folders are ignored)."""
+    steps = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit():
+                if is_checkpoint(os.path.join(output_dir, name)):
+                    steps.append(int(name[len(CHECKPOINT_PREFIX) :]))
+    return os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{max(steps)}") if steps else None
+
+
+def replace_directory(source: str, target: str) -> None:
+    """Rename `source` to `target`, replacing an existing `target` (os.replace cannot replace a non-empty folder)."""
+    if os.path.exists(target):
+        old = target + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(source, target)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    lgp: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    global_step: int,
+    output_dir: str,
+    total_limit: int | None = None,
+) -> str:
+    """Write `checkpoint-<step>` atomically: everything goes to `checkpoint-<step>.tmp`, renamed once complete.
+
+    The LGP is saved with `save_pretrained` (so `<checkpoint>/lgp` loads with `LGPModel.from_pretrained`), the
+    optimizer, scheduler and random states as plain tensors, read back with `torch.load(weights_only=True)`.
+    """
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+    temporary = final + TEMPORARY_SUFFIX
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    accelerator.wait_for_everyone()
+    # Each process's noise generator state: they differ, so that the processes draw different noise.
+    torch.save(generator.get_state(), os.path.join(temporary, f"rng_state_{accelerator.process_index}.pt"))
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(lgp).save_pretrained(os.path.join(temporary, "lgp"))
+        torch.save(optimizer.state_dict(), os.path.join(temporary, "optimizer.pt"))
+        torch.save(lr_scheduler.state_dict(), os.path.join(temporary, "lr_scheduler.pt"))
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), os.path.join(temporary, "grad_scaler.pt"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # Written last: its presence marks a complete checkpoint.
+        state = {"global_step": global_step, "num_processes": accelerator.num_processes}
+        Path(temporary, TRAINING_STATE_FILE).write_text(json.dumps(state) + "\n")
+        replace_directory(temporary, final)
+        if total_limit is not None:
+            remove_old_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def remove_old_checkpoints(output_dir: str, total_limit: int) -> None:
+    checkpoints = sorted(
+        (int(name[len(CHECKPOINT_PREFIX) :]), name)
+        for name in os.listdir(output_dir)
+        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit()
+    )
+    for _, name in checkpoints[:-total_limit]:
+        shutil.rmtree(os.path.join(output_dir, name))
+
+
+def load_checkpoint(
+    path: str,
+    accelerator: Accelerator,
+    lgp: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> int:
+    """Restore a checkpoint written by `save_checkpoint` into the prepared objects; returns its step."""
+    state = json.loads(Path(path, TRAINING_STATE_FILE).read_text())
+    saved = LGPModel.from_pretrained(os.path.join(path, "lgp"))
+    model = accelerator.unwrap_model(lgp)
+    for key in ("blocks", "block_channels", "hidden_dims", "feature_branch", "num_noise_frequencies"):
+        if list(np.atleast_1d(saved.config[key])) != list(np.atleast_1d(model.config[key])):
+            raise ValueError(
+                f"The checkpoint {path!r} holds an LGP with {key}={saved.config[key]!r}, but this run asks for"
+                f" {model.config[key]!r}. Resume with the arguments of the original run, or start a new --output_dir."
+            )
+    model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(os.path.join(path, "lr_scheduler.pt"), weights_only=True))
+    scaler_file = os.path.join(path, "grad_scaler.pt")
+    if accelerator.scaler is not None and os.path.isfile(scaler_file):
+        accelerator.scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
+    rng_file = os.path.join(path, f"rng_state_{accelerator.process_index}.pt")
+    if os.path.isfile(rng_file) and state.get("num_processes") == accelerator.num_processes:
+        generator.set_state(torch.load(rng_file, weights_only=True))
+    else:
+        logger.warning(
+            f"The checkpoint was written by {state.get('num_processes')} processes and this run has"
+            f" {accelerator.num_processes}: the noise is drawn afresh, the rest resumes exactly."
+        )
+    return int(state["global_step"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def log_validation(
+    base: StableDiffusionPipeline,
+    lgp: LGPModel,
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    global_step: int,
+) -> list[PIL.Image.Image]:
+    """Generate each validation prompt guided by its sketch; save the images and LGP edge maps, log them."""
+    logger.info(f"Validation at step {global_step}: {len(args.validation_prompts)} prompts.")
+    pipe = SketchGuidedStableDiffusionPipeline(**base.components, lgp=lgp)
+    pipe.set_progress_bar_config(disable=True)
+    sketches = args.validation_sketches * (len(args.validation_prompts) // len(args.validation_sketches))
+    folder = Path(args.output_dir, "validation", f"step-{global_step:06d}")
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, (prompt, sketch) in enumerate(zip(args.validation_prompts, sketches, strict=True)):
+        output = pipe(
+            prompt,
+            sketch=sketch,
+            height=args.resolution,
+            width=args.resolution,
+            num_inference_steps=args.num_validation_inference_steps,
+            sketch_guidance_scale=args.validation_sketch_guidance_scale,
+            generator=torch.Generator().manual_seed(args.seed),
+            return_edge_maps=True,
+        )
+        image, edges = output.images[0], output.edge_maps[0]
+        image.save(folder / f"{index:02d}_image.png")
+        edges.save(folder / f"{index:02d}_predicted_edges.png")
+        rows.append(np.concatenate([np.asarray(image), np.asarray(edges)], axis=1))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack(rows), global_step, dataformats="NHWC")
+    lgp.train()  # the pipeline put it in eval mode
+    return [PIL.Image.fromarray(row) for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingResult:
+    output_dir: str
+    global_step: int
+    losses: list[float] = field(default_factory=list)  # the mean loss of each step this run took
+
+
+def main(argv: Sequence[str] | None = None) -> TrainingResult:
+    args = parse_args(argv)
+    report_to = args.report_to
+    if report_to == "tensorboard" and not is_tensorboard_available():
+        report_to = None  # warned below, once logging is set up
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=report_to if report_to != "none" else None,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if report_to is None and args.report_to == "tensorboard":
+        logger.warning("TensorBoard is not installed (pip install tensorboard): logging to the console only.")
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for name in os.listdir(args.output_dir):  # leftovers of a run killed while checkpointing
+            if name.startswith(CHECKPOINT_PREFIX) and name.endswith((TEMPORARY_SUFFIX, ".old")):
+                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+
+    # The frozen base model, in half precision where mixed precision is asked for.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    base = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        torch_dtype=weight_dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    base.set_progress_bar_config(disable=True)
+    base.to(accelerator.device)
+    for module in (base.unet, base.vae, base.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    unet, vae = base.unet, base.vae
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    max_timestep = num_train_timesteps - 1 if args.max_timestep is None else args.max_timestep
+    if max_timestep >= num_train_timesteps:
+        raise ValueError(f"`--max_timestep` must be below the base model's {num_train_timesteps} timesteps.")
+
+    examples = load_prepared_dataset(args.train_data_dir)
+    if args.resolution is None:
+        with PIL.Image.open(examples[0].image_path) as first:
+            args.resolution = first.width
+    latent_factor = base.vae_scale_factor * 2 ** (len(unet.down_blocks) - 1)
+    if args.resolution % latent_factor != 0:
+        raise ValueError(f"This base model needs a `--resolution` that is a multiple of {latent_factor}.")
+    per_step = args.train_batch_size * accelerator.num_processes
+    if len(examples) < per_step:
+        raise ValueError(
+            f"The training set has {len(examples)} examples, fewer than one step needs ({args.train_batch_size} per"
+            f" process x {accelerator.num_processes} processes); lower --train_batch_size or add data."
+        )
+    dataset = EdgeDataset(examples, args.resolution, args.sketch_polarity)
+
+    set_seed(args.seed)  # the LGP's initialisation: the same on every process
+    lgp = LGPModel.from_unet(
+        unet,
+        blocks=args.blocks,
+        preset=args.block_preset,
+        hidden_dims=args.hidden_dims,
+        feature_branch=args.feature_branch,
+        sketch_polarity=args.sketch_polarity,
+    )
+    lgp_config = lgp.config
+    lgp.train()
+    optimizer = torch.optim.AdamW(
+        lgp.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+    )
+    steps_per_epoch = len(epoch_batches(len(dataset), args.train_batch_size, 0, 0, 0, accelerator.num_processes))
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    # Not passed to accelerator.prepare: that would step it once per process. It steps once per optimizer step.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
+    )
+    lgp, optimizer = accelerator.prepare(lgp, optimizer)
+    # Different noise on each process; its state is checkpointed per process.
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + accelerator.process_index)
+
+    global_step = 0
+    resume = args.resume_from_checkpoint
+    if resume == "latest":
+        resume = latest_checkpoint(args.output_dir)
+        if resume is None:
+            logger.info(f"No checkpoint in {args.output_dir!r} yet: starting a new run.")
+    if resume is not None:
+        global_step = load_checkpoint(resume, accelerator, lgp, optimizer, lr_scheduler, generator)
+        logger.info(f"Resumed from {resume} at step {global_step}.")
+
+    with torch.no_grad():
+        empty_embeds = base.encode_prompt([""], accelerator.device, 1, False)[0]
+        latent_size = args.resolution // base.vae_scale_factor
+        probe = torch.zeros(1, unet.config.in_channels, latent_size, latent_size, device=unet.device, dtype=unet.dtype)
+        last_block = last_block_to_run(unet, lgp_config.blocks, probe, 0, encoder_hidden_states=empty_embeds)
+    stop_block = unet.get_submodule(last_block)
+
+    if args.cache_latents:
+        image_latents, edge_latents = [], []
+        loader = DataLoader(
+            dataset, batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers
+        )
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="Caching latents", disable=not accelerator.is_local_main_process):
+                image_latents.append(encode_latents(vae, batch["pixel_values"]).cpu())
+                edge_latents.append(encode_latents(vae, batch["edge_values"]).cpu())
+        dataset = CachedLatents(torch.cat(image_latents), torch.cat(edge_latents), [e.caption for e in examples])
+
+    if accelerator.is_main_process:
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("train_lgp", config=tracker_config)
+    logger.info(
+        f"Training an LGP on {len(dataset)} examples at {args.resolution}px: {len(lgp_config.blocks)} blocks"
+        f" ({', '.join(lgp_config.blocks)}), {accelerator.unwrap_model(lgp).in_features} input channels,"
+        f" {max_train_steps} steps of {args.train_batch_size} images x {accelerator.num_processes} processes."
+    )
+
+    losses = []
+    progress = tqdm(
+        total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    while global_step < max_train_steps:
+        epoch, start = divmod(global_step, steps_per_epoch)
+        batches = epoch_batches(
+            len(dataset), args.train_batch_size, epoch, args.seed, accelerator.process_index, accelerator.num_processes
+        )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=batches[start:],
+            collate_fn=collate,
+            num_workers=0 if args.cache_latents else args.dataloader_num_workers,
+        )
+        for batch in loader:
+            with torch.no_grad():
+                if args.cache_latents:
+                    image_latents = batch["image_latents"].to(accelerator.device)
+                    edge_latents = batch["edge_latents"].to(accelerator.device)
+                else:
+                    image_latents = encode_latents(vae, batch["pixel_values"])
+                    edge_latents = encode_latents(vae, batch["edge_values"])
+                if lgp_config.feature_branch == "conditional":
+                    embeds = base.encode_prompt(batch["caption"], accelerator.device, 1, False)[0]
+                else:
+                    embeds = empty_embeds.expand(len(batch["caption"]), -1, -1)
+                noise = torch.randn(
+                    image_latents.shape, generator=generator, device=accelerator.device, dtype=torch.float32
+                )
+                timesteps = torch.randint(
+                    args.min_timestep,
+                    max_timestep + 1,
+                    (len(noise),),
+                    generator=generator,
+                    device=accelerator.device,
+                )
+            loss = lgp_loss(
+                unet,
+                lgp,
+                lgp_config,
+                image_latents,
+                edge_latents,
+                embeds,
+                timesteps,
+                noise,
+                noise_scheduler,
+                stop_block,
+            )
+            accelerator.backward(loss)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+
+            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            losses.append(mean_loss)
+            accelerator.log({"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+
+            if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
+                path = save_checkpoint(
+                    accelerator,
+                    lgp,
+                    optimizer,
+                    lr_scheduler,
+                    generator,
+                    global_step,
+                    args.output_dir,
+                    args.checkpoints_total_limit,
+                )
+                logger.info(f"Saved {path}")
+            if accelerator.is_main_process and args.validation_prompts is not None:
+                if global_step % args.validation_steps == 0 or global_step == max_train_steps:
+                    log_validation(base, accelerator.unwrap_model(lgp), args, accelerator, global_step)
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(lgp)
+        save_final_model(model, args.output_dir)
+        Path(args.output_dir, "training_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        logger.info(f"Saved the trained LGP to {args.output_dir}: LGPModel.from_pretrained({args.output_dir!r})")
+        if args.push_to_hub:
+            url = push_lgp_to_hub(model, args, max_train_steps)
+            logger.info(f"Pushed to {url}")
+    accelerator.end_training()
+    return TrainingResult(args.output_dir, global_step, losses)
+
+
+def save_final_model(model: LGPModel, output_dir: str) -> None:
+    """save_pretrained into a temporary folder, then move each file into place: no half-written weights file."""
+    temporary = os.path.join(output_dir, "final" + TEMPORARY_SUFFIX)
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    for name in os.listdir(temporary):
+        os.replace(os.path.join(temporary, name), os.path.join(output_dir, name))
+    os.rmdir(temporary)
+
+
+def push_lgp_to_hub(model: LGPModel, args: argparse.Namespace, max_train_steps: int) -> str:
+    """Publish the LGP to `--hub_model_id`: with its model card and code through `pipeline_sketch_guided.hub` where
+    that module is installed, otherwise config and weights alone with `LGPModel.push_to_hub`."""
+    commit_message = f"LGP for {args.pretrained_model_name_or_path}, trained with training/train_lgp.py"
+    try:
+        from pipeline_sketch_guided.hub import push_lgp_to_hub as push_with_card
+    except ImportError:
+        return model.push_to_hub(args.hub_model_id, commit_message=commit_message)
+    details = (
+        f"Trained with `training/train_lgp.py` for {max_train_steps} steps of {args.train_batch_size} images per"
+        f" process at {args.resolution}x{args.resolution}, learning rate {args.learning_rate}, timesteps"
+        f" {args.min_timestep}..{args.max_timestep if args.max_timestep is not None else 'last'}."
+    )
+    validations = sorted(Path(args.output_dir, "validation").glob("step-*"))
+    figures = sorted(validations[-1].glob("*_image.png")) if validations else []
+    return push_with_card(
+        model,
+        args.hub_model_id,
+        commit_message=commit_message,
+        base_model=args.pretrained_model_name_or_path,
+        training_data=args.train_data_dir,
+        training_details=details,
+        figures=figures,
+    )
+
+
+if __name__ == "__main__":
+    main()
