@@ -6,6 +6,7 @@ what it shows is that the machinery runs, end to end, on any machine.
 
 from __future__ import annotations
 
+import itertools
 import json
 import string
 import tempfile
@@ -18,30 +19,40 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .lgp import LGPModel
 from .pipeline import SketchGuidedStableDiffusionPipeline
 
-# The tokenizer's whole vocabulary: special tokens, single letters (with and without the end-of-word mark), and a
-# few words so that prompts tokenise into more than letters.
+# Words that the tiny tokenizer keeps whole; any other word is spelled in letters.
 WORDS = ["a", "red", "blue", "circle", "square", "star", "cat", "on", "the", "grey", "background"]
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the best-ranked adjacent pair until no pair has a merge."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(itertools.pairwise(pieces))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2 :]]
+    return pieces
+
+
+def tiny_tokenizer(words: list[str] = WORDS, model_max_length: int = 16) -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary is the special tokens, single letters (with and without the end-of-word mark)
+    and `words`, each a single token."""
     letters = list(string.ascii_lowercase)
     tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [f"{c}</w>" for c in letters]
-    merges = []
-    for word in WORDS:
-        # Merge the word letter by letter, ending with its end-of-word form.
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            if pieces[0] not in tokens:
-                tokens.append(pieces[0])
-    vocab = {token: index for index, token in enumerate(tokens)}
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        # Add merges until BPE, with every merge so far, joins the word into one token.
+        while len(pieces := _bpe([*word[:-1], word[-1] + "</w>"], ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            tokens.append(pieces[0] + pieces[1])
+    merges = [f"{a} {b}" for a, b in ranks]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
     # Files, because that is what every transformers version's CLIPTokenizer reads.
     with tempfile.TemporaryDirectory(prefix="tiny_clip_tokenizer_") as folder:
         vocab_file, merges_file = Path(folder, "vocab.json"), Path(folder, "merges.txt")
         vocab_file.write_text(json.dumps(vocab))
-        merges_file.write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=16)
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=model_max_length)
 
 
 def tiny_components() -> dict:

@@ -1,0 +1,133 @@
+"""A procedural dataset of 64x64 images of filled shapes with captions that name them, for the demo model.
+
+Seeded and reproducible: `render_sample(seed)` always draws the same picture. Each sample also carries the shapes'
+masks, which the efficacy benchmark uses to score where a shape was drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+IMAGE_SIZE = 64
+# Shapes are drawn this many times larger, then shrunk, so that their edges are anti-aliased.
+SUPERSAMPLE = 4
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 190),
+    "orange": (245, 140, 30),
+}
+# Neutral backgrounds, so that no background can be mistaken for a shape's colour.
+BACKGROUNDS = {"white": (245, 245, 245), "grey": (150, 150, 150), "black": (25, 25, 25), "beige": (225, 210, 180)}
+BACKGROUND_STYLES = ("plain", "gradient", "textured")
+WORDS = sorted({"a", "an", "and", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS})  # the whole caption vocabulary
+
+
+@dataclass
+class Shape:
+    kind: str
+    colour: str
+    center: tuple[float, float]  # in pixels of the 64x64 image
+    radius: float
+    rotation: float  # degrees
+
+
+def shape_polygon(kind: str, center: tuple[float, float], radius: float, rotation: float) -> list[tuple[float, float]]:
+    """The outline of a shape as polygon points (a circle as a 64-gon)."""
+    cx, cy = center
+    if kind == "circle":
+        corners, radii = 64, [radius]
+    elif kind == "square":
+        corners, radii, rotation = 4, [radius], rotation + 45
+    elif kind == "triangle":
+        corners, radii = 3, [radius]
+    elif kind == "star":
+        corners, radii = 10, [radius, radius * 0.45]
+    else:
+        raise ValueError(f"Unknown shape {kind!r}; choose one of {SHAPES}.")
+    points = []
+    for index in range(corners):
+        angle = math.radians(rotation) + 2 * math.pi * index / corners - math.pi / 2
+        r = radii[index % len(radii)]
+        points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
+    return points
+
+
+def shape_mask(shape: Shape, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A boolean mask of the filled shape at `size` x `size`."""
+    scale = size / IMAGE_SIZE
+    canvas = PIL.Image.new("L", (size, size), 0)
+    points = [(x * scale, y * scale) for x, y in shape_polygon(shape.kind, shape.center, shape.radius, shape.rotation)]
+    PIL.ImageDraw.Draw(canvas).polygon(points, fill=255)
+    return np.asarray(canvas) > 127
+
+
+def caption(shapes: list[Shape], background: str) -> str:
+    names = " and ".join(
+        f"{'an' if shape.colour[0] in 'aeiou' else 'a'} {shape.colour} {shape.kind}" for shape in shapes
+    )
+    return f"{names} on a {background} background"
+
+
+def _background(rng: random.Random, name: str, style: str) -> np.ndarray:
+    base = np.array(BACKGROUNDS[name], dtype=np.float32)
+    image = np.broadcast_to(base, (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
+    if style == "gradient":
+        angle = rng.uniform(0, 2 * math.pi)
+        ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / (IMAGE_SIZE - 1) - 0.5
+        ramp = (xs * math.cos(angle) + ys * math.sin(angle))[..., None]
+        image += ramp * rng.uniform(20, 50)
+    elif style == "textured":
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(4, 10), (IMAGE_SIZE, IMAGE_SIZE, 1))
+        image += noise
+    return image
+
+
+def random_shapes(rng: random.Random) -> list[Shape]:
+    """One or two shapes of different colours that overlap little."""
+    count = rng.choice((1, 2))
+    shapes: list[Shape] = []
+    while len(shapes) < count:
+        radius = rng.uniform(10, 22) if count == 1 else rng.uniform(8, 15)
+        margin = radius * 0.8
+        shape = Shape(
+            kind=rng.choice(SHAPES),
+            colour=rng.choice([c for c in COLOURS if c not in {s.colour for s in shapes}]),
+            center=(rng.uniform(margin, IMAGE_SIZE - margin), rng.uniform(margin, IMAGE_SIZE - margin)),
+            radius=radius,
+            rotation=rng.uniform(0, 360),
+        )
+        if all(math.dist(shape.center, other.center) > 0.9 * (shape.radius + other.radius) for other in shapes):
+            shapes.append(shape)
+    return shapes
+
+
+def render(shapes: list[Shape], background: str, style: str, rng: random.Random) -> PIL.Image.Image:
+    big = IMAGE_SIZE * SUPERSAMPLE
+    image = PIL.Image.fromarray(np.clip(_background(rng, background, style), 0, 255).astype(np.uint8))
+    image = image.resize((big, big), PIL.Image.Resampling.NEAREST)
+    draw = PIL.ImageDraw.Draw(image)
+    for shape in shapes:
+        center = (shape.center[0] * SUPERSAMPLE, shape.center[1] * SUPERSAMPLE)
+        points = shape_polygon(shape.kind, center, shape.radius * SUPERSAMPLE, shape.rotation)
+        draw.polygon(points, fill=COLOURS[shape.colour])
+    return image.resize((IMAGE_SIZE, IMAGE_SIZE), PIL.Image.Resampling.BOX)
+
+
+def render_sample(seed: int) -> tuple[PIL.Image.Image, str, list[Shape]]:
+    """The image, caption and shapes of sample `seed`."""
+    rng = random.Random(seed)
+    shapes = random_shapes(rng)
+    background = rng.choice(list(BACKGROUNDS))
+    style = rng.choice(BACKGROUND_STYLES)
+    return render(shapes, background, style, rng), caption(shapes, background), shapes

@@ -1,0 +1,288 @@
+"""Train the demo model from scratch: a tiny Stable Diffusion (VAE, CLIP text encoder, UNet) on procedural shapes.
+
+    python -m training.train_demo_model --output_dir outputs/demo-sd --max_minutes 60
+
+Stage 1 trains the AutoencoderKL (64x64 images -> 4x16x16 latents), stage 2 encodes the dataset once and trains the
+UNet and the text encoder together on the cached latents (captions dropped 10% of the time, for classifier-free
+guidance), with an EMA of the UNet. Each stage checkpoints atomically and resumes where it stopped when run again. The
+result is an ordinary `StableDiffusionPipeline` folder in `<output_dir>/pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from pipeline_sketch_guided.testing import tiny_tokenizer
+from training.shapes import IMAGE_SIZE, WORDS, render_sample
+
+# Noise schedule of Stable Diffusion 1.x, so that the demo model behaves like the models users know.
+SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+MAX_TOKENS = 16  # the longest caption is 13 tokens with its start and end tokens
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--num_images", type=int, default=20000, help="training images, seeds 0..N-1")
+    parser.add_argument("--vae_steps", type=int, default=600)
+    parser.add_argument("--vae_batch_size", type=int, default=32)
+    parser.add_argument("--unet_steps", type=int, default=4000)
+    parser.add_argument("--unet_batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--caption_dropout", type=float, default=0.1)
+    parser.add_argument("--checkpoint_every", type=int, default=200)
+    parser.add_argument("--max_minutes", type=float, default=None, help="stop (after a checkpoint) after this long")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def make_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def make_text_encoder(vocab_size: int) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+
+
+def make_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def load_dataset(output_dir: Path, num_images: int) -> tuple[np.ndarray, list[str]]:
+    """The rendered images (uint8, N x 64 x 64 x 3) and captions, cached in `output_dir/dataset.npz`."""
+    cache = output_dir / "dataset.npz"
+    if cache.is_file():
+        data = np.load(cache)
+        if len(data["images"]) == num_images:
+            return data["images"], json.loads(str(data["captions"]))
+    images, captions = [], []
+    for seed in range(num_images):
+        image, caption, _ = render_sample(seed)
+        images.append(np.asarray(image))
+        captions.append(caption)
+    images = np.stack(images)
+    atomic_save(lambda path: np.savez(path, images=images, captions=json.dumps(captions)), cache, suffix=".npz")
+    return images, captions
+
+
+def atomic_save(write, target: Path, suffix: str = "") -> None:
+    """Write to a temporary name beside `target`, then rename: a run killed mid-write leaves the old file."""
+    temporary = target.with_name(target.name + ".tmp" + suffix)
+    if temporary.is_dir():
+        shutil.rmtree(temporary)
+    write(temporary)
+    if target.is_dir():
+        shutil.rmtree(target)
+    os.replace(temporary, target)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def save_checkpoint(directory: Path, step: int, **state) -> None:
+    atomic_save(lambda path: torch.save({"step": step, **state}, path), directory / "checkpoint.pt")
+
+
+def load_checkpoint(directory: Path) -> dict | None:
+    path = directory / "checkpoint.pt"
+    return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+class Clock:
+    def __init__(self, max_minutes: float | None):
+        self.start, self.limit = time.monotonic(), max_minutes
+
+    def out_of_time(self) -> bool:
+        return self.limit is not None and time.monotonic() - self.start > self.limit * 60
+
+
+def train_vae(args, images: np.ndarray, clock: Clock) -> tuple[AutoencoderKL, int]:
+    stage = args.output_dir / "vae_stage"
+    stage.mkdir(parents=True, exist_ok=True)
+    vae = make_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    step = 0
+    if (checkpoint := load_checkpoint(stage)) is not None:
+        vae.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step = checkpoint["step"]
+    generator = torch.Generator().manual_seed(args.seed + step)
+    started = time.monotonic()
+    while step < args.vae_steps and not clock.out_of_time():
+        batch = to_tensor(images[torch.randint(len(images), (args.vae_batch_size,), generator=generator).numpy()])
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        # A light KL term keeps the latents near a unit Gaussian without blurring the reconstructions.
+        loss = F.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        step += 1
+        if step % 50 == 0:
+            print(f"vae step {step}: loss {loss.item():.5f} ({(time.monotonic() - started) / 60:.1f} min)", flush=True)
+        if step % args.checkpoint_every == 0 or step == args.vae_steps:
+            save_checkpoint(stage, step, model=vae.state_dict(), optimizer=optimizer.state_dict())
+    save_checkpoint(stage, step, model=vae.state_dict(), optimizer=optimizer.state_dict())
+    vae.requires_grad_(False)
+    return vae.eval(), step
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
+    latents = [vae.encode(to_tensor(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)]
+    return torch.cat(latents)
+
+
+def train_unet(args, vae, latents, captions, clock: Clock):
+    stage = args.output_dir / "unet_stage"
+    stage.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_tokenizer(WORDS, model_max_length=MAX_TOKENS)
+    token_ids = tokenizer(captions + [""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+    caption_ids, empty_ids = token_ids[:-1], token_ids[-1]
+    torch.manual_seed(args.seed)
+    unet, text_encoder = make_unet(), make_text_encoder(len(tokenizer))
+    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=1e-2)
+    ema = EMAModel(unet.parameters(), decay=0.999)
+    scheduler = DDPMScheduler(**SCHEDULE)
+    step = 0
+    if (checkpoint := load_checkpoint(stage)) is not None:
+        unet.load_state_dict(checkpoint["unet"])
+        text_encoder.load_state_dict(checkpoint["text_encoder"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        ema.load_state_dict(checkpoint["ema"])
+        step = checkpoint["step"]
+
+    def checkpoint_now():
+        save_checkpoint(
+            stage,
+            step,
+            unet=unet.state_dict(),
+            text_encoder=text_encoder.state_dict(),
+            optimizer=optimizer.state_dict(),
+            ema=ema.state_dict(),
+        )
+
+    generator = torch.Generator().manual_seed(args.seed + 1 + step)
+    warmup = 100
+    started, running = time.monotonic(), []
+    while step < args.unet_steps and not clock.out_of_time():
+        for group in optimizer.param_groups:
+            group["lr"] = args.learning_rate * min(1.0, (step + 1) / warmup)
+        index = torch.randint(len(latents), (args.unet_batch_size,), generator=generator)
+        clean = latents[index] * vae.config.scaling_factor
+        ids = caption_ids[index].clone()
+        ids[torch.rand(len(ids), generator=generator) < args.caption_dropout] = empty_ids
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), generator=generator)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = F.mse_loss(prediction, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step(unet.parameters())
+        step += 1
+        running.append(loss.item())
+        if step % 50 == 0:
+            minutes = (time.monotonic() - started) / 60
+            print(f"unet step {step}: loss {np.mean(running):.4f} ({minutes:.1f} min)", flush=True)
+            running = []
+        if step % args.checkpoint_every == 0:
+            checkpoint_now()
+    checkpoint_now()
+    ema.copy_to(unet.parameters())
+    return unet.eval(), text_encoder.eval(), tokenizer, step
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    clock = Clock(args.max_minutes)
+    started = time.monotonic()
+    images, captions = load_dataset(args.output_dir, args.num_images)
+    print(f"dataset: {len(images)} images ({(time.monotonic() - started):.0f} s)", flush=True)
+    vae, vae_step = train_vae(args, images, clock)
+    if vae_step < args.vae_steps:
+        print(f"stopped at VAE step {vae_step} of {args.vae_steps}: run the same command again to resume", flush=True)
+        return
+    latents = encode_dataset(vae, images)
+    # Scale the latents to unit variance, as Stable Diffusion's scaling_factor does for its VAE.
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    print(f"latents: std {latents.std():.3f}, scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
+    unet, text_encoder, tokenizer, unet_step = train_unet(args, vae, latents, captions, clock)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    atomic_save(pipe.save_pretrained, args.output_dir / "pipeline")
+    minutes = (time.monotonic() - started) / 60
+    report = {
+        "minutes_this_run": round(minutes, 1),
+        "vae_steps_done": vae_step,
+        "unet_steps_done": unet_step,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        **vars(args),
+    }
+    (args.output_dir / "training_report.json").write_text(json.dumps(report, default=str, indent=2))
+    print(f"done in {minutes:.1f} min: {args.output_dir / 'pipeline'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
