@@ -35,9 +35,12 @@ def run_convert(args: argparse.Namespace) -> int:
     from .convert import convert_community_lgp
 
     download_kwargs = {"revision": args.revision} if args.revision else {}
-    lgp = convert_community_lgp(
-        args.src, args.out, filename=args.filename, source_format=args.source_format, **download_kwargs
-    )
+    try:
+        lgp = convert_community_lgp(
+            args.src, args.out, filename=args.filename, source_format=args.source_format, **download_kwargs
+        )
+    except ValueError as error:  # what was found and what was expected: a message, not a traceback
+        raise SystemExit(f"sketch-guided convert: error: {error}") from error
     print(
         f"Saved {args.out}: LGPModel with {lgp.in_features} inputs, blocks {', '.join(lgp.config.blocks)}"
         f" ({lgp.config.feature_branch} branch)."
@@ -97,7 +100,10 @@ def run_push(args: argparse.Namespace) -> int:
     lgp = LGPModel.from_pretrained(args.lgp)
     hub_kwargs = {"private": args.private or None, "token": args.token}
     if args.output_dir:
-        folder = export_hub_folder(lgp, args.output_dir, args.repo_id, **card_kwargs)
+        try:
+            folder = export_hub_folder(lgp, args.output_dir, args.repo_id, **card_kwargs)
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(f"sketch-guided push: error: {error}") from error
         print(f"Built {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}.")
         if args.dry_run:
             return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -29,15 +30,41 @@ from .convert import CommunityLGPFormat
 from .lgp import BLOCK_PRESETS, LGPModel
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-# The modules diffusers copies for `custom_pipeline=`: pipeline.py and its direct relative imports (for a local folder
-# diffusers copies only those, so pipeline.py must import each of them itself). lgp.py also serves `AutoModel`.
-HUB_CODE_FILES = ("pipeline.py", "lgp.py", "capture.py", "sketch.py")
+# Relative imports as diffusers' dynamic-module loader finds them (`from .x import ...`, `import .x`).
+_RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+)\s*$)", flags=re.MULTILINE)
 # `AutoModel.from_pretrained(repo, trust_remote_code=True)` imports the class named here from the repo's lgp.py.
 LGP_AUTO_MAP = {"AutoModel": "lgp.LGPModel"}
 DEFAULT_CARD_TEMPLATE = PACKAGE_DIR.parent / "hub_card" / "model_card_template.md"
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_LICENSE = "apache-2.0"  # the license of our own LGPs; converted ones carry their source's terms
 CARD_TAGS = ["diffusers", "stable-diffusion", "text-to-image", "sketch-to-image", "latent-guidance-predictor"]
+
+
+def hub_code_files() -> list[str]:
+    """The package modules a Hub repo must carry: pipeline.py and every module it needs, by relative imports.
+
+    diffusers copies `custom_pipeline` code into its module cache by following relative imports; from a local folder it
+    follows only pipeline.py's direct ones. So this also checks that pipeline.py imports each needed module itself.
+    """
+    needed, queue = ["pipeline.py"], ["pipeline.py"]
+    direct: set[str] = set()
+    while queue:
+        name = queue.pop()
+        source = (PACKAGE_DIR / name).read_text(encoding="utf-8")
+        for match in _RELATIVE_IMPORT.finditer(source):
+            module = f"{match.group(1) or match.group(2)}.py"
+            if name == "pipeline.py":
+                direct.add(module)
+            if module not in needed:
+                needed.append(module)
+                queue.append(module)
+    indirect = sorted(set(needed) - direct - {"pipeline.py"})
+    if indirect:
+        raise RuntimeError(
+            f"pipeline.py needs {', '.join(indirect)} only through other modules; diffusers does not copy those for a"
+            " local custom_pipeline folder. Import them in pipeline.py directly."
+        )
+    return needed
 
 
 def infer_block_preset(blocks: Sequence[str]) -> str | None:
@@ -168,7 +195,7 @@ def export_hub_folder(
     config = json.loads(config_file.read_text())
     config["auto_map"] = dict(LGP_AUTO_MAP)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in HUB_CODE_FILES:
+    for name in hub_code_files():
         shutil.copyfile(PACKAGE_DIR / name, output_dir / name)
     if figures:
         (output_dir / "figures").mkdir(exist_ok=True)

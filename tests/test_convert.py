@@ -215,6 +215,14 @@ def test_cli_convert_writes_a_diffusers_folder(tmp_path):
         )
 
 
+def test_cli_convert_reports_errors_without_a_traceback(tmp_path):
+    checkpoint = tmp_path / "other.pt"
+    torch.save({"epoch": 3}, checkpoint)
+    with pytest.raises(SystemExit, match="sketch-guided convert: error: .*not a community LGP checkpoint"):
+        cli_main(["convert", str(checkpoint), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 # Errors: each names what was found and what was expected.
 
 

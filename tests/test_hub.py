@@ -27,17 +27,18 @@ from pipeline_sketch_guided import hub as hub_module
 from pipeline_sketch_guided.cli import main as cli_main
 from pipeline_sketch_guided.convert import SKETCH2IMG_SD15, SKETCH_GUIDED_SD_SD15
 from pipeline_sketch_guided.hub import (
-    HUB_CODE_FILES,
     LGP_AUTO_MAP,
     PACKAGE_DIR,
     build_model_card,
     export_hub_folder,
+    hub_code_files,
     infer_block_preset,
     push_lgp_to_hub,
 )
 from pipeline_sketch_guided.testing import random_lgp, tiny_components
 
 REPO_ID = "someone/sketch-lgp-sd15"
+HUB_CODE_FILES = hub_code_files()
 
 
 def sd15_lgp(fmt=SKETCH2IMG_SD15) -> LGPModel:
@@ -113,6 +114,15 @@ def test_infer_block_preset():
     assert infer_block_preset(list(reversed(SKETCH2IMG_SD15.blocks))) is None
 
 
+def test_hub_code_files_are_the_pipeline_and_its_direct_imports():
+    assert HUB_CODE_FILES[0] == "pipeline.py"
+    assert {"lgp.py", "capture.py", "sketch.py"} <= set(HUB_CODE_FILES)
+    # For a local folder diffusers copies only pipeline.py's direct relative imports: each must be one.
+    pipeline_source = (PACKAGE_DIR / "pipeline.py").read_text()
+    for name in HUB_CODE_FILES[1:]:
+        assert re.search(rf"^from \.{name[:-3]} import", pipeline_source, flags=re.MULTILINE), name
+
+
 def test_export_hub_folder(tmp_path):
     lgp = sd15_lgp()
     figure = tmp_path / "fig.png"
@@ -124,10 +134,6 @@ def test_export_hub_folder(tmp_path):
     assert (folder / "figures" / "fig.png").read_bytes() == figure.read_bytes()
     for name in HUB_CODE_FILES:
         assert (folder / name).read_text() == (PACKAGE_DIR / name).read_text()
-    # pipeline.py must import every other module itself: for a local folder diffusers copies only its direct imports.
-    pipeline_source = (folder / "pipeline.py").read_text()
-    for name in HUB_CODE_FILES[1:]:
-        assert re.search(rf"^from \.{name[:-3]} import", pipeline_source, flags=re.MULTILINE), name
     assert json.loads((folder / "config.json").read_text())["auto_map"] == LGP_AUTO_MAP
     assert ModelCard.load(folder / "README.md").data.library_name == "diffusers"
 
