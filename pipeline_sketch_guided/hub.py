@@ -25,6 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .convert import CommunityLGPFormat
 from .lgp import BLOCK_PRESETS, LGPModel
@@ -92,6 +93,17 @@ def infer_block_preset(blocks: Sequence[str]) -> str | None:
     return None
 
 
+def _is_hub_repo_id(name: str | None) -> bool:
+    """Whether `name` can be a Hub model id (the Hub rejects a card whose `base_model` is, say, a local path)."""
+    if not name or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def build_model_card(
     lgp: LGPModel,
     repo_id: str,
@@ -109,7 +121,8 @@ def build_model_card(
     Args:
         lgp: the LGP; its config gives the blocks, branch and polarity shown in the card.
         repo_id: the Hub repo the card is for; the usage snippets load from it.
-        base_model: the Hub id of the diffusion model whose UNet the LGP reads.
+        base_model: the Hub id of the diffusion model whose UNet the LGP reads (a local path is named in the text but
+            left out of the metadata, which must hold a Hub id).
         license: a Hub license id; for weights converted from a community repo, use that repo's terms (`"other"` if
             it states none).
         training_data: what it was trained on (images, edge detector, captions, timesteps), in a sentence or two.
@@ -130,7 +143,7 @@ def build_model_card(
         )
     config = lgp.config
     card_data = ModelCardData(
-        base_model=base_model,
+        base_model=base_model if _is_hub_repo_id(base_model) else None,
         library_name="diffusers",
         license=license,
         tags=list(CARD_TAGS),

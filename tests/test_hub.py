@@ -103,6 +103,12 @@ def test_card_of_converted_weights_credits_the_source():
     assert "PiDiNet" in card.text  # the source's training data stands in when none is given
 
 
+def test_card_leaves_a_local_base_model_out_of_the_metadata(tmp_path):
+    card = build_model_card(sd15_lgp(), REPO_ID, base_model=str(tmp_path))
+    assert card.data.base_model is None
+    assert str(tmp_path) in card.text
+
+
 def test_infer_block_preset():
     tiny_unet = tiny_components()["unet"]
     with torch.device("meta"):
