@@ -202,7 +202,7 @@ def test_unet_forward_stops_after_the_last_captured_block(components):
     torch.testing.assert_close(early, full)
 
 
-def test_training_loss_falls_and_the_result_drives_the_pipeline(base_model, prepared, tmp_path):
+def test_training_loss_falls_and_the_result_drives_the_pipeline(base_model, prepared, tmp_path, monkeypatch):
     data, _ = prepared
     output = tmp_path / "run"
     sketch = str(data / "edges" / "000000.png")
@@ -238,6 +238,23 @@ def test_training_loss_falls_and_the_result_drives_the_pipeline(base_model, prep
     plain = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert guided.shape == (1, RESOLUTION, RESOLUTION, 3) and np.isfinite(guided).all()
     assert not np.allclose(guided, plain)
+
+    # --push_to_hub publishes through pipeline_sketch_guided.hub: card, weights, the last validation images.
+    hub = pytest.importorskip("pipeline_sketch_guided.hub")
+    uploaded = {}
+
+    def fake_upload(folder, repo_id, **kwargs):
+        files = {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file()}
+        uploaded.update(repo_id=repo_id, files=files, card=Path(folder, "README.md").read_text())
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(hub, "upload_hub_folder", fake_upload)
+    args = train_lgp.parse_args(train_args(base_model, data, output, "--push_to_hub", "--hub_model_id", "me/tiny-lgp"))
+    args.resolution = RESOLUTION
+    train_lgp.push_lgp_to_hub(lgp, args, result)
+    assert uploaded["repo_id"] == "me/tiny-lgp"
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "figures/00_image.png"} <= uploaded["files"]
+    assert "24 steps" in uploaded["card"] and f"{NUM_IMAGES} captioned images" in uploaded["card"]
 
 
 def test_killed_run_resumes_from_its_last_complete_checkpoint(base_model, prepared, tmp_path, monkeypatch):

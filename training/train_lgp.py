@@ -46,7 +46,7 @@ from pipeline_sketch_guided import BLOCK_PRESETS, LGPModel, SketchGuidedStableDi
 from pipeline_sketch_guided.capture import resolve_blocks
 from pipeline_sketch_guided.lgp import FEATURE_BRANCHES, SKETCH_POLARITIES, noise_level_map
 
-from .prepare_data import PreparedExample, load_prepared_dataset, resize_and_center_crop
+from .prepare_data import REPORT_FILE, PreparedExample, load_prepared_dataset, resize_and_center_crop
 
 logger = get_logger(__name__)
 
@@ -708,11 +708,12 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         save_final_model(model, args.output_dir)
         Path(args.output_dir, "training_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
         logger.info(f"Saved the trained LGP to {args.output_dir}: LGPModel.from_pretrained({args.output_dir!r})")
-        if args.push_to_hub:
-            url = push_lgp_to_hub(model, args, max_train_steps)
-            logger.info(f"Pushed to {url}")
+    result = TrainingResult(args.output_dir, global_step, losses)
+    if accelerator.is_main_process and args.push_to_hub:
+        url = push_lgp_to_hub(accelerator.unwrap_model(lgp), args, result)
+        logger.info(f"Pushed to {url}")
     accelerator.end_training()
-    return TrainingResult(args.output_dir, global_step, losses)
+    return result
 
 
 def save_final_model(model: LGPModel, output_dir: str) -> None:
@@ -725,7 +726,7 @@ def save_final_model(model: LGPModel, output_dir: str) -> None:
     os.rmdir(temporary)
 
 
-def push_lgp_to_hub(model: LGPModel, args: argparse.Namespace, max_train_steps: int) -> str:
+def push_lgp_to_hub(model: LGPModel, args: argparse.Namespace, result: TrainingResult) -> str:
     """Publish the LGP to `--hub_model_id`: with its model card and code through `pipeline_sketch_guided.hub` where
     that module is installed, otherwise config and weights alone with `LGPModel.push_to_hub`."""
     commit_message = f"LGP for {args.pretrained_model_name_or_path}, trained with training/train_lgp.py"
@@ -733,10 +734,19 @@ def push_lgp_to_hub(model: LGPModel, args: argparse.Namespace, max_train_steps: 
         from pipeline_sketch_guided.hub import push_lgp_to_hub as push_with_card
     except ImportError:
         return model.push_to_hub(args.hub_model_id, commit_message=commit_message)
-    details = (
-        f"Trained with `training/train_lgp.py` for {max_train_steps} steps of {args.train_batch_size} images per"
-        f" process at {args.resolution}x{args.resolution}, learning rate {args.learning_rate}, timesteps"
-        f" {args.min_timestep}..{args.max_timestep if args.max_timestep is not None else 'last'}."
+    report_file = Path(args.train_data_dir, REPORT_FILE)
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    training_data = (
+        f"{report.get('written', 'A set of')} captioned images"
+        + (f" from {report['source']}" if report.get("source") else "")
+        + (f", {report['edge_detector']} edge maps" if report.get("edge_detector") else "")
+        + f", at {args.resolution}x{args.resolution}; timesteps {args.min_timestep} to"
+        + f" {args.max_timestep if args.max_timestep is not None else 'the last'}."
+    )
+    final_loss = f", final loss {np.mean(result.losses[-10:]):.4f}" if result.losses else ""
+    training_details = (
+        f"{result.global_step} steps of {args.train_batch_size} images per process, learning rate"
+        f" {args.learning_rate}{final_loss}, with `training/train_lgp.py`."
     )
     validations = sorted(Path(args.output_dir, "validation").glob("step-*"))
     figures = sorted(validations[-1].glob("*_image.png")) if validations else []
@@ -745,8 +755,8 @@ def push_lgp_to_hub(model: LGPModel, args: argparse.Namespace, max_train_steps: 
         args.hub_model_id,
         commit_message=commit_message,
         base_model=args.pretrained_model_name_or_path,
-        training_data=args.train_data_dir,
-        training_details=details,
+        training_data=training_data,
+        training_details=training_details,
         figures=figures,
     )
 
