@@ -2,7 +2,7 @@
 
 A published LGP repo is one folder (see `hub_card/README.md`):
 
-    README.md                            model card (huggingface_hub `ModelCard`, template in hub_card/)
+    README.md                            model card (huggingface_hub `ModelCard`, template in templates/)
     config.json                          LGPModel config, with `auto_map` so that `AutoModel` finds the class
     diffusion_pytorch_model.safetensors  the weights
     pipeline.py lgp.py capture.py sketch.py   this package's modules, for users who have not installed it
@@ -35,7 +35,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 _RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+)\s*$)", flags=re.MULTILINE)
 # `AutoModel.from_pretrained(repo, trust_remote_code=True)` imports the class named here from the repo's lgp.py.
 LGP_AUTO_MAP = {"AutoModel": "lgp.LGPModel"}
-DEFAULT_CARD_TEMPLATE = PACKAGE_DIR.parent / "hub_card" / "model_card_template.md"
+DEFAULT_CARD_TEMPLATE = PACKAGE_DIR / "templates" / "model_card.md"
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_LICENSE = "apache-2.0"  # the license of our own LGPs; converted ones carry their source's terms
 CARD_TAGS = ["diffusers", "stable-diffusion", "text-to-image", "sketch-to-image", "latent-guidance-predictor"]
@@ -130,7 +130,7 @@ def build_model_card(
         datasets: Hub dataset ids for the card's metadata.
         figures: image files shown in the card (as `figures/<name>`; `export_hub_folder` copies them there).
         source: for converted community weights, where they come from.
-        template_path: a Jinja template; defaults to `hub_card/model_card_template.md`.
+        template_path: a Jinja template; defaults to the package's `templates/model_card.md`.
 
     Returns:
         `huggingface_hub.ModelCard`, whose `data` holds the metadata and `text` the rendered body.
@@ -138,8 +138,8 @@ def build_model_card(
     template_path = Path(template_path) if template_path is not None else DEFAULT_CARD_TEMPLATE
     if not template_path.is_file():
         raise FileNotFoundError(
-            f"No model card template at {str(template_path)!r}. It ships in the repository's hub_card/ folder; pass"
-            " `template_path` when the package is installed without it."
+            f"No model card template at {str(template_path)!r}. It ships inside the package"
+            " (pipeline_sketch_guided/templates/); reinstall the package, or pass `template_path`."
         )
     config = lgp.config
     card_data = ModelCardData(

@@ -121,6 +121,11 @@ class LGPModel(ModelMixin, ConfigMixin):
             layers += [nn.ReLU(), nn.BatchNorm1d(width_in), nn.Linear(width_in, width_out)]
         self.layers = nn.Sequential(*layers)
 
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # `auto_map` (written for published repos) lets AutoModel find this class; it is not an __init__ argument.
+        return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
+
     @property
     def noise_level_channels(self) -> int:
         return self.config.latent_channels * (1 + self.config.num_noise_frequencies)

@@ -14,11 +14,12 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from pipeline_sketch_guided.demo import SHAPES, filled_mask, shape_polygon
+
 IMAGE_SIZE = 64
 # Shapes are drawn this many times larger, then shrunk, so that their edges are anti-aliased.
 SUPERSAMPLE = 4
 
-SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -42,34 +43,9 @@ class Shape:
     rotation: float  # degrees
 
 
-def shape_polygon(kind: str, center: tuple[float, float], radius: float, rotation: float) -> list[tuple[float, float]]:
-    """The outline of a shape as polygon points (a circle as a 64-gon)."""
-    cx, cy = center
-    if kind == "circle":
-        corners, radii = 64, [radius]
-    elif kind == "square":
-        corners, radii, rotation = 4, [radius], rotation + 45
-    elif kind == "triangle":
-        corners, radii = 3, [radius]
-    elif kind == "star":
-        corners, radii = 10, [radius, radius * 0.45]
-    else:
-        raise ValueError(f"Unknown shape {kind!r}; choose one of {SHAPES}.")
-    points = []
-    for index in range(corners):
-        angle = math.radians(rotation) + 2 * math.pi * index / corners - math.pi / 2
-        r = radii[index % len(radii)]
-        points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
-    return points
-
-
-def shape_mask(shape: Shape, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A boolean mask of the filled shape at `size` x `size`."""
-    scale = size / IMAGE_SIZE
-    canvas = PIL.Image.new("L", (size, size), 0)
-    points = [(x * scale, y * scale) for x, y in shape_polygon(shape.kind, shape.center, shape.radius, shape.rotation)]
-    PIL.ImageDraw.Draw(canvas).polygon(points, fill=255)
-    return np.asarray(canvas) > 127
+def shape_mask(shape: Shape) -> np.ndarray:
+    """A boolean 64x64 mask of the filled shape."""
+    return filled_mask(shape_polygon(shape.kind, shape.center, shape.radius, shape.rotation))
 
 
 def caption(shapes: list[Shape], background: str) -> str:

@@ -36,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--num_images", type=int, default=20000, help="training images, seeds 0..N-1")
-    parser.add_argument("--vae_steps", type=int, default=600)
-    parser.add_argument("--vae_batch_size", type=int, default=32)
+    parser.add_argument("--vae_steps", type=int, default=400)
+    parser.add_argument("--vae_batch_size", type=int, default=16)
     parser.add_argument("--unet_steps", type=int, default=4000)
     parser.add_argument("--unet_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
@@ -54,7 +54,8 @@ def make_vae() -> AutoencoderKL:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        # Narrow at full resolution, where nearly all of a VAE's time goes; flat-coloured shapes need little width.
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=16,
@@ -165,7 +166,7 @@ def train_vae(args, images: np.ndarray, clock: Clock) -> tuple[AutoencoderKL, in
         optimizer.step()
         optimizer.zero_grad()
         step += 1
-        if step % 50 == 0:
+        if step % 25 == 0:
             print(f"vae step {step}: loss {loss.item():.5f} ({(time.monotonic() - started) / 60:.1f} min)", flush=True)
         if step % args.checkpoint_every == 0 or step == args.vae_steps:
             save_checkpoint(stage, step, model=vae.state_dict(), optimizer=optimizer.state_dict())
@@ -246,6 +247,9 @@ def train_unet(args, vae, latents, captions, clock: Clock):
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    # Denormal floats (Adam's tiny second moments, for one) are many times slower on CPUs; flushing them to zero made
+    # a VAE step 1.7x faster here.
+    torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)
     clock = Clock(args.max_minutes)
     started = time.monotonic()
