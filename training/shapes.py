@@ -6,9 +6,12 @@ masks, which the efficacy benchmark uses to score where a shape was drawn.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -107,3 +110,27 @@ def render_sample(seed: int) -> tuple[PIL.Image.Image, str, list[Shape]]:
     background = rng.choice(list(BACKGROUNDS))
     style = rng.choice(BACKGROUND_STYLES)
     return render(shapes, background, style, rng), caption(shapes, background), shapes
+
+
+def write_image_folder(output_dir: Path, num_images: int, first_seed: int = 0) -> None:
+    """Write samples first_seed .. first_seed + num_images - 1 as an ImageFolder (PNGs and metadata.jsonl)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "metadata.jsonl", "w") as metadata:
+        for seed in range(first_seed, first_seed + num_images):
+            image, text, _ = render_sample(seed)
+            image.save(output_dir / f"{seed:07d}.png")
+            metadata.write(json.dumps({"file_name": f"{seed:07d}.png", "text": text}) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write shapes samples as an ImageFolder for training.prepare_data.")
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--num_images", type=int, default=3000)
+    parser.add_argument("--first_seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_image_folder(args.output_dir, args.num_images, args.first_seed)
+    print(f"Wrote {args.num_images} images with captions to {args.output_dir}.")
+
+
+if __name__ == "__main__":
+    main()
