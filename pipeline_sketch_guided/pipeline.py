@@ -75,7 +75,8 @@ def sketch_guidance_step(
     step_norm = (latents.float() - next_latents.float()).flatten(1).norm(dim=1)
     gradient = gradient.float()
     gradient_norm = gradient.flatten(1).norm(dim=1)
-    alpha = scale * step_norm / gradient_norm.clamp_min(torch.finfo(torch.float32).tiny)
+    # A zero gradient (an image whose guidance was skipped) takes no step, rather than 0 * inf.
+    alpha = torch.where(gradient_norm > 0, scale * step_norm / gradient_norm, torch.zeros_like(gradient_norm))
     return (next_latents.float() - alpha.view(-1, 1, 1, 1) * gradient).to(next_latents.dtype)
 
 
@@ -142,6 +143,7 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
         return_edge_maps: bool,
         num_images: int,
         batch_size: int,
+        sketch_guidance_interval: int = 1,
     ) -> None:
         if not isinstance(sketch_guidance_scale, (int, float)) or sketch_guidance_scale < 0:
             raise ValueError(
@@ -152,6 +154,9 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
                 "The guided part of the schedule must satisfy 0 <= `sketch_guidance_start` < `sketch_guidance_end`"
                 f" <= 1 (fractions of the steps), got start={sketch_guidance_start!r}, end={sketch_guidance_end!r}."
             )
+        interval = sketch_guidance_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"`sketch_guidance_interval` must be an integer >= 1, got {sketch_guidance_interval!r}.")
         if sketch is None:
             if return_edge_maps:
                 raise ValueError("`return_edge_maps=True` needs a `sketch`: edge maps are predicted while guiding.")
@@ -310,6 +315,7 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
         sketch_guidance_scale: float = 1.6,
         sketch_guidance_start: float = 0.0,
         sketch_guidance_end: float = 0.5,
+        sketch_guidance_interval: int = 1,
         return_edge_maps: bool = False,
         **kwargs,
     ):
@@ -330,6 +336,11 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
                 Fraction of the steps after which guidance starts.
             sketch_guidance_end (`float`, *optional*, defaults to 0.5):
                 Fraction of the steps after which guidance stops. Guiding late makes the strokes appear literally.
+            sketch_guidance_interval (`int`, *optional*, defaults to 1):
+                Guide every this many steps of the guided part (its first step, then every k-th), a faster
+                approximation: a guided step costs about 1.4 unguided ones on a CPU (the backward through the UNet),
+                the steps in between cost one. 1 is the exact method. Each guidance step keeps its size
+                (`sketch_guidance_scale`), so fewer steps steer less.
             return_edge_maps (`bool`, *optional*, defaults to `False`):
                 Also return the LGP's predicted edge maps at the last guided step (`edge_maps` of the output; the last
                 element of the tuple when `return_dict=False`).
@@ -358,6 +369,7 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
             return_edge_maps,
             num_images,
             batch_size,
+            sketch_guidance_interval,
         )
 
         if sketch is None or sketch_guidance_scale == 0:
@@ -485,12 +497,15 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
         edge_latents = None
+        steps_in_guided_range = 0
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
 
-                guided = is_guided_step(i, len(timesteps), sketch_guidance_start, sketch_guidance_end)
+                in_guided_range = is_guided_step(i, len(timesteps), sketch_guidance_start, sketch_guidance_end)
+                guided = in_guided_range and steps_in_guided_range % sketch_guidance_interval == 0
+                steps_in_guided_range += in_guided_range
                 if guided:
                     noise_pred_text, noise_pred_uncond, gradient, edge_latents = self.noise_and_sketch_gradient(
                         latents, t, prompt_embeds, sketch_latents, unet_kwargs

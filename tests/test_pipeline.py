@@ -285,3 +285,20 @@ def test_v_prediction_model_is_guided(pipe):
     out = generate(pipe, sketch=draw_square(), output_type="latent")
     assert torch.isfinite(out.images).all()
     assert not torch.equal(out.images, generate(pipe, output_type="latent").images)
+
+
+def test_non_finite_gradient_skips_that_steps_guidance_with_a_warning(pipe, caplog):
+    # An LGP that blows up on the second image only: its guidance is skipped, the first image's is not.
+    def explode_second_image(module, args, output):
+        return output * torch.tensor([1.0, float("inf")]).view(2, 1, 1, 1)  # keeps the gradient path, makes it inf
+
+    pipe.lgp.register_forward_hook(explode_second_image)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = {"output_type": "latent", "num_images_per_prompt": 2, "latents": latents}
+    with caplog.at_level("WARNING"):
+        guided = generate(pipe, sketch=draw_square(), **kwargs).images
+    assert "not finite" in caplog.text
+    assert torch.isfinite(guided).all()
+    unguided = generate(pipe, **kwargs).images
+    assert torch.allclose(guided[1], unguided[1], atol=1e-4)
+    assert not torch.allclose(guided[0], unguided[0], atol=1e-3)
