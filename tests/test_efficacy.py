@@ -1,0 +1,182 @@
+"""The efficacy benchmark: its metrics read known renders right, its cases are fixed, and it runs end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from benchmarks.efficacy import (
+    STYLES,
+    EfficacyCase,
+    classify_shape,
+    held_out_cases,
+    iou,
+    load_pipeline,
+    main,
+    measure_image,
+    pick_best,
+    run_benchmark,
+    segment_foreground,
+    validate_segmentation,
+)
+from pipeline_sketch_guided.demo import SHAPES
+from pipeline_sketch_guided.testing import tiny_random_pipeline
+from training.shapes import COLOURS, WORDS, Shape, render, render_sample, shape_mask
+
+
+def render_case(case: EfficacyCase, style: str = "gradient", **changes) -> PIL.Image.Image:
+    """A training-style render of what the case asks for (optionally another colour or place): a perfect answer."""
+    shape = Shape(case.kind, case.colour, case.center, case.radius, case.rotation)
+    for name, value in changes.items():
+        setattr(shape, name, value)
+    return render([shape], case.background, style, random.Random(case.index))
+
+
+def test_segmentation_reads_training_renders():
+    report = validate_segmentation(num_samples=12)
+    assert report["mean_iou"] > 0.9
+    assert report["min_iou"] > 0.8
+    assert report["colour_accuracy"] == 1.0
+    assert report["shape_accuracy"] == 1.0
+    # The chosen threshold sits on a plateau: neighbouring thresholds read the renders about as well.
+    assert max(report["iou_by_chroma_threshold"].values()) - report["mean_iou"] < 0.02
+
+
+def test_segmentation_of_a_plain_background_is_empty():
+    image, _, shapes = render_sample(3)
+    truth = np.logical_or.reduce([shape_mask(s) for s in shapes])
+    blank = np.asarray(image).copy()
+    blank[truth] = blank[~truth].mean(axis=0).astype(np.uint8)  # paint the shapes over with the background
+    assert segment_foreground(blank).mean() < 0.02
+
+
+@pytest.mark.parametrize("style", ["plain", "gradient", "textured"])
+def test_a_perfect_answer_scores_high(style):
+    for case in held_out_cases(4):
+        metrics = measure_image(render_case(case, style), case)
+        assert metrics["iou"] > 0.9, case.prompt
+        assert metrics["colour_ok"] and metrics["recognisable"], (case.prompt, metrics)
+        assert metrics["outline_f_score"] > 0.8, (case.prompt, metrics)
+
+
+def test_wrong_colour_wrong_place_and_wrong_shape_are_caught():
+    case = held_out_cases(1)[0]
+    other_colour = next(c for c in COLOURS if c != case.colour)
+    wrong_colour = measure_image(render_case(case, colour=other_colour), case)
+    assert not wrong_colour["colour_ok"] and wrong_colour["colour"] == other_colour
+    assert wrong_colour["iou"] > 0.9  # the place is still right
+
+    x, y = case.center
+    moved = (x + 1.6 * case.radius if x < 32 else x - 1.6 * case.radius, y)
+    assert measure_image(render_case(case, center=moved), case)["iou"] < 0.3
+
+    other_kind = next(k for k in SHAPES if k != case.kind)
+    wrong_shape = measure_image(render_case(case, kind=other_kind), case)
+    assert wrong_shape["shape"] == other_kind and not wrong_shape["recognisable"]
+
+
+def test_classify_shape_and_iou_edge_cases():
+    empty = np.zeros((64, 64), dtype=bool)
+    assert classify_shape(empty) == (None, {})
+    assert iou(empty, empty) == 1.0
+    full = np.ones((64, 64), dtype=bool)
+    assert iou(full, empty) == 0.0
+
+
+def test_held_out_cases_are_fixed_and_cover_every_style():
+    first, second = held_out_cases(10), held_out_cases(10)
+    for a, b in zip(first, second, strict=True):
+        assert a.describe() == b.describe()
+        assert np.array_equal(np.asarray(a.sketch), np.asarray(b.sketch))
+        assert np.array_equal(a.mask, b.mask)
+    assert {(c.style.name, c.dark_on_light) for c in first} == {(s.name, p) for s in STYLES for p in (True, False)}
+    assert {c.kind for c in held_out_cases(12)} == set(SHAPES)
+    assert {c.colour for c in held_out_cases(12)} == set(COLOURS)
+    assert held_out_cases(3, seed=1)[0].describe() != first[0].describe()
+    widths = {s.line_width for s in STYLES}
+    assert min(widths) == 1.0 and max(widths) == 3.0
+    assert any(s.wobble for s in STYLES) and any(s.gaps for s in STYLES) and any(s.overshoot for s in STYLES)
+    for case in first:
+        assert set(case.prompt.split()) <= set(WORDS)  # every prompt speaks the training captions' language
+        sketch = np.asarray(case.sketch)
+        paper = np.median(sketch)
+        assert paper == (255 if case.dark_on_light else 0)
+        assert 0.01 < case.mask.mean() < 0.6
+
+
+def test_held_out_cases_scale_to_the_image_size():
+    small, large = held_out_cases(4, image_size=32), held_out_cases(4, image_size=64)
+    for a, b in zip(small, large, strict=True):
+        assert a.mask.shape == (32, 32) and b.mask.shape == (64, 64)
+        assert a.mask.mean() == pytest.approx(b.mask.mean(), abs=0.03)
+
+
+def test_pick_best_keeps_colour_within_tolerance():
+    unguided = {"colour_agreement": 0.95, "iou": 0.2}
+    sweep = [
+        {"sketch_guidance_scale": 4.0, "sketch_guidance_end": 1.0, "iou": 0.9, "colour_agreement": 0.5},
+        {"sketch_guidance_scale": 1.6, "sketch_guidance_end": 0.5, "iou": 0.7, "colour_agreement": 0.9},
+        {"sketch_guidance_scale": 2.5, "sketch_guidance_end": 0.5, "iou": 0.7, "colour_agreement": 0.95},
+    ]
+    best, met = pick_best(sweep, unguided)
+    assert met and best is sweep[1]  # the tie on IoU goes to the smaller scale
+    best, met = pick_best(sweep[:1], unguided)
+    assert not met and best is sweep[0]
+
+
+def test_load_pipeline_rejects_an_lgp_without_a_model():
+    with pytest.raises(ValueError, match="--lgp"):
+        load_pipeline(None, "some/lgp")
+
+
+def test_benchmark_runs_end_to_end_on_the_tiny_pipeline(tmp_path):
+    pipe = tiny_random_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    result = run_benchmark(
+        pipe,
+        tmp_path,
+        num_cases=1,
+        seeds=[0],
+        scales=[1.0],
+        ends=[0.5, 1.0],
+        num_inference_steps=2,
+        timing_runs=1,
+        timing_steps=2,
+        validation_samples=2,
+        log=lambda *_: None,
+    )
+    written = json.loads((tmp_path / "efficacy.json").read_text())
+    assert written["config"]["image_size"] == 32
+    for key in ("segmentation_validation", "cases", "unguided", "sweep", "best", "timing", "targets", "table"):
+        assert key in written, key
+    assert len(written["sweep"]) == 2
+    assert set(written["segmentation_validation"]["through_vae"]) >= {"mean_iou", "colour_accuracy"}
+    for row in [written["unguided"], *written["sweep"]]:
+        for metric in ("iou", "edge_f_score", "outline_f_score", "colour_agreement", "recognisable"):
+            assert 0.0 <= row[metric] <= 1.0
+    assert written["best"]["sketch_guidance_end"] in (0.5, 1.0)
+    assert set(written["targets"]) == {
+        "unguided_recognisable_and_colour",
+        "guided_iou",
+        "guided_over_unguided_iou",
+        "colour_drop",
+        "guided_seconds",
+    }
+    assert written["timing"]["guided"]["median_s"] > 0
+    assert (tmp_path / "efficacy.md").read_text().startswith("| sketch_guidance_scale")
+    assert (tmp_path / "contact_sheet.png").is_file()
+    assert result["table"] == written["table"]
+
+
+def test_cli_runs_on_the_tiny_pipeline(tmp_path):
+    args = ["--model", "tiny", "--output_dir", str(tmp_path), "--num_cases", "1", "--seeds", "0"]
+    args += ["--scales", "1.6", "--ends", "0.5", "--num_inference_steps", "2", "--timing_runs", "0"]
+    args += ["--validation_samples", "0", "--threads", str(torch.get_num_threads())]
+    result = main(args)
+    assert result["timing"] is None and result["segmentation_validation"] is None
+    assert "guided_seconds" not in result["targets"]
