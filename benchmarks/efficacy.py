@@ -678,7 +678,10 @@ def run_benchmark(
 
     validation = validate_segmentation(validation_samples, vae=pipe.vae) if validation_samples else None
     if validation is not None:
-        for name, values in (("training renders", validation), ("through the VAE", validation["through_vae"])):
+        for name, values in (
+            ("training renders", validation),
+            ("training renders through the VAE", validation["through_vae"]),
+        ):
             log(
                 f"segmentation of {validation['num_samples']} {name}: mean IoU {values['mean_iou']:.3f}"
                 f" (min {values['min_iou']:.3f}), colour {_percent(values['colour_accuracy'])},"
