@@ -38,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_images", type=int, default=20000, help="training images, seeds 0..N-1")
     parser.add_argument("--vae_steps", type=int, default=400)
     parser.add_argument("--vae_batch_size", type=int, default=16)
+    parser.add_argument("--decoder_steps", type=int, default=0, help="decoder fine-tuning (--only_decoder)")
+    parser.add_argument(
+        "--only_decoder", action="store_true", help="fine-tune the decoder and stop; can run beside the UNet stage"
+    )
     parser.add_argument("--unet_steps", type=int, default=4000)
     parser.add_argument("--unet_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-4)
@@ -175,6 +179,51 @@ def train_vae(args, images: np.ndarray, clock: Clock) -> tuple[AutoencoderKL, in
     return vae.eval(), step
 
 
+def train_decoder(args, images: np.ndarray, vae: AutoencoderKL, clock: Clock) -> int:
+    """Fine-tune the VAE's decoder alone on the encoder's posterior means, the latents the UNet learns to make.
+
+    The encoder, and so the UNet's training data, stay as they are: this stage can run beside the UNet's. It loads its
+    own checkpoint when present, so `decoder_weights` can hand the result to the final pipeline.
+    """
+    stage = args.output_dir / "decoder_stage"
+    stage.mkdir(parents=True, exist_ok=True)
+    decoder = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    for parameter in decoder:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder, lr=5e-4)
+    step = 0
+    if (checkpoint := load_checkpoint(stage)) is not None:
+        vae.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step = checkpoint["step"]
+    generator = torch.Generator().manual_seed(args.seed + 2 + step)
+    started = time.monotonic()
+    while step < args.decoder_steps and not clock.out_of_time():
+        batch = to_tensor(images[torch.randint(len(images), (args.vae_batch_size,), generator=generator).numpy()])
+        with torch.no_grad():
+            latents = vae.encode(batch).latent_dist.mean
+        loss = F.mse_loss(vae.decode(latents).sample, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        step += 1
+        if step % 25 == 0:
+            minutes = (time.monotonic() - started) / 60
+            print(f"decoder step {step}: loss {loss.item():.5f} ({minutes:.1f} min)", flush=True)
+        if step % args.checkpoint_every == 0:
+            save_checkpoint(stage, step, model=vae.state_dict(), optimizer=optimizer.state_dict())
+    save_checkpoint(stage, step, model=vae.state_dict(), optimizer=optimizer.state_dict())
+    return step
+
+
+def use_finetuned_decoder(args, vae: AutoencoderKL) -> None:
+    """Load the decoder of `train_decoder`'s checkpoint, if there is one, into `vae` (the encoder is unchanged)."""
+    if (checkpoint := load_checkpoint(args.output_dir / "decoder_stage")) is not None:
+        decoder = {k: v for k, v in checkpoint["model"].items() if k.startswith(("decoder.", "post_quant_conv."))}
+        vae.load_state_dict(decoder, strict=False)
+        print(f"using the decoder fine-tuned for {checkpoint['step']} steps", flush=True)
+
+
 @torch.no_grad()
 def encode_dataset(vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
     latents = [vae.encode(to_tensor(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)]
@@ -259,11 +308,15 @@ def main(argv=None) -> None:
     if vae_step < args.vae_steps:
         print(f"stopped at VAE step {vae_step} of {args.vae_steps}: run the same command again to resume", flush=True)
         return
+    if args.only_decoder:
+        print(f"decoder fine-tuned for {train_decoder(args, images, vae, clock)} steps", flush=True)
+        return
     latents = encode_dataset(vae, images)
     # Scale the latents to unit variance, as Stable Diffusion's scaling_factor does for its VAE.
     vae.register_to_config(scaling_factor=float(1 / latents.std()))
     print(f"latents: std {latents.std():.3f}, scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
     unet, text_encoder, tokenizer, unet_step = train_unet(args, vae, latents, captions, clock)
+    use_finetuned_decoder(args, vae)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
