@@ -4,6 +4,8 @@ Loadable as a package module or as a diffusers custom pipeline:
 `DiffusionPipeline.from_pretrained(base, custom_pipeline="path/to/pipeline_sketch_guided", trust_remote_code=True)`.
 """
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,7 +21,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from .capture import capture_activations
+from .capture import capture_activations, resolve_blocks
 from .lgp import LGPModel, noise_level_map
 from .sketch import SketchInput, prepare_sketch
 
@@ -78,6 +80,50 @@ def sketch_guidance_step(
     # A zero gradient (an image whose guidance was skipped) takes no step, rather than 0 * inf.
     alpha = torch.where(gradient_norm > 0, scale * step_norm / gradient_norm, torch.zeros_like(gradient_norm))
     return (next_latents.float() - alpha.view(-1, 1, 1, 1) * gradient).to(next_latents.dtype)
+
+
+@contextmanager
+def frozen_parameters(*modules: torch.nn.Module) -> Iterator[None]:
+    """Parameters that need no gradient inside the context, restored on exit.
+
+    diffusers loads models with `requires_grad=True`. Autograd then keeps every layer's input for a weight gradient that
+    the sketch gradient never uses: memory held until the backward.
+    """
+    parameters = [p for module in modules for p in module.parameters() if p.requires_grad]
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
+@contextmanager
+def autograd_until(unet: torch.nn.Module, blocks: Sequence[str]) -> Iterator[None]:
+    """Record the autograd graph of a UNet forward run inside the context only until the last of `blocks` has run.
+
+    The sketch loss depends on the UNet through those blocks' outputs alone; the layers after them (on SD 1.5 with the
+    sketch2img blocks, the last up block at full latent resolution and the output convolution) need no graph.
+    """
+    pending = set(resolve_blocks(unet, blocks).values())
+    grad_enabled = torch.is_grad_enabled()
+
+    def hook(module: torch.nn.Module, args, output) -> None:
+        pending.discard(module)
+        if not pending:
+            # Once only: gradient checkpointing may run a block again during the backward.
+            for handle in handles:
+                handle.remove()
+            torch.set_grad_enabled(False)
+
+    handles = [module.register_forward_hook(hook) for module in pending]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch.set_grad_enabled(grad_enabled)
 
 
 class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
@@ -238,24 +284,15 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
             embeds = {"conditional": prompt_embeds}
             kwargs = {"conditional": unet_kwargs}
         read = self.lgp.config.feature_branch
-        alpha_bar = self.scheduler.alphas_cumprod[int(torch.as_tensor(t).round())].to(latents.device)
-
         with torch.enable_grad():
-            latents = latents.detach().requires_grad_(True)
-            model_input = self.scheduler.scale_model_input(latents, t)
-            with capture_activations(self.unet, self.lgp.config.blocks, self.lgp.config.tuple_output_index) as feats:
-                prediction = self.unet(model_input, t, encoder_hidden_states=embeds[read], **kwargs[read])[0]
-            # The noise level is conditioning for the LGP, not something to optimise: no gradient through it.
-            epsilon = self.predict_noise_epsilon(prediction.detach().float(), model_input.detach().float(), alpha_bar)
-            noise_level = noise_level_map(epsilon, alpha_bar)
-            edge_latents = self.lgp(feats, noise_level)
-            # Summed per image, so each image's gradient is its own; the loss is in float32 whatever the UNet's dtype.
-            loss = (edge_latents.float() - sketch_latents.float()).square().sum()
-            (gradient,) = torch.autograd.grad(loss, latents)
+            loss, leaf, prediction, edge_latents = self.sketch_loss(
+                latents, t, embeds[read], kwargs[read], sketch_latents
+            )
+            (gradient,) = torch.autograd.grad(loss, leaf)
 
-        predictions = {read: prediction.detach()}
+        predictions = {read: prediction}
+        model_input = self.scheduler.scale_model_input(latents, t)
         for name in embeds.keys() - {read}:
-            model_input = model_input.detach()
             predictions[name] = self.unet(model_input, t, encoder_hidden_states=embeds[name], **kwargs[name])[0]
 
         finite = torch.isfinite(gradient).flatten(1).all(dim=1)
@@ -266,6 +303,36 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
             )
             gradient = torch.where(finite.view(-1, 1, 1, 1), gradient, torch.zeros_like(gradient))
         return predictions["conditional"], predictions.get("unconditional"), gradient, edge_latents.detach()
+
+    def sketch_loss(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        unet_kwargs: dict[str, Any],
+        sketch_latents: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The UNet on the branch the LGP reads, with autograd, and the sketch loss L = ||LGP(F(z_t)) - E(s)||^2.
+
+        Autograd records nothing after the last block the LGP reads. Run it with gradients enabled; inside
+        `frozen_parameters(self.unet, self.lgp)`, as in the denoising loop, it also keeps nothing for weight gradients.
+
+        Returns:
+            (L summed over the images, z_t as the leaf to differentiate L by, the branch's noise prediction (detached),
+            the LGP's predicted edge latents)
+        """
+        alpha_bar = self.scheduler.alphas_cumprod[int(torch.as_tensor(t).round())].to(latents.device)
+        latents = latents.detach().requires_grad_(True)
+        model_input = self.scheduler.scale_model_input(latents, t)
+        blocks, index = self.lgp.config.blocks, self.lgp.config.tuple_output_index
+        with capture_activations(self.unet, blocks, index) as features, autograd_until(self.unet, blocks):
+            prediction = self.unet(model_input, t, encoder_hidden_states=encoder_hidden_states, **unet_kwargs)[0]
+        # The noise level is conditioning for the LGP, not something to optimise: no gradient through it.
+        epsilon = self.predict_noise_epsilon(prediction.detach().float(), model_input.detach().float(), alpha_bar)
+        edge_latents = self.lgp(features, noise_level_map(epsilon, alpha_bar))
+        # Summed per image, so each image's gradient is its own; the loss is in float32 whatever the UNet's dtype.
+        loss = (edge_latents.float() - sketch_latents.float()).square().sum()
+        return loss, latents, prediction.detach(), edge_latents
 
     @staticmethod
     def _branch_added_cond(unet_kwargs: dict[str, Any], index: int) -> dict[str, Any] | None:
@@ -498,7 +565,9 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
         self._num_timesteps = len(timesteps)
         edge_latents = None
         steps_in_guided_range = 0
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+        # Frozen for the whole loop (toggling ~700 flags per step would cost milliseconds), so that gradient
+        # checkpointing's recomputation in a backward sees the same flags as the forward did.
+        with self.progress_bar(total=num_inference_steps) as progress_bar, frozen_parameters(self.unet, self.lgp):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue

@@ -1,0 +1,711 @@
+"""Cost of sketch-guided sampling next to plain Stable Diffusion, measured in one run on one machine.
+
+Times, `--repeats` times each after `--warmup` untimed runs, and reports medians:
+
+- whole generations, from the prompt's text to a PIL image, as users run them: unguided (our pipeline without a
+  sketch, which is exactly `StableDiffusionPipeline`) and guided (the first `--guided_fraction` of the steps), plus
+  guided every k-th step for each `--intervals` k (the approximate mode, `sketch_guidance_interval`);
+- the fixed costs around the loop (prompt encoding, sketch encoding, VAE decoding), so that the loop's own ratio can be
+  read off too;
+- the parts of one step: an unguided classifier-free step and a guided one, and inside the guided step the UNet forward
+  of the LGP's branch with autograd and the capture hooks, the backward to the latents, the LGP's forward and backward
+  on its own, the other branch's forward, and the scheduler with the guidance update. Also the guided step with the
+  UNet's gradient checkpointing (`pipe.unet.enable_gradient_checkpointing()`) and the backward with the UNet's weights
+  frozen (`requires_grad_(False)`), to show what each changes.
+
+Memory: on the CPU the peak resident memory (RSS) of each phase, sampled, and how far it rose above the memory held when
+the phase began; on a GPU `torch.cuda.max_memory_allocated`. For a guided step also the activations that autograd keeps
+for the backward (weights excluded), counted exactly.
+
+    python -m benchmarks.guided_sampling --model tiny                                   # seconds, any machine
+    python -m benchmarks.guided_sampling --model sd15-random --resolution 256 --steps 20 --repeats 3
+    python -m benchmarks.guided_sampling --model demo --steps 30 --intervals 2 3 --efficacy   # + sketch agreement
+    python -m benchmarks.guided_sampling --model <Hub id or folder of an SD model> --lgp <LGP folder or Hub id>
+
+`sd15-random` is Stable Diffusion 1.5's architecture randomly initialised (nothing is downloaded: the cost of a step
+does not depend on the weights) with an LGP of the published sketch2img size. Its tokenizer is the tiny test
+tokenizer padded to CLIP's 77 tokens, so the text encoder does its real amount of work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from benchmarks.models import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE
+from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline, capture_activations, noise_level_map
+from pipeline_sketch_guided import pipeline as pipeline_module
+from pipeline_sketch_guided.capture import resolve_blocks
+from pipeline_sketch_guided.demo import freehand_sketch
+from pipeline_sketch_guided.pipeline import is_guided_step, sketch_guidance_step
+from pipeline_sketch_guided.testing import tiny_random_pipeline, tiny_tokenizer
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "pndm": PNDMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "lms": LMSDiscreteScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+PROMPT = "a red star on a white background"
+# How often the CPU memory sampler reads the resident size: often enough to catch a step's peak (a UNet forward takes
+# milliseconds at the very least), rarely enough to cost nothing measurable.
+RSS_SAMPLE_SECONDS = 0.002
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def build_pipeline(model: str, lgp: str | None = None, dtype: torch.dtype = torch.float32):
+    """The pipeline to measure: `tiny`, `sd15-random`, `demo`, or a Hub id / folder of a Stable Diffusion model.
+
+    Without `lgp`, a model other than the demo gets a randomly initialised LGP reading the sketch2img blocks (the cost
+    of guidance does not depend on the LGP's weights).
+    """
+    if model == "tiny":
+        pipe = tiny_random_pipeline()
+    elif model == "demo":
+        from pipeline_sketch_guided.demo import load_demo_pipeline
+
+        pipe = load_demo_pipeline(torch_dtype=dtype)
+    elif model == "sd15-random":
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
+        scheduler = DDIMScheduler(**SD15_SCHEDULER, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        tokenizer = tiny_tokenizer(model_max_length=SD15_TEXT["max_position_embeddings"])
+        pipe = SketchGuidedStableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            lgp=LGPModel.from_unet(unet).eval(),
+        )
+    else:
+        pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(
+            model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+    if lgp is not None:
+        pipe.lgp = LGPModel.from_pretrained(lgp, torch_dtype=dtype)
+    elif pipe.lgp is None:
+        torch.manual_seed(0)
+        pipe.lgp = LGPModel.from_unet(pipe.unet).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if pipe.unet.dtype == dtype else pipe.to(dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and return freed heap memory to the system, so that a phase's RSS starts from what it holds."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakMemory:
+    """Peak memory over a phase: `torch.cuda.max_memory_allocated` on a GPU, else the process's sampled RSS.
+
+    After the `with` block: `peak_mib` (the peak) and `rise_mib` (the peak minus what was held when the phase began).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = device.type != "cuda" and os.path.exists("/proc/self/statm")
+        self.peak_mib = self.rise_mib = float("nan")
+
+    def __enter__(self) -> PeakMemory:
+        release_freed_memory()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        elif self.cpu:
+            self._start = self._peak = current_rss_bytes()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(RSS_SAMPLE_SECONDS):
+            self._peak = max(self._peak, current_rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.cpu:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, current_rss_bytes())
+        else:
+            return
+        self.peak_mib, self.rise_mib = peak / 2**20, (peak - self._start) / 2**20
+
+
+def memory_kind(device: torch.device) -> str:
+    return "CUDA max_memory_allocated" if device.type == "cuda" else "process RSS, sampled"
+
+
+@contextlib.contextmanager
+def count_saved_activations(exclude: set[int], after: Callable[[], bool]) -> Iterator[dict[str, int]]:
+    """Count the bytes autograd saves for the backward inside the context, each storage once, skipping the storages in
+    `exclude` (the weights). Yields a dict that holds, when the context exits, the `total` and the part saved while
+    `after()` was true."""
+    seen: set[int] = set()
+    counts = {"total": 0, "after": 0}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in exclude and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            counts["total"] += storage.nbytes()
+            if after():
+                counts["after"] += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield counts
+
+
+def measure(
+    run: Callable[[], float | None], repeats: int, warmup: int, device: torch.device
+) -> tuple[list[float], PeakMemory]:
+    """Seconds of each of `repeats` timed calls of `run` after `warmup` untimed ones, and the phase's peak memory.
+
+    `run` may return the seconds (a `float`) of the part it times, after untimed set-up of its own; otherwise the
+    whole call is timed.
+    """
+    for _ in range(warmup):
+        run()
+    times = []
+    with PeakMemory(device) as memory:
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            own = run()
+            synchronize(device)
+            times.append(own if isinstance(own, float) else time.perf_counter() - start)
+    return times, memory
+
+
+@contextlib.contextmanager
+def without_savings() -> Iterator[None]:
+    """The guided step as it would be without the pipeline's savings: autograd recording weight gradients (diffusers
+    loads models with `requires_grad=True`) and the layers after the last block the LGP reads."""
+    saved = pipeline_module.frozen_parameters, pipeline_module.autograd_until
+    pipeline_module.frozen_parameters = pipeline_module.autograd_until = lambda *args: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        pipeline_module.frozen_parameters, pipeline_module.autograd_until = saved
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(unet: UNet2DConditionModel) -> Iterator[None]:
+    unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        unet.disable_gradient_checkpointing()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What is timed
+
+
+class GuidedStepParts:
+    """One guided step of `pipe`, taken apart. Every callable returns the seconds of the part it names."""
+
+    def __init__(self, pipe, sketch: PIL.Image.Image, resolution: int, steps: int, guidance_scale: float):
+        self.pipe, self.steps, self.device = pipe, steps, pipe._execution_device
+        pipe._guidance_scale = guidance_scale
+        pipe._guidance_rescale = 0.0
+        negative, positive = pipe.encode_prompt(PROMPT, self.device, 1, True)[::-1]
+        self.prompt_embeds = torch.cat([negative, positive])
+        self.sketch_latents = pipe.prepare_sketch_latents(sketch, 1, resolution, resolution, self.device)
+        latent_size = resolution // pipe.vae_scale_factor
+        generator = torch.Generator().manual_seed(0)
+        self.reset_scheduler()
+        self.t = pipe.scheduler.timesteps[0]
+        shape = (1, pipe.unet.config.in_channels, latent_size, latent_size)
+        noise = torch.randn(shape, generator=generator).to(self.device, pipe.unet.dtype)
+        self.latents = noise * pipe.scheduler.init_noise_sigma
+        self.unet_kwargs = {"timestep_cond": None, "cross_attention_kwargs": None, "added_cond_kwargs": None}
+        read = pipe.lgp.config.feature_branch
+        self.branch_embeds = self.prompt_embeds.chunk(2)[1 if read == "conditional" else 0]
+        self.other_embeds = self.prompt_embeds.chunk(2)[0 if read == "conditional" else 1]
+        self.weights = {p.untyped_storage().data_ptr() for m in (pipe.unet, pipe.lgp) for p in m.parameters()}
+        self.weights |= {b.untyped_storage().data_ptr() for m in (pipe.unet, pipe.lgp) for b in m.buffers()}
+
+    def reset_scheduler(self) -> None:
+        # Multistep schedulers keep state between steps; every timed step starts from the first one.
+        self.pipe.scheduler.set_timesteps(self.steps, device=self.device)
+
+    def _timed(self, work: Callable[[], Any]) -> float:
+        synchronize(self.device)
+        start = time.perf_counter()
+        work()
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def unguided_step(self) -> float:
+        """Exactly the unguided step of the loop: the UNet on the CFG batch of 2, CFG, the scheduler."""
+        pipe, t = self.pipe, self.t
+        self.reset_scheduler()
+
+        def work():
+            model_input = pipe.scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
+            noise_pred = pipe.unet(model_input, t, encoder_hidden_states=self.prompt_embeds, return_dict=False)[0]
+            noise_pred = pipe.combine_noise_predictions(*noise_pred.chunk(2)[::-1])
+            pipe.scheduler.step(noise_pred, t, self.latents, return_dict=False)
+
+        return self._timed(work)
+
+    @torch.no_grad()
+    def guided_step(self) -> float:
+        """Exactly the guided step of the loop: `noise_and_sketch_gradient`, CFG, the scheduler, the guidance update."""
+        pipe, t = self.pipe, self.t
+        self.reset_scheduler()
+
+        def work():
+            text, uncond, gradient, _ = pipe.noise_and_sketch_gradient(
+                self.latents, t, self.prompt_embeds, self.sketch_latents, {**self.unet_kwargs, "return_dict": False}
+            )
+            noise_pred = pipe.combine_noise_predictions(text, uncond)
+            next_latents = pipe.scheduler.step(noise_pred, t, self.latents, return_dict=False)[0]
+            sketch_guidance_step(self.latents, next_latents, gradient, 1.6)
+
+        # The loop freezes the weights once for all its steps.
+        with pipeline_module.frozen_parameters(pipe.unet, pipe.lgp):
+            return self._timed(work)
+
+    def _sketch_loss(self):
+        """The pipeline's own forward of the LGP's branch: (loss, latents leaf, prediction, edge latents)."""
+        kwargs = {**self.unet_kwargs, "return_dict": False}
+        return self.pipe.sketch_loss(self.latents, self.t, self.branch_embeds, kwargs, self.sketch_latents)
+
+    @torch.enable_grad()
+    def branch_forward_with_grad(self) -> float:
+        with pipeline_module.frozen_parameters(self.pipe.unet, self.pipe.lgp):
+            return self._timed(self._sketch_loss)
+
+    @torch.no_grad()
+    def other_branch_forward(self) -> float:
+        pipe = self.pipe
+        model_input = pipe.scheduler.scale_model_input(self.latents, self.t)
+        return self._timed(
+            lambda: pipe.unet(model_input, self.t, encoder_hidden_states=self.other_embeds, return_dict=False)
+        )
+
+    @torch.no_grad()
+    def cfg_forward(self) -> float:
+        """The unguided step's model work alone: the UNet on the CFG batch of 2."""
+        pipe = self.pipe
+        model_input = pipe.scheduler.scale_model_input(torch.cat([self.latents] * 2), self.t)
+        return self._timed(
+            lambda: pipe.unet(model_input, self.t, encoder_hidden_states=self.prompt_embeds, return_dict=False)
+        )
+
+    @torch.enable_grad()
+    def backward_to_latents(self) -> float:
+        """dL/dz_t through the LGP and the UNet (the forward before it is not timed)."""
+        with pipeline_module.frozen_parameters(self.pipe.unet, self.pipe.lgp):
+            loss, latents, _, _ = self._sketch_loss()
+            return self._timed(lambda: torch.autograd.grad(loss, latents))
+
+    @torch.enable_grad()
+    def lgp_forward_backward(self) -> float:
+        """The LGP alone: its forward on captured features and its backward to them."""
+        pipe = self.pipe
+        if not hasattr(self, "_lgp_inputs"):
+            model_input = pipe.scheduler.scale_model_input(self.latents, self.t)
+            with torch.no_grad(), capture_activations(pipe.unet, pipe.lgp.config.blocks) as features:
+                prediction = pipe.unet(model_input, self.t, self.branch_embeds, return_dict=False)[0]
+            alpha_bar = pipe.scheduler.alphas_cumprod[int(self.t)].to(self.device)
+            epsilon = pipe.predict_noise_epsilon(prediction.float(), model_input.float(), alpha_bar)
+            self._lgp_inputs = ({name: f.detach() for name, f in features.items()}, noise_level_map(epsilon, alpha_bar))
+        features, noise_level = self._lgp_inputs
+        features = {name: feature.requires_grad_(True) for name, feature in features.items()}
+
+        def work():
+            with pipeline_module.frozen_parameters(pipe.lgp):
+                edge_latents = pipe.lgp(features, noise_level)
+                loss = (edge_latents.float() - self.sketch_latents.float()).square().sum()
+                torch.autograd.grad(loss, list(features.values()))
+
+        return self._timed(work)
+
+    @torch.no_grad()
+    def scheduler_and_guidance_update(self) -> float:
+        pipe, t = self.pipe, self.t
+        self.reset_scheduler()
+        noise_pred = torch.randn_like(self.latents)
+
+        def work():
+            next_latents = pipe.scheduler.step(noise_pred, t, self.latents, return_dict=False)[0]
+            sketch_guidance_step(self.latents, next_latents, noise_pred, 1.6)
+
+        return self._timed(work)
+
+    @torch.no_grad()
+    def saved_activations_mib(self) -> dict[str, float]:
+        """MiB that autograd keeps for the backward in the pipeline's guided step (weights and buffers excluded): in
+        all, and after the last block the LGP reads has run (which the sketch loss does not depend on)."""
+        blocks = resolve_blocks(self.pipe.unet, self.pipe.lgp.config.blocks).values()
+        done: list[torch.nn.Module] = []
+        handles = [block.register_forward_hook(lambda module, args, output: done.append(module)) for block in blocks]
+        unet_done = self.pipe.unet.register_forward_hook(lambda module, args, output: done.append(module))
+        after = len(handles)  # blocks done, the UNet not yet
+        try:
+            frozen = pipeline_module.frozen_parameters(self.pipe.unet, self.pipe.lgp)
+            with frozen, count_saved_activations(self.weights, after=lambda: len(done) == after) as saved:
+                self.pipe.noise_and_sketch_gradient(
+                    self.latents,
+                    self.t,
+                    self.prompt_embeds,
+                    self.sketch_latents,
+                    {**self.unet_kwargs, "return_dict": False},
+                )
+        finally:
+            for handle in [*handles, unet_done]:
+                handle.remove()
+        return {"total": saved["total"] / 2**20, "after the last block read": saved["after"] / 2**20}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = build_pipeline(args.model, args.lgp, dtype).to(device)
+    if args.scheduler:
+        pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    sketch = freehand_sketch("star", (32, 32), 22, seed=0, wobble=0.05, size=resolution)
+    unet_params = sum(p.numel() for p in pipe.unet.parameters())
+    record: dict[str, Any] = {
+        "config": {
+            "model": args.model,
+            "unet_parameters_millions": round(unet_params / 1e6, 1),
+            "lgp_in_features": pipe.lgp.in_features,
+            "lgp_blocks": list(pipe.lgp.config.blocks),
+            "resolution": resolution,
+            "latent_size": resolution // pipe.vae_scale_factor,
+            "steps": args.steps,
+            "scheduler": type(pipe.scheduler).__name__,
+            "guidance_scale": args.guidance_scale,
+            "guided_fraction": args.guided_fraction,
+            "guided_steps": None,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "dtype": args.dtype,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(),
+            "memory_kind": memory_kind(device),
+        },
+        "seconds": {},
+        "memory_mib": {},
+    }
+    seconds, memory = record["seconds"], record["memory_mib"]
+
+    def timed(name: str, run: Callable[[], float | None], repeats: int = args.repeats) -> None:
+        print(f"timing {name} ...", file=sys.stderr, flush=True)
+        times, peak = measure(run, repeats, args.warmup, device)
+        seconds[name] = {"median": median(times), "runs": times}
+        memory[name] = {"peak": peak.peak_mib, "rise": peak.rise_mib}
+
+    # Whole generations, from text to a PIL image.
+    common = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale, "height": resolution}
+    common["width"] = resolution
+
+    def generate(**kwargs) -> None:
+        pipe(PROMPT, generator=torch.Generator().manual_seed(0), **common, **kwargs)
+
+    guided = {"sketch": sketch, "sketch_guidance_scale": args.sketch_guidance_scale}
+    guided["sketch_guidance_end"] = args.guided_fraction
+    # Once, so that the first timed phase does not pay for the kernels' first use (forward and backward).
+    print("warming up ...", file=sys.stderr, flush=True)
+    pipe(
+        PROMPT,
+        sketch=sketch,
+        num_inference_steps=2,
+        guidance_scale=args.guidance_scale,
+        height=resolution,
+        width=resolution,
+    )
+
+    if "generation" in args.phases:
+        timed("generation, unguided", lambda: generate())
+        timed("generation, guided", lambda: generate(**guided))
+        for interval in args.intervals:
+            every = {**guided, "sketch_guidance_interval": interval}
+            timed(f"generation, guided every {interval} steps", lambda every=every: generate(**every))
+
+        # Fixed costs around the loop.
+        with torch.no_grad():
+            timed("encode prompt", lambda: pipe.encode_prompt(PROMPT, device, 1, True))
+            timed("encode sketch", lambda: pipe.prepare_sketch_latents(sketch, 1, resolution, resolution, device))
+            latent_size = resolution // pipe.vae_scale_factor
+            shape = (1, pipe.unet.config.in_channels, latent_size, latent_size)
+            some_latents = torch.randn(shape, device=device, dtype=dtype)
+            timed(
+                "decode image",
+                lambda: pipe.image_processor.postprocess(
+                    pipe.vae.decode(some_latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+                ),
+            )
+
+    guided_steps = sum(is_guided_step(i, args.steps, 0.0, args.guided_fraction) for i in range(args.steps))
+    record["config"]["guided_steps"] = guided_steps
+    if "parts" in args.phases:
+        # One step, taken apart.
+        parts = GuidedStepParts(pipe, sketch, resolution, args.steps, args.guidance_scale)
+        timed("step, unguided", parts.unguided_step)
+        timed("step, guided", parts.guided_step)
+        timed("  UNet forward, CFG batch of 2 (unguided step)", parts.cfg_forward)
+        timed("  UNet + LGP forward, LGP's branch, autograd", parts.branch_forward_with_grad)
+        timed("  backward to the latents (LGP + UNet)", parts.backward_to_latents)
+        timed("  LGP forward + backward alone", parts.lgp_forward_backward)
+        timed("  UNet forward, other branch, no grad", parts.other_branch_forward)
+        timed("  scheduler step + guidance update", parts.scheduler_and_guidance_update)
+        with without_savings():
+            timed("step, guided, without the pipeline's savings", parts.guided_step)
+            unsaved = parts.saved_activations_mib()
+        saved = parts.saved_activations_mib()
+        with gradient_checkpointing(pipe.unet):
+            timed("step, guided, gradient checkpointing", parts.guided_step)
+            checkpointed_saved = parts.saved_activations_mib()
+        record["saved_for_backward_mib"] = {
+            "guided step": saved,
+            "without the pipeline's savings": unsaved,
+            "gradient checkpointing": checkpointed_saved,
+        }
+
+    record["ratios"] = ratios(seconds, args, guided_steps)
+    if args.efficacy:
+        record["efficacy"] = efficacy(pipe, args)
+    return record
+
+
+def ratios(seconds: dict[str, dict[str, Any]], args: argparse.Namespace, guided_steps: int) -> dict[str, float]:
+    """The ratios that the figures of this run give (those whose parts were timed)."""
+    s = {name: value["median"] for name, value in seconds.items()}
+    formulas: dict[str, Callable[[], float]] = {
+        "generation guided / unguided": lambda: s["generation, guided"] / s["generation, unguided"],
+        # The denoising loop alone: whole generations less the work outside the loop (the sketch's encoding is guidance
+        # work, so it stays in the guided loop's cost).
+        "loop guided / unguided": lambda: (
+            (s["generation, guided"] - s["encode prompt"] - s["decode image"])
+            / (s["generation, unguided"] - s["encode prompt"] - s["decode image"])
+        ),
+        "step guided / unguided": lambda: s["step, guided"] / s["step, unguided"],
+        # What the step figures predict for a whole loop with `guided_steps` of `steps` guided.
+        "loop predicted from steps": lambda: (
+            1 + guided_steps / args.steps * (s["step, guided"] / s["step, unguided"] - 1)
+        ),
+        "LGP forward + backward / guided step": lambda: s["  LGP forward + backward alone"] / s["step, guided"],
+        "backward / UNet forward, CFG batch of 2": lambda: (
+            s["  backward to the latents (LGP + UNet)"] / s["  UNet forward, CFG batch of 2 (unguided step)"]
+        ),
+        "step guided, without savings / guided": lambda: (
+            s["step, guided, without the pipeline's savings"] / s["step, guided"]
+        ),
+        "step guided, checkpointing / guided": lambda: s["step, guided, gradient checkpointing"] / s["step, guided"],
+    }
+    for interval in args.intervals:
+        formulas[f"generation guided every {interval} / unguided"] = lambda k=interval: (
+            s[f"generation, guided every {k} steps"] / s["generation, unguided"]
+        )
+    out = {}
+    for name, formula in formulas.items():
+        with contextlib.suppress(KeyError):
+            out[name] = formula()
+    return out
+
+
+def efficacy(pipe, args: argparse.Namespace) -> dict[str, Any]:
+    """Speed and sketch agreement of the exact mode and of each `--intervals` k, on the held-out cases of the demo
+    model's efficacy benchmark (`benchmarks.efficacy`), at `--sketch_guidance_scale`; each k also at k times that scale,
+    which gives back the summed size of the guidance steps that guiding every k-th step leaves out."""
+    from benchmarks.efficacy import generate, held_out_cases, measure_image, native_image_size, summarize
+    from training.evaluate import sketch_strokes
+
+    image_size = native_image_size(pipe)
+    cases = held_out_cases(args.efficacy_cases, image_size)
+    strokes = [sketch_strokes(case.sketch, image_size, image_size) for case in cases]
+    modes: list[tuple[str, dict[str, Any] | None]] = [("unguided", None)]
+    for interval in [1, *args.intervals]:
+        for scale in sorted({args.sketch_guidance_scale, args.sketch_guidance_scale * interval}):
+            guidance = {"sketch_guidance_scale": scale, "sketch_guidance_end": args.guided_fraction}
+            if interval != 1:
+                guidance["sketch_guidance_interval"] = interval
+            modes.append((f"every {interval}, scale {scale:g}", guidance))
+
+    results = {}
+    for name, guidance in modes:
+        print(f"efficacy, {name} ...", file=sys.stderr, flush=True)
+        metrics, start = [], time.perf_counter()
+        for seed in args.efficacy_seeds:
+            images = generate(pipe, cases, seed, image_size, args.steps, args.guidance_scale, guidance)
+            metrics += [measure_image(image, case, s) for image, case, s in zip(images, cases, strokes, strict=True)]
+        results[name] = {**summarize(metrics), "seconds": time.perf_counter() - start}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def format_table(record: dict[str, Any]) -> str:
+    config = record["config"]
+    lines = [
+        f"{config['model']} ({config['unet_parameters_millions']}M UNet parameters), {config['resolution']}px"
+        f" ({config['latent_size']}x{config['latent_size']} latents), {config['steps']} steps of"
+        f" {config['scheduler']}, {config['guided_steps']} guided, {config['dtype']} on {config['device']}"
+        f" ({config['threads']} threads); median of {config['repeats']} runs after {config['warmup']} warm-up",
+        "",
+        f"{'':<52}{'seconds':>10}{'peak MiB':>11}{'rise MiB':>11}",
+    ]
+    for name, value in record["seconds"].items():
+        peak = record["memory_mib"][name]
+        lines.append(f"{name:<52}{value['median']:>10.4f}{peak['peak']:>11.0f}{peak['rise']:>11.0f}")
+    lines += ["", f"memory: {config['memory_kind']}"]
+    if "saved_for_backward_mib" in record:
+        lines.append("activations kept for the backward of a guided step (MiB):")
+        for name, value in record["saved_for_backward_mib"].items():
+            after = value["after the last block read"]
+            lines.append(f"  {name:<50}{value['total']:>10.1f}  ({after:.1f} after the last block read)")
+    lines += ["", "ratios:"]
+    lines += [f"  {name:<50}{value:>10.3f}" for name, value in record["ratios"].items()]
+    if "efficacy" in record:
+        lines += [
+            "",
+            f"sketch agreement on the demo's held-out cases:{'IoU':>10}{'outline F':>11}{'colour':>8}{'seconds':>9}",
+        ]
+        for mode, value in record["efficacy"].items():
+            lines.append(
+                f"  {mode:<44}{value['iou']:>10.3f}{value['outline_f_score']:>11.3f}"
+                f"{value['colour_agreement']:>8.2f}{value['seconds']:>9.1f}"
+            )
+    return "\n".join(lines)
+
+
+def without_nan(value: Any) -> Any:
+    """`value` with NaN (a measurement this machine cannot take) as `None`, which JSON can hold."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nan(item) for item in value]
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny", help="tiny, sd15-random, demo, or a Hub id / folder of an SD model.")
+    parser.add_argument("--lgp", default=None, help="LGP folder or Hub id; default: the model's own, else random.")
+    parser.add_argument("--resolution", type=int, default=None, help="Image side; default: the model's.")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="Default: the model's.")
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--guided_fraction", type=float, default=0.5, help="`sketch_guidance_end` (start is 0).")
+    parser.add_argument("--intervals", type=int, nargs="*", default=[], help="Also guide every k-th step, each k.")
+    parser.add_argument("--efficacy", action="store_true", help="Sketch agreement of each mode (needs a trained LGP).")
+    parser.add_argument("--efficacy_cases", type=int, default=12, help="Held-out cases for --efficacy.")
+    parser.add_argument("--efficacy_seeds", type=int, nargs="+", default=[0, 1], help="Seeds for --efficacy.")
+    parser.add_argument("--sketch_guidance_scale", type=float, default=1.6)
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        default=["generation", "parts"],
+        choices=["generation", "parts"],
+        help="What to time: whole generations (with the fixed costs around the loop), the parts of a step, or both.",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's.")
+    parser.add_argument("--output", default=None, help="Also write the JSON to this file.")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.steps < 1:
+        parser.error("--repeats and --steps must be at least 1, --warmup at least 0.")
+    if not 0 < args.guided_fraction <= 1:
+        parser.error(f"--guided_fraction must be in (0, 1], got {args.guided_fraction}.")
+    if any(k < 1 for k in args.intervals):
+        parser.error("--intervals must be at least 1.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    record = run_benchmark(args)
+    print(format_table(record))
+    text = json.dumps(without_nan(record), indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    return record
+
+
+if __name__ == "__main__":
+    main()

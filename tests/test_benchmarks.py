@@ -1,0 +1,120 @@
+"""The guided-sampling benchmark on the tiny pipeline, and the pipeline's cost options: guiding every k-th step and the
+UNet's gradient checkpointing on guided steps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import draw_square
+
+from benchmarks import guided_sampling
+
+PROMPT = "a red star on the grey background"
+
+
+def generate_latents(pipe, **kwargs) -> torch.Tensor:
+    kwargs.setdefault("num_inference_steps", 4)
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).images
+
+
+def guided_timesteps(pipe, **kwargs) -> list[int]:
+    """The timesteps at which the pipeline computed a sketch gradient."""
+    calls = []
+    compute = pipe.noise_and_sketch_gradient
+
+    def recording(latents, t, *args, **kw):
+        calls.append(int(t))
+        return compute(latents, t, *args, **kw)
+
+    pipe.noise_and_sketch_gradient = recording
+    try:
+        generate_latents(pipe, sketch=draw_square(), **kwargs)
+    finally:
+        del pipe.noise_and_sketch_gradient
+    return calls
+
+
+def test_benchmark_smoke_run_reports_every_figure(tmp_path):
+    output = tmp_path / "guided_sampling.json"
+    argv = ["--model", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    guided_sampling.main([*argv, "--intervals", "2", "--output", str(output)])
+    record = json.loads(output.read_text())
+
+    assert record["config"]["model"] == "tiny"
+    assert record["config"]["guided_steps"] == 1
+    for name in (
+        "generation, unguided",
+        "generation, guided",
+        "generation, guided every 2 steps",
+        "step, unguided",
+        "step, guided",
+        "  backward to the latents (LGP + UNet)",
+        "  LGP forward + backward alone",
+        "step, guided, gradient checkpointing",
+        "step, guided, without the pipeline's savings",
+    ):
+        timing = record["seconds"][name]
+        assert len(timing["runs"]) == 1 and 0 < timing["median"] < 60, name
+        assert record["memory_mib"][name]["peak"] > 0, name
+    for name, value in record["ratios"].items():
+        assert math.isfinite(value) and value > 0, name
+    saved = record["saved_for_backward_mib"]
+    # The pipeline keeps nothing for weight gradients or for the layers after the last block the LGP reads.
+    assert saved["guided step"]["after the last block read"] == 0
+    assert 0 < saved["guided step"]["total"] < saved["without the pipeline's savings"]["total"]
+    assert 0 < saved["gradient checkpointing"]["total"] < saved["guided step"]["total"]
+
+
+def test_interval_one_is_the_exact_method(pipe):
+    exact = generate_latents(pipe, sketch=draw_square())
+    assert torch.equal(generate_latents(pipe, sketch=draw_square(), sketch_guidance_interval=1), exact)
+    assert not torch.equal(generate_latents(pipe, sketch=draw_square(), sketch_guidance_interval=2), exact)
+
+
+def test_interval_guides_the_first_step_of_the_range_then_every_kth(pipe):
+    every = guided_timesteps(pipe, num_inference_steps=8, sketch_guidance_end=1.0)
+    assert len(every) == 8
+    assert guided_timesteps(pipe, num_inference_steps=8, sketch_guidance_end=1.0, sketch_guidance_interval=3) == [
+        every[0],
+        every[3],
+        every[6],
+    ]
+    late = guided_timesteps(pipe, num_inference_steps=8, sketch_guidance_start=0.25, sketch_guidance_interval=2)
+    assert late == [every[2]]  # the range is steps 2 and 3 of 8
+
+
+@pytest.mark.parametrize("interval", [0, -1, 1.5, True, "2"])
+def test_bad_interval(pipe, interval):
+    with pytest.raises(ValueError, match="sketch_guidance_interval"):
+        generate_latents(pipe, sketch=draw_square(), sketch_guidance_interval=interval)
+
+
+def test_gradient_checkpointing_gives_the_same_latents(pipe):
+    exact = generate_latents(pipe, sketch=draw_square())
+    pipe.unet.enable_gradient_checkpointing()
+    try:
+        checkpointed = generate_latents(pipe, sketch=draw_square())
+    finally:
+        pipe.unet.disable_gradient_checkpointing()
+    torch.testing.assert_close(checkpointed, exact, rtol=0, atol=1e-5)
+
+
+def test_the_pipelines_savings_change_no_result(pipe):
+    # Weights frozen and no graph after the last block the LGP reads: the same gradient, so the same latents.
+    exact = generate_latents(pipe, sketch=draw_square())
+    with guided_sampling.without_savings():
+        unsaved = generate_latents(pipe, sketch=draw_square())
+    torch.testing.assert_close(exact, unsaved, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_parameters_keep_their_requires_grad(pipe, requires_grad):
+    pipe.unet.requires_grad_(requires_grad)
+    pipe.lgp.requires_grad_(requires_grad)
+    generate_latents(pipe, sketch=draw_square(), num_inference_steps=2)
+    flags = {p.requires_grad for module in (pipe.unet, pipe.lgp) for p in module.parameters()}
+    assert flags == {requires_grad}
+    assert torch.is_grad_enabled()
