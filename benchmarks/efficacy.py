@@ -88,6 +88,11 @@ TARGET_SECONDS = 10.0
 # the pixel is shape. `validate_segmentation` sweeps these on renders with known masks.
 CHROMA_THRESHOLD = 40.0
 DISTANCE_THRESHOLD = 120.0
+# A foreground pixel must also lie nearer to a named colour than this many times its distance from the background.
+# On 100 training renders (seeds 0-99), mean IoU with the true masks for slack 1 / 1.5 / 2 / no palette rule: 0.930 /
+# 0.942 / 0.945 / 0.945 as drawn, and 0.871 / 0.884 / 0.875 / 0.859 through the demo model's VAE (whose halos the
+# rule removes); 1 cuts the anti-aliased edges that the reference masks include.
+PALETTE_SLACK = 1.5
 BORDER_FRACTION = 1 / 16  # width of the border ring that the background is estimated from, as a fraction of the side
 MIN_COMPONENT_FRACTION = 0.002  # specks smaller than this fraction of the image are noise, not shapes
 # A recognisable single shape covers between these fractions of the image (training shapes: about 3% to 37%).
@@ -264,19 +269,29 @@ def segment_foreground(
     image: PIL.Image.Image | np.ndarray,
     chroma_threshold: float = CHROMA_THRESHOLD,
     distance_threshold: float = DISTANCE_THRESHOLD,
+    palette: bool = True,
 ) -> np.ndarray:
     """Boolean mask of the pixels that belong to a shape, not to the (neutral, possibly graded or grainy) background.
 
     The difference from the fitted background is split into its grey part (the same on every channel: lighter or
     darker) and its chromatic part. A pixel is foreground when the chromatic part exceeds `chroma_threshold` or the
     whole difference exceeds `distance_threshold` (a shape much lighter or darker than the background though greyish).
+
+    With `palette`, a pixel must also be nearer to one of the six named colours than to the background (within
+    `PALETTE_SLACK`): a decoder's coloured halo around a shape (pink around green, say) differs from the background but
+    is no shape's colour.
     """
     array = _as_array(image)
-    difference = array - fit_background(array)
+    background = fit_background(array)
+    difference = array - background
     grey = difference.mean(axis=-1, keepdims=True)
     chroma = np.linalg.norm(difference - grey, axis=-1)
     distance = np.linalg.norm(difference, axis=-1)
     mask = (chroma > chroma_threshold) | (distance > distance_threshold)
+    if palette:
+        named = np.array(list(COLOURS.values()), dtype=np.float32)
+        nearest_named = np.linalg.norm(array[..., None, :] - named, axis=-1).min(axis=-1)
+        mask &= nearest_named < PALETTE_SLACK * distance
     return _remove_specks(mask, max(1, round(MIN_COMPONENT_FRACTION * mask.size)))
 
 
