@@ -217,24 +217,40 @@ def count_saved_activations(exclude: set[int], after: Callable[[], bool]) -> Ite
 
 
 def measure(
-    run: Callable[[], float | None], repeats: int, warmup: int, device: torch.device
-) -> tuple[list[float], PeakMemory]:
-    """Seconds of each of `repeats` timed calls of `run` after `warmup` untimed ones, and the phase's peak memory.
+    runs: dict[str, Callable[[], float | None]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, dict[str, Any]]:
+    """Seconds of `repeats` timed calls of each of `runs` after `warmup` untimed ones, and each one's peak memory.
 
-    `run` may return the seconds (a `float`) of the part it times, after untimed set-up of its own; otherwise the
-    whole call is timed.
+    Round-robin: every repetition calls each run once, so that a machine whose load changes during the measurement
+    slows every run alike and their ratios hold. A run may return the seconds (a `float`) of the part it times, after
+    untimed set-up of its own; otherwise the whole call is timed.
     """
     for _ in range(warmup):
-        run()
-    times = []
-    with PeakMemory(device) as memory:
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            own = run()
-            synchronize(device)
-            times.append(own if isinstance(own, float) else time.perf_counter() - start)
-    return times, memory
+        for run in runs.values():
+            run()
+    results = {name: {"runs": [], "peak": float("nan"), "rise": float("nan")} for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            with PeakMemory(device) as memory:
+                synchronize(device)
+                start = time.perf_counter()
+                own = run()
+                synchronize(device)
+            result = results[name]
+            result["runs"].append(own if isinstance(own, float) else time.perf_counter() - start)
+            result["peak"] = max(result["peak"], memory.peak_mib) if result["runs"][1:] else memory.peak_mib
+            result["rise"] = max(result["rise"], memory.rise_mib) if result["runs"][1:] else memory.rise_mib
+    return results
+
+
+def within(context: Callable[[], contextlib.AbstractContextManager], run: Callable[[], Any]) -> Callable[[], Any]:
+    """`run`, called inside a fresh `context()` each time."""
+
+    def wrapped():
+        with context():
+            return run()
+
+    return wrapped
 
 
 @contextlib.contextmanager
@@ -466,11 +482,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     seconds, memory = record["seconds"], record["memory_mib"]
 
-    def timed(name: str, run: Callable[[], float | None], repeats: int = args.repeats) -> None:
-        print(f"timing {name} ...", file=sys.stderr, flush=True)
-        times, peak = measure(run, repeats, args.warmup, device)
-        seconds[name] = {"median": median(times), "runs": times}
-        memory[name] = {"peak": peak.peak_mib, "rise": peak.rise_mib}
+    def timed(runs: dict[str, Callable[[], float | None]]) -> None:
+        print(f"timing {', '.join(name.strip() for name in runs)} ...", file=sys.stderr, flush=True)
+        for name, result in measure(runs, args.repeats, args.warmup, device).items():
+            seconds[name] = {"median": median(result["runs"]), "runs": result["runs"]}
+            memory[name] = {"peak": result["peak"], "rise": result["rise"]}
 
     # Whole generations, from text to a PIL image.
     common = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale, "height": resolution}
@@ -493,24 +509,25 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     if "generation" in args.phases:
-        timed("generation, unguided", lambda: generate())
-        timed("generation, guided", lambda: generate(**guided))
+        generations = {"generation, unguided": generate, "generation, guided": lambda: generate(**guided)}
         for interval in args.intervals:
             every = {**guided, "sketch_guidance_interval": interval}
-            timed(f"generation, guided every {interval} steps", lambda every=every: generate(**every))
+            generations[f"generation, guided every {interval} steps"] = lambda every=every: generate(**every)
+        timed(generations)
 
         # Fixed costs around the loop.
+        latent_size = resolution // pipe.vae_scale_factor
+        shape = (1, pipe.unet.config.in_channels, latent_size, latent_size)
+        some_latents = torch.randn(shape, device=device, dtype=dtype) / pipe.vae.config.scaling_factor
         with torch.no_grad():
-            timed("encode prompt", lambda: pipe.encode_prompt(PROMPT, device, 1, True))
-            timed("encode sketch", lambda: pipe.prepare_sketch_latents(sketch, 1, resolution, resolution, device))
-            latent_size = resolution // pipe.vae_scale_factor
-            shape = (1, pipe.unet.config.in_channels, latent_size, latent_size)
-            some_latents = torch.randn(shape, device=device, dtype=dtype)
             timed(
-                "decode image",
-                lambda: pipe.image_processor.postprocess(
-                    pipe.vae.decode(some_latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-                ),
+                {
+                    "encode prompt": lambda: pipe.encode_prompt(PROMPT, device, 1, True),
+                    "encode sketch": lambda: pipe.prepare_sketch_latents(sketch, 1, resolution, resolution, device),
+                    "decode image": lambda: pipe.image_processor.postprocess(
+                        pipe.vae.decode(some_latents, return_dict=False)[0]
+                    ),
+                }
             )
 
     guided_steps = sum(is_guided_step(i, args.steps, 0.0, args.guided_fraction) for i in range(args.steps))
@@ -518,20 +535,26 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if "parts" in args.phases:
         # One step, taken apart.
         parts = GuidedStepParts(pipe, sketch, resolution, args.steps, args.guidance_scale)
-        timed("step, unguided", parts.unguided_step)
-        timed("step, guided", parts.guided_step)
-        timed("  UNet forward, CFG batch of 2 (unguided step)", parts.cfg_forward)
-        timed("  UNet + LGP forward, LGP's branch, autograd", parts.branch_forward_with_grad)
-        timed("  backward to the latents (LGP + UNet)", parts.backward_to_latents)
-        timed("  LGP forward + backward alone", parts.lgp_forward_backward)
-        timed("  UNet forward, other branch, no grad", parts.other_branch_forward)
-        timed("  scheduler step + guidance update", parts.scheduler_and_guidance_update)
-        with without_savings():
-            timed("step, guided, without the pipeline's savings", parts.guided_step)
-            unsaved = parts.saved_activations_mib()
+        timed(
+            {
+                "step, unguided": parts.unguided_step,
+                "step, guided": parts.guided_step,
+                "  UNet forward, CFG batch of 2 (unguided step)": parts.cfg_forward,
+                "  UNet + LGP forward, LGP's branch, autograd": parts.branch_forward_with_grad,
+                "  backward to the latents (LGP + UNet)": parts.backward_to_latents,
+                "  LGP forward + backward alone": parts.lgp_forward_backward,
+                "  UNet forward, other branch, no grad": parts.other_branch_forward,
+                "  scheduler step + guidance update": parts.scheduler_and_guidance_update,
+                "step, guided, without the pipeline's savings": within(without_savings, parts.guided_step),
+                "step, guided, gradient checkpointing": within(
+                    lambda: gradient_checkpointing(pipe.unet), parts.guided_step
+                ),
+            }
+        )
         saved = parts.saved_activations_mib()
+        with without_savings():
+            unsaved = parts.saved_activations_mib()
         with gradient_checkpointing(pipe.unet):
-            timed("step, guided, gradient checkpointing", parts.guided_step)
             checkpointed_saved = parts.saved_activations_mib()
         record["saved_for_backward_mib"] = {
             "guided step": saved,
@@ -540,6 +563,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         }
 
     record["ratios"] = ratios(seconds, args, guided_steps)
+    # Repetition by repetition (each pair ran back to back), to show how far a changing load moved the ratio.
+    record["ratio_runs"] = {
+        f"{a} / {b}": [x / y for x, y in zip(seconds[a]["runs"], seconds[b]["runs"], strict=True)]
+        for a, b in [("generation, guided", "generation, unguided"), ("step, guided", "step, unguided")]
+        if a in seconds and b in seconds
+    }
     if args.efficacy:
         record["efficacy"] = efficacy(pipe, args)
     return record
@@ -635,6 +664,8 @@ def format_table(record: dict[str, Any]) -> str:
             lines.append(f"  {name:<50}{value['total']:>10.1f}  ({after:.1f} after the last block read)")
     lines += ["", "ratios:"]
     lines += [f"  {name:<50}{value:>10.3f}" for name, value in record["ratios"].items()]
+    for name, values in record["ratio_runs"].items():
+        lines.append(f"  {name + ', each run':<50}  {' '.join(f'{value:.3f}' for value in values)}")
     if "efficacy" in record:
         lines += [
             "",

@@ -135,6 +135,10 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
 
     Everything of [`StableDiffusionPipeline`] works as usual; without a sketch the output is exactly its output.
 
+    A guided step adds one backward through the UNet's branch that the LGP reads. For large images,
+    `pipe.unet.enable_gradient_checkpointing()` cuts the memory that backward needs (it acts only where gradients flow,
+    so only on guided steps) for a recomputation of that branch's forward; the results are the same.
+
     Args:
         vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder,
         requires_safety_checker: as for [`StableDiffusionPipeline`].
@@ -404,10 +408,9 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
             sketch_guidance_end (`float`, *optional*, defaults to 0.5):
                 Fraction of the steps after which guidance stops. Guiding late makes the strokes appear literally.
             sketch_guidance_interval (`int`, *optional*, defaults to 1):
-                Guide every this many steps of the guided part (its first step, then every k-th), a faster
-                approximation: a guided step costs about 1.4 unguided ones on a CPU (the backward through the UNet),
-                the steps in between cost one. 1 is the exact method. Each guidance step keeps its size
-                (`sketch_guidance_scale`), so fewer steps steer less.
+                Guide every this many steps of the guided part (its first step, then every k-th): a faster
+                approximation, since each guided step adds a backward through the UNet. 1 is the exact method. Each
+                guidance step keeps its size (`sketch_guidance_scale`), so fewer guided steps steer less.
             return_edge_maps (`bool`, *optional*, defaults to `False`):
                 Also return the LGP's predicted edge maps at the last guided step (`edge_maps` of the output; the last
                 element of the tuple when `return_dict=False`).
