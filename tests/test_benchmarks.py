@@ -82,7 +82,9 @@ def test_interval_guides_the_first_step_of_the_range_then_every_kth(pipe):
         every[3],
         every[6],
     ]
-    late = guided_timesteps(pipe, num_inference_steps=8, sketch_guidance_start=0.25, sketch_guidance_interval=2)
+    late = guided_timesteps(
+        pipe, num_inference_steps=8, sketch_guidance_start=0.25, sketch_guidance_end=0.5, sketch_guidance_interval=2
+    )
     assert late == [every[2]]  # the range is steps 2 and 3 of 8
 
 
