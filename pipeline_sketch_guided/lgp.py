@@ -12,9 +12,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .capture import block_output_channels, resolve_blocks
+from .sketch import SKETCH_POLARITIES
 
 FEATURE_BRANCHES = ("conditional", "unconditional")
-SKETCH_POLARITIES = ("light_on_dark", "dark_on_light")
 
 # Widths of the community LGP, said to follow section 4.1 of the paper (see DESIGN.md, "Published details").
 DEFAULT_HIDDEN_DIMS = (512, 256, 128, 64)

@@ -11,6 +11,9 @@ import torch
 
 SketchInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 
+# How strokes look against the paper; an LGP's config names the one its training edge maps had.
+SKETCH_POLARITIES = ("light_on_dark", "dark_on_light")
+
 # A sketch whose darkest and lightest pixels differ by less than this (in [0, 1]) has no strokes to follow.
 MIN_STROKE_CONTRAST = 0.05
 
@@ -71,7 +74,7 @@ def prepare_sketch(sketch: SketchInput, height: int, width: int, polarity: str =
     Raises:
         ValueError: for an unreadable file, a bad array shape, an unknown polarity, or a blank sketch.
     """
-    if polarity not in ("light_on_dark", "dark_on_light"):
+    if polarity not in SKETCH_POLARITIES:
         raise ValueError(f"`polarity` must be 'light_on_dark' or 'dark_on_light', got {polarity!r}.")
     image = _to_grayscale_image(sketch)
     # BOX averages every source pixel into the result, so thin strokes fade instead of vanishing when shrunk.
