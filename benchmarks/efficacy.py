@@ -47,13 +47,12 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline
+from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline, cli
 from pipeline_sketch_guided.demo import (
     DEMO_IMAGE_SIZE,
     SHAPES,
     filled_mask,
     freehand_sketch,
-    load_demo_pipeline,
     shape_polygon,
 )
 from training.evaluate import chamfer_distance, edge_agreement, edge_f_score, sketch_strokes
@@ -473,19 +472,14 @@ def summarize(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def load_pipeline(model: str | None = None, lgp: str | None = None) -> SketchGuidedStableDiffusionPipeline:
     """The pipeline to measure: the shipped demo model (`model=None`), the tiny random test pipeline (`"tiny"`), or a
     saved Stable Diffusion folder or Hub id with the LGP at `lgp` (a saved sketch-guided pipeline brings its own)."""
-    if model is None:
-        if lgp is not None:
-            raise ValueError("`--lgp` needs `--model`: the demo model ships with its own LGP.")
-        pipe = load_demo_pipeline()
-    elif model == "tiny":
+    if model is None and lgp is not None:
+        raise ValueError("`--lgp` needs `--model`: the demo model ships with its own LGP.")
+    if model == "tiny":
         from pipeline_sketch_guided.testing import tiny_random_pipeline
 
         pipe = tiny_random_pipeline()
     else:
-        extra = {"lgp": LGPModel.from_pretrained(lgp)} if lgp is not None else {}
-        pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(
-            model, safety_checker=None, requires_safety_checker=False, **extra
-        )
+        pipe = cli.load_pipeline(model, lgp, safety_checker=None, requires_safety_checker=False)
         if pipe.lgp is None:
             raise ValueError(f"{model!r} has no LGP: pass `--lgp` with the folder or Hub id of one trained for it.")
     pipe.set_progress_bar_config(disable=True)

@@ -60,11 +60,22 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from benchmarks.models import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE
-from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline, capture_activations, noise_level_map
+from pipeline_sketch_guided import (
+    LGPModel,
+    SketchGuidedStableDiffusionPipeline,
+    capture_activations,
+    cli,
+    noise_level_map,
+)
 from pipeline_sketch_guided import pipeline as pipeline_module
 from pipeline_sketch_guided.capture import resolve_blocks
 from pipeline_sketch_guided.demo import freehand_sketch
-from pipeline_sketch_guided.pipeline import is_guided_step, sketch_guidance_step
+from pipeline_sketch_guided.pipeline import (
+    DEFAULT_SKETCH_GUIDANCE_END,
+    DEFAULT_SKETCH_GUIDANCE_SCALE,
+    is_guided_step,
+    sketch_guidance_step,
+)
 from pipeline_sketch_guided.testing import tiny_random_pipeline, tiny_tokenizer
 
 SCHEDULERS = {
@@ -94,10 +105,6 @@ def build_pipeline(model: str, lgp: str | None = None, dtype: torch.dtype = torc
     """
     if model == "tiny":
         pipe = tiny_random_pipeline()
-    elif model == "demo":
-        from pipeline_sketch_guided.demo import load_demo_pipeline
-
-        pipe = load_demo_pipeline(torch_dtype=dtype)
     elif model == "sd15-random":
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**SD15_UNET)
@@ -117,9 +124,8 @@ def build_pipeline(model: str, lgp: str | None = None, dtype: torch.dtype = torc
             lgp=LGPModel.from_unet(unet).eval(),
         )
     else:
-        pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(
-            model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
+        kwargs = {"safety_checker": None, "requires_safety_checker": False}
+        pipe = cli.load_pipeline(None if model == "demo" else model, None, torch_dtype=dtype, **kwargs)
     if lgp is not None:
         pipe.lgp = LGPModel.from_pretrained(lgp, torch_dtype=dtype)
     elif pipe.lgp is None:
@@ -339,7 +345,7 @@ class GuidedStepParts:
             )
             noise_pred = pipe.combine_noise_predictions(text, uncond)
             next_latents = pipe.scheduler.step(noise_pred, t, self.latents, return_dict=False)[0]
-            sketch_guidance_step(self.latents, next_latents, gradient, 1.6)
+            sketch_guidance_step(self.latents, next_latents, gradient, DEFAULT_SKETCH_GUIDANCE_SCALE)
 
         # The loop freezes the weights once for all its steps.
         with pipeline_module.frozen_parameters(pipe.unet, pipe.lgp):
@@ -409,7 +415,7 @@ class GuidedStepParts:
 
         def work():
             next_latents = pipe.scheduler.step(noise_pred, t, self.latents, return_dict=False)[0]
-            sketch_guidance_step(self.latents, next_latents, noise_pred, 1.6)
+            sketch_guidance_step(self.latents, next_latents, noise_pred, DEFAULT_SKETCH_GUIDANCE_SCALE)
 
         return self._timed(work)
 
@@ -586,6 +592,16 @@ def ratios(seconds: dict[str, dict[str, Any]], args: argparse.Namespace, guided_
             / (s["generation, unguided"] - s["encode prompt"] - s["decode image"])
         ),
         "step guided / unguided": lambda: s["step, guided"] / s["step, unguided"],
+        # How much cheaper one forward on the CFG batch of 2 is than two forwards on one branch each: a guided step
+        # runs its two branches apart (one with autograd), so the closer this is to 1, the dearer guidance is.
+        "CFG batch of 2 / 2 one-branch forwards": lambda: (
+            s["  UNet forward, CFG batch of 2 (unguided step)"] / (2 * s["  UNet forward, other branch, no grad"])
+        ),
+        # The exact method's floor on this machine (DESIGN.md, "Cost"): both branches' forwards plus one backward.
+        "step floor (2 one-branch forwards + backward) / unguided": lambda: (
+            (2 * s["  UNet forward, other branch, no grad"] + s["  backward to the latents (LGP + UNet)"])
+            / s["step, unguided"]
+        ),
         # What the step figures predict for a whole loop with `guided_steps` of `steps` guided.
         "loop predicted from steps": lambda: (
             1 + guided_steps / args.steps * (s["step, guided"] / s["step, unguided"] - 1)
@@ -698,12 +714,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="Default: the model's.")
     parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--guided_fraction", type=float, default=0.5, help="`sketch_guidance_end` (start is 0).")
+    parser.add_argument(
+        "--guided_fraction",
+        type=float,
+        default=DEFAULT_SKETCH_GUIDANCE_END,
+        help="`sketch_guidance_end` (start is 0); default: the pipeline's.",
+    )
     parser.add_argument("--intervals", type=int, nargs="*", default=[], help="Also guide every k-th step, each k.")
     parser.add_argument("--efficacy", action="store_true", help="Sketch agreement of each mode (needs a trained LGP).")
     parser.add_argument("--efficacy_cases", type=int, default=12, help="Held-out cases for --efficacy.")
     parser.add_argument("--efficacy_seeds", type=int, nargs="+", default=[0, 1], help="Seeds for --efficacy.")
-    parser.add_argument("--sketch_guidance_scale", type=float, default=1.6)
+    parser.add_argument(
+        "--sketch_guidance_scale", type=float, default=DEFAULT_SKETCH_GUIDANCE_SCALE, help="Default: the pipeline's."
+    )
     parser.add_argument(
         "--phases",
         nargs="+",

@@ -136,22 +136,27 @@ def add_generate_parser(subparsers) -> None:
     parser.set_defaults(func=run_generate)
 
 
-def load_pipeline(model: str | None, lgp: str | None, device: str):
-    """The demo pipeline, or `model` (with `lgp` if given) in float16 on a GPU and float32 on the CPU."""
+def load_pipeline(model: str | None, lgp: str | None, device: str | None = None, torch_dtype=None, **kwargs):
+    """The demo pipeline (`model=None`) or the Stable Diffusion model at `model` (a folder or Hub id, loaded with
+    `kwargs` as for `from_pretrained`), with the LGP at `lgp` when given, on `device`.
+
+    `torch_dtype` defaults to float16 on a GPU and float32 on the CPU.
+    """
     import torch
 
     from .demo import load_demo_pipeline
     from .lgp import LGPModel
     from .pipeline import SketchGuidedStableDiffusionPipeline
 
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    if torch_dtype is None:
+        torch_dtype = torch.float16 if device is not None and device.startswith("cuda") else torch.float32
     if model is None:
-        pipe = load_demo_pipeline(torch_dtype=dtype)
+        pipe = load_demo_pipeline(torch_dtype=torch_dtype)
     else:
-        pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, **kwargs)
     if lgp is not None:
-        pipe.lgp = LGPModel.from_pretrained(lgp, torch_dtype=dtype)
-    return pipe.to(device)
+        pipe.lgp = LGPModel.from_pretrained(lgp, torch_dtype=torch_dtype)
+    return pipe.to(device) if device is not None else pipe
 
 
 def _pipeline_kwargs(args: argparse.Namespace) -> dict:

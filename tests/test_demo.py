@@ -9,6 +9,7 @@ from benchmarks.efficacy import generate, held_out_cases, measure_image
 from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline
 from pipeline_sketch_guided.cli import main as cli
 from pipeline_sketch_guided.demo import DEMO_MODEL_DIR, demo_sketches, load_demo_pipeline
+from pipeline_sketch_guided.testing import random_lgp, tiny_components
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,23 @@ def test_cli_generate_rejects_a_blank_sketch_with_a_message(tmp_path):
     PIL.Image.new("L", (64, 64), 255).save(blank)
     with pytest.raises(SystemExit, match="blank"):
         cli(["generate", "--prompt", "a red star", "--sketch", str(blank), "--out", str(tmp_path / "x.png")])
+
+
+def test_cli_generate_with_a_saved_model_and_a_separate_lgp(tmp_path):
+    components = tiny_components()
+    SketchGuidedStableDiffusionPipeline(**components).save_pretrained(tmp_path / "model")
+    random_lgp(components["unet"]).save_pretrained(tmp_path / "lgp")
+    sketch = tmp_path / "sketch.png"
+    demo_sketches()[0][1].save(sketch)
+    out = tmp_path / "out.png"
+    args = ["generate", "--prompt", "a red star", "--sketch", str(sketch), "--out", str(out), "--steps", "2"]
+    args += ["--model", str(tmp_path / "model")]
+    # The model alone has no LGP: a sketch needs one, and the message says how to give it.
+    with pytest.raises(SystemExit, match="no LGP"):
+        cli(args)
+    cli([*args, "--lgp", str(tmp_path / "lgp")])
+    # The tiny model's own size (32x32), not the demo model's.
+    assert PIL.Image.open(out).size == (32, 32)
 
 
 def test_cli_demo_writes_the_sheet(tmp_path):
