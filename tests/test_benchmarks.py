@@ -61,6 +61,13 @@ def test_benchmark_smoke_run_reports_every_figure(tmp_path):
         assert record["memory_mib"][name]["peak"] > 0, name
     for name, value in record["ratios"].items():
         assert math.isfinite(value) and value > 0, name
+    # The exact method's floor is read off the parts: both branches' forwards and the backward, over an unguided step.
+    s = {name: value["median"] for name, value in record["seconds"].items()}
+    floor = 2 * s["  UNet forward, other branch, no grad"] + s["  backward to the latents (LGP + UNet)"]
+    assert record["ratios"]["step floor (2 one-branch forwards + backward) / unguided"] == pytest.approx(
+        floor / s["step, unguided"]
+    )
+    assert "CFG batch of 2 / 2 one-branch forwards" in record["ratios"]
     saved = record["saved_for_backward_mib"]
     # The pipeline keeps nothing for weight gradients or for the layers after the last block the LGP reads.
     assert saved["guided step"]["after the last block read"] == 0
