@@ -77,6 +77,7 @@ from pipeline_sketch_guided.pipeline import (
     sketch_guidance_step,
 )
 from pipeline_sketch_guided.testing import tiny_random_pipeline, tiny_tokenizer
+from pipeline_sketch_guided.utils import dtype_kwargs
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -127,7 +128,7 @@ def build_pipeline(model: str, lgp: str | None = None, dtype: torch.dtype = torc
         kwargs = {"safety_checker": None, "requires_safety_checker": False}
         pipe = cli.load_pipeline(None if model == "demo" else model, None, torch_dtype=dtype, **kwargs)
     if lgp is not None:
-        pipe.lgp = LGPModel.from_pretrained(lgp, torch_dtype=dtype)
+        pipe.lgp = LGPModel.from_pretrained(lgp, **dtype_kwargs(dtype))
     elif pipe.lgp is None:
         torch.manual_seed(0)
         pipe.lgp = LGPModel.from_unet(pipe.unet).eval()

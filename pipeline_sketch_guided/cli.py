@@ -147,15 +147,16 @@ def load_pipeline(model: str | None, lgp: str | None, device: str | None = None,
     from .demo import load_demo_pipeline
     from .lgp import LGPModel
     from .pipeline import SketchGuidedStableDiffusionPipeline
+    from .utils import dtype_kwargs
 
     if torch_dtype is None:
         torch_dtype = torch.float16 if device is not None and device.startswith("cuda") else torch.float32
     if model is None:
         pipe = load_demo_pipeline(torch_dtype=torch_dtype)
     else:
-        pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, **kwargs)
+        pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(model, **dtype_kwargs(torch_dtype), **kwargs)
     if lgp is not None:
-        pipe.lgp = LGPModel.from_pretrained(lgp, torch_dtype=torch_dtype)
+        pipe.lgp = LGPModel.from_pretrained(lgp, **dtype_kwargs(torch_dtype))
     return pipe.to(device) if device is not None else pipe
 
 

@@ -16,6 +16,7 @@ import PIL.ImageDraw
 import torch
 
 from .pipeline import SketchGuidedStableDiffusionPipeline
+from .utils import dtype_kwargs
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
 DEMO_IMAGE_SIZE = 64
@@ -33,7 +34,7 @@ def load_demo_pipeline(torch_dtype: torch.dtype = torch.float32) -> SketchGuided
             f"The demo model is missing from {DEMO_MODEL_DIR}. Reinstall the package, or train it with"
             " `python -m training.train_demo_model` (see the README)."
         )
-    pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(DEMO_MODEL_DIR, torch_dtype=torch_dtype)
+    pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(DEMO_MODEL_DIR, **dtype_kwargs(torch_dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

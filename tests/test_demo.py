@@ -1,5 +1,7 @@
 """The shipped demo model: it loads offline, the command line draws with it, and its guidance follows sketches."""
 
+import warnings
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -24,6 +26,15 @@ def test_demo_pipeline_loads_offline_with_its_lgp(demo_pipe, monkeypatch):
     assert demo_pipe.unet.dtype == torch.float32 and demo_pipe.device.type == "cpu"
     image = demo_pipe("a red star on a white background", num_inference_steps=4).images[0]
     assert image.size == (64, 64)
+
+
+def test_loading_passes_the_dtype_under_the_keyword_diffusers_takes():
+    # diffusers >= 0.40 warns on `torch_dtype`; older releases know nothing else. Either way, no deprecation warning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_demo_pipeline(torch_dtype=torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.lgp.dtype == torch.bfloat16
+    assert not [w for w in caught if "dtype" in str(w.message) and issubclass(w.category, FutureWarning)]
 
 
 def test_demo_model_is_small_enough_to_ship():

@@ -33,6 +33,7 @@ import PIL.Image
 import torch
 
 from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline, prepare_sketch
+from pipeline_sketch_guided.utils import dtype_kwargs
 
 from .prepare_data import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, METADATA_FILE, canny_edges, load_prepared_dataset
 
@@ -246,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
         lgp=LGPModel.from_pretrained(args.lgp),
-        torch_dtype=dtype,
+        **dtype_kwargs(dtype),
         safety_checker=None,
         requires_safety_checker=False,
     ).to(args.device)

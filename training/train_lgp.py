@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from pipeline_sketch_guided import BLOCK_PRESETS, LGPModel, SketchGuidedStableDiffusionPipeline, capture_activations
 from pipeline_sketch_guided.capture import resolve_blocks
 from pipeline_sketch_guided.lgp import FEATURE_BRANCHES, SKETCH_POLARITIES, noise_level_map
+from pipeline_sketch_guided.utils import dtype_kwargs
 
 from .prepare_data import REPORT_FILE, PreparedExample, load_prepared_dataset, resize_and_center_crop
 
@@ -527,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         args.pretrained_model_name_or_path,
         revision=args.revision,
         variant=args.variant,
-        torch_dtype=weight_dtype,
+        **dtype_kwargs(weight_dtype),
         safety_checker=None,
         requires_safety_checker=False,
     )
