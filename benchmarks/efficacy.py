@@ -20,7 +20,8 @@ image's border in the chromatic direction. The thresholds are checked on trainin
 (`validate_segmentation`, reported with every run).
 
 A sweep of the sketch guidance scale (beta) and the guided fraction (`sketch_guidance_end`) picks the defaults by a
-stated rule: the highest mean IoU whose colour agreement is at most `COLOUR_TOLERANCE` below the unguided one.
+stated rule: the highest mean IoU whose colour agreement is at most `COLOUR_TOLERANCE` below the unguided one (and,
+with `--max_end`, that guides at most that fraction of the steps: a cost limit).
 
     python -m benchmarks.efficacy                                      # the shipped demo model
     python -m benchmarks.efficacy --model outputs/demo-sd/pipeline --lgp outputs/demo-lgp   # a model being made
@@ -547,12 +548,17 @@ def time_generation(
 # The benchmark
 
 
-def pick_best(sweep: Sequence[dict[str, Any]], unguided: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def pick_best(
+    sweep: Sequence[dict[str, Any]], unguided: dict[str, Any], max_end: float | None = None
+) -> tuple[dict[str, Any], bool]:
     """The setting with the highest mean IoU among those whose colour agreement is at most `COLOUR_TOLERANCE` below
-    the unguided one (ties: the smaller scale, then the shorter guided fraction). Returns it and whether any setting
-    met the colour condition; where none did, the best IoU is returned anyway."""
+    the unguided one and, with `max_end`, whose guided fraction is at most `max_end` (the cost limit: the fraction of
+    guided steps decides what guidance costs). Ties: the smaller scale, then the shorter guided fraction. Returns it and
+    whether any setting met the conditions; where none did, the best IoU is returned anyway."""
     floor = unguided["colour_agreement"] - COLOUR_TOLERANCE - 1e-9
     eligible = [row for row in sweep if row["colour_agreement"] >= floor]
+    if max_end is not None:
+        eligible = [row for row in eligible if row["sketch_guidance_end"] <= max_end + 1e-9]
     pool = eligible or list(sweep)
     best = max(pool, key=lambda row: (row["iou"], -row["sketch_guidance_scale"], -row["sketch_guidance_end"]))
     return best, bool(eligible)
@@ -667,6 +673,7 @@ def run_benchmark(
     timing_steps: int = DEFAULT_STEPS,
     validation_samples: int = 50,
     batch_size: int = 16,
+    max_end: float | None = None,
     contact_rows: int = 8,
     log=print,
 ) -> dict[str, Any]:
@@ -734,7 +741,7 @@ def run_benchmark(
                 f"scale {scale:g}, end {end:g}: IoU {row['iou']:.3f}, outline F {row['outline_f_score']:.3f},"
                 f" colour {_percent(row['colour_agreement'])} ({time.perf_counter() - started:.0f} s)"
             )
-    best, rule_met = pick_best(sweep, unguided)
+    best, rule_met = pick_best(sweep, unguided, max_end)
     best_key = (best["sketch_guidance_scale"], best["sketch_guidance_end"])
     best_guidance = {
         "sketch_guidance_scale": best_key[0],
@@ -776,8 +783,9 @@ def run_benchmark(
             "guidance_scale": guidance_scale,
             "image_size": image_size,
             "selection_rule": (
-                f"highest mean IoU with colour agreement >= unguided - {COLOUR_TOLERANCE:g};"
-                " ties: smaller scale, then shorter guided fraction"
+                f"highest mean IoU with colour agreement >= unguided - {COLOUR_TOLERANCE:g}"
+                + (f" and sketch_guidance_end <= {max_end:g}" if max_end is not None else "")
+                + "; ties: smaller scale, then shorter guided fraction"
             ),
         },
         "segmentation_validation": validation,
@@ -796,7 +804,7 @@ def run_benchmark(
     log(table)
     log(
         f"chosen: sketch_guidance_scale={best_key[0]:g}, sketch_guidance_end={best_key[1]:g}"
-        + ("" if rule_met else " (no setting kept colour agreement within the tolerance; best IoU shown)")
+        + ("" if rule_met else " (no setting met the colour tolerance and the cost limit; best IoU shown)")
     )
     for name, target in targets.items():
         log(f"{name}: {target['value']:.3f} (target {target['target']}) {'met' if target['met'] else 'NOT met'}")
@@ -825,6 +833,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timing_steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--validation_samples", type=int, default=50, help="0 skips the segmentation check")
     parser.add_argument("--batch_size", type=int, default=16, help="images per pipeline call in the sweep")
+    parser.add_argument(
+        "--max_end",
+        type=float,
+        default=None,
+        help="choose the defaults among settings guiding at most this fraction of the steps (a cost limit)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -862,6 +876,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         timing_steps=args.timing_steps,
         validation_samples=args.validation_samples,
         batch_size=args.batch_size,
+        max_end=args.max_end,
     )
 
 

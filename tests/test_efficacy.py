@@ -151,6 +151,19 @@ def test_pick_best_keeps_colour_within_tolerance():
     assert not met and best is sweep[0]
 
 
+def test_pick_best_keeps_to_the_cost_limit():
+    unguided = {"colour_agreement": 0.95, "iou": 0.2}
+    sweep = [
+        {"sketch_guidance_scale": 1.6, "sketch_guidance_end": 0.7, "iou": 0.8, "colour_agreement": 0.95},
+        {"sketch_guidance_scale": 2.5, "sketch_guidance_end": 0.3, "iou": 0.7, "colour_agreement": 0.95},
+        {"sketch_guidance_scale": 1.0, "sketch_guidance_end": 0.3, "iou": 0.6, "colour_agreement": 0.95},
+    ]
+    assert pick_best(sweep, unguided) == (sweep[0], True)
+    assert pick_best(sweep, unguided, max_end=0.3) == (sweep[1], True)
+    # Nothing within the limit: the best IoU anyway, and the rule reported as not met.
+    assert pick_best(sweep, unguided, max_end=0.2) == (sweep[0], False)
+
+
 def test_load_pipeline_rejects_an_lgp_without_a_model():
     with pytest.raises(ValueError, match="--lgp"):
         load_pipeline(None, "some/lgp")
