@@ -17,6 +17,7 @@ PROMPT = "a red star on the grey background"
 
 def generate_latents(pipe, **kwargs) -> torch.Tensor:
     kwargs.setdefault("num_inference_steps", 4)
+    kwargs.setdefault("sketch_guidance_end", 1.0)
     return pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).images
 
 
@@ -39,7 +40,20 @@ def guided_timesteps(pipe, **kwargs) -> list[int]:
 
 def test_benchmark_smoke_run_reports_every_figure(tmp_path):
     output = tmp_path / "guided_sampling.json"
-    argv = ["--model", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    argv = [
+        "--model",
+        "tiny",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--guided_fraction",
+        "0.5",
+    ]
     guided_sampling.main([*argv, "--intervals", "2", "--output", str(output)])
     record = json.loads(output.read_text())
 

@@ -79,7 +79,7 @@ def test_cli_generate_with_a_saved_model_and_a_separate_lgp(tmp_path):
 
 def test_cli_demo_writes_the_sheet(tmp_path):
     out = tmp_path / "demo.png"
-    cli(["demo", "--out", str(out), "--steps", "3", "--scale", "2"])
+    cli(["demo", "--out", str(out), "--steps", "4", "--scale", "2"])
     sheet = PIL.Image.open(out)
     assert sheet.size == (3 * 128, 14 + len(demo_sketches()) * 128)
     # The unguided and guided columns hold different pictures: the sketch changed something.

@@ -62,7 +62,9 @@ def test_evaluate_pairs_writes_guided_and_unguided_images_with_metrics(pipe, tmp
     assert pairs == [SketchPrompt(str(tmp_path / "square.png"), "a red square")]
 
     output = tmp_path / "eval"
-    summary = evaluate_pairs(pipe, pairs * 2, str(output), seed=3, num_inference_steps=2, sketch_guidance_scale=4.0)
+    summary = evaluate_pairs(
+        pipe, pairs * 2, str(output), seed=3, num_inference_steps=2, sketch_guidance_scale=4.0, sketch_guidance_end=1.0
+    )
     for kind in ("guided", "unguided", "sketches"):
         assert sorted(p.name for p in (output / kind).iterdir()) == ["0000.png", "0001.png"]
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]

@@ -221,7 +221,7 @@ def test_training_loss_falls_and_the_result_drives_the_pipeline(base_model, prep
             "--validation_steps",
             "24",
             "--num_validation_inference_steps",
-            "2",
+            "4",
         )
     )
     assert result.global_step == 24 and len(result.losses) == 24
@@ -233,7 +233,7 @@ def test_training_loss_falls_and_the_result_drives_the_pipeline(base_model, prep
     base = StableDiffusionPipeline.from_pretrained(base_model)
     pipe = SketchGuidedStableDiffusionPipeline(**base.components, lgp=lgp)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = {"num_inference_steps": 2, "output_type": "np"}
+    kwargs = {"num_inference_steps": 4, "output_type": "np"}
     guided = pipe("a red square", sketch=sketch, generator=torch.Generator().manual_seed(0), **kwargs).images
     plain = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert guided.shape == (1, RESOLUTION, RESOLUTION, 3) and np.isfinite(guided).all()
