@@ -273,6 +273,17 @@ def without_savings() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def guided_step_mode(pipe, mode: str) -> Iterator[None]:
+    """The pipeline's guided steps run their two classifier-free guidance branches `mode`'s way inside the context."""
+    previous = pipe.guided_step_mode
+    pipe.guided_step_mode = mode
+    try:
+        yield
+    finally:
+        pipe.guided_step_mode = previous
+
+
+@contextlib.contextmanager
 def gradient_checkpointing(unet: UNet2DConditionModel) -> Iterator[None]:
     unet.enable_gradient_checkpointing()
     try:
@@ -516,7 +527,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     if "generation" in args.phases:
-        generations = {"generation, unguided": generate, "generation, guided": lambda: generate(**guided)}
+        generations = {
+            "generation, unguided": generate,
+            "generation, guided": within(lambda: guided_step_mode(pipe, "split"), lambda: generate(**guided)),
+            "generation, guided, batched": within(
+                lambda: guided_step_mode(pipe, "batched"), lambda: generate(**guided)
+            ),
+        }
         for interval in args.intervals:
             every = {**guided, "sketch_guidance_interval": interval}
             generations[f"generation, guided every {interval} steps"] = lambda every=every: generate(**every)
@@ -545,7 +562,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         timed(
             {
                 "step, unguided": parts.unguided_step,
-                "step, guided": parts.guided_step,
+                "step, guided": within(lambda: guided_step_mode(pipe, "split"), parts.guided_step),
+                "step, guided, batched": within(lambda: guided_step_mode(pipe, "batched"), parts.guided_step),
                 "  UNet forward, CFG batch of 2 (unguided step)": parts.cfg_forward,
                 "  UNet + LGP forward, LGP's branch, autograd": parts.branch_forward_with_grad,
                 "  backward to the latents (LGP + UNet)": parts.backward_to_latents,
@@ -558,13 +576,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 ),
             }
         )
-        saved = parts.saved_activations_mib()
+        with guided_step_mode(pipe, "split"):
+            saved = parts.saved_activations_mib()
         with without_savings():
             unsaved = parts.saved_activations_mib()
         with gradient_checkpointing(pipe.unet):
             checkpointed_saved = parts.saved_activations_mib()
+        with guided_step_mode(pipe, "batched"):
+            batched_saved = parts.saved_activations_mib()
         record["saved_for_backward_mib"] = {
             "guided step": saved,
+            "guided step, batched": batched_saved,
             "without the pipeline's savings": unsaved,
             "gradient checkpointing": checkpointed_saved,
         }
@@ -593,6 +615,9 @@ def ratios(seconds: dict[str, dict[str, Any]], args: argparse.Namespace, guided_
             / (s["generation, unguided"] - s["encode prompt"] - s["decode image"])
         ),
         "step guided / unguided": lambda: s["step, guided"] / s["step, unguided"],
+        # The two ways of running a guided step's branches (`pipe.guided_step_mode`): below 1, batching pays here.
+        "step guided, batched / split": lambda: s["step, guided, batched"] / s["step, guided"],
+        "generation guided, batched / split": lambda: s["generation, guided, batched"] / s["generation, guided"],
         # How much cheaper one forward on the CFG batch of 2 is than two forwards on one branch each: a guided step
         # runs its two branches apart (one with autograd), so the closer this is to 1, the dearer guidance is.
         "CFG batch of 2 / 2 one-branch forwards": lambda: (

@@ -28,6 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from benchmarks.models import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE
 from pipeline_sketch_guided import LGPModel
 from pipeline_sketch_guided.testing import tiny_components
+from pipeline_sketch_guided.utils import dtype_kwargs
 from training.train_lgp import encode_latents, last_block_to_run, lgp_loss
 
 
@@ -45,13 +46,14 @@ def build_components(
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
         max_length, scheduler_config = SD15_TEXT["max_position_embeddings"], SD15_SCHEDULER
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model, safety_checker=None, requires_safety_checker=False, **dtype_kwargs(dtype)
+        )
         unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
         max_length, scheduler_config = pipe.tokenizer.model_max_length, pipe.scheduler.config
     for module in (unet, vae, text_encoder):
-        module.requires_grad_(False).eval()
-        if dtype != torch.float32:
-            module.to(dtype)
+        # Always: a saved model may be stored in another dtype (the demo model is float16).
+        module.requires_grad_(False).eval().to(dtype)
     return unet, vae, text_encoder, max_length, DDPMScheduler.from_config(scheduler_config)
 
 

@@ -35,6 +35,13 @@ logger = logging.get_logger(__name__)
 DEFAULT_SKETCH_GUIDANCE_SCALE = 2.5
 DEFAULT_SKETCH_GUIDANCE_END = 0.3
 
+# How a guided step runs the classifier-free guidance branches. "split": the LGP's branch with autograd, the other
+# without (the backward goes through one half only). "batched": one UNet call on the batch of 2 with autograd, as the
+# unguided step runs it (the backward goes through both halves, but one batched forward replaces two). Which is faster
+# depends on the device: measured by `benchmarks/gpu_check.py` and `benchmarks/guided_sampling.py` (README, "Cost").
+GUIDED_STEP_MODES = ("split", "batched")
+DEFAULT_GUIDED_STEP_MODES = {"cpu": "split", "cuda": "split"}
+
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
@@ -146,6 +153,8 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
     A guided step adds one backward through the UNet's branch that the LGP reads. For large images,
     `pipe.unet.enable_gradient_checkpointing()` cuts the memory that backward needs (it acts only where gradients flow,
     so only on guided steps) for a recomputation of that branch's forward; the results are the same.
+    `pipe.guided_step_mode = "split"` or `"batched"` chooses how a guided step runs the two classifier-free guidance
+    branches (the same images within float tolerance); by default, the faster one measured for the device.
 
     Args:
         vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder,
@@ -155,7 +164,11 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
             checked against the UNet when set.
     """
 
-    model_cpu_offload_seq = "text_encoder->image_encoder->unet->lgp->vae"
+    # The LGP runs at every guided step between UNet calls, so it stays out of the chain (as ControlNets do): in it, its
+    # call would offload the UNet in the middle of a guided step. Offloading gives it a hook of its own.
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    # None: the measured default for the device (DEFAULT_GUIDED_STEP_MODES); or one of GUIDED_STEP_MODES.
+    guided_step_mode: str | None = None
     _optional_components = [*StableDiffusionPipeline._optional_components, "lgp"]
 
     def __init__(
@@ -211,6 +224,11 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
             raise ValueError(
                 "The guided part of the schedule must satisfy 0 <= `sketch_guidance_start` < `sketch_guidance_end`"
                 f" <= 1 (fractions of the steps), got start={sketch_guidance_start!r}, end={sketch_guidance_end!r}."
+            )
+        if self.guided_step_mode not in (None, *GUIDED_STEP_MODES):
+            raise ValueError(
+                f"`guided_step_mode` must be None (the device's default) or one of {GUIDED_STEP_MODES}, got"
+                f" {self.guided_step_mode!r}."
             )
         interval = sketch_guidance_interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
@@ -296,6 +314,17 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
             embeds = {"conditional": prompt_embeds}
             kwargs = {"conditional": unet_kwargs}
         read = self.lgp.config.feature_branch
+        if self.do_classifier_free_guidance and self.resolve_guided_step_mode() == "batched":
+            # Both branches in one batch with autograd; the gradient enters through the LGP's half only.
+            branch = ("unconditional", "conditional").index(read)
+            with torch.enable_grad():
+                loss, leaf, prediction, edge_latents = self.sketch_loss(
+                    latents, t, prompt_embeds, unet_kwargs, sketch_latents, branch=branch, num_branches=2
+                )
+                (gradient,) = torch.autograd.grad(loss, leaf)
+            noise_pred_uncond, noise_pred_text = prediction.chunk(2)
+            return noise_pred_text, noise_pred_uncond, self._finite_or_skipped(gradient, t), edge_latents.detach()
+
         with torch.enable_grad():
             loss, leaf, prediction, edge_latents = self.sketch_loss(
                 latents, t, embeds[read], kwargs[read], sketch_latents
@@ -306,7 +335,12 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
         model_input = self.scheduler.scale_model_input(latents, t)
         for name in embeds.keys() - {read}:
             predictions[name] = self.unet(model_input, t, encoder_hidden_states=embeds[name], **kwargs[name])[0]
+        gradient = self._finite_or_skipped(gradient, t)
+        return predictions["conditional"], predictions.get("unconditional"), gradient, edge_latents.detach()
 
+    @staticmethod
+    def _finite_or_skipped(gradient: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The gradient, with a zero (no guidance at this step) for each image whose gradient is not finite."""
         finite = torch.isfinite(gradient).flatten(1).all(dim=1)
         if not finite.all():
             logger.warning(
@@ -314,7 +348,7 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
                 " guidance is skipped at this step. In float16, bfloat16 often avoids this."
             )
             gradient = torch.where(finite.view(-1, 1, 1, 1), gradient, torch.zeros_like(gradient))
-        return predictions["conditional"], predictions.get("unconditional"), gradient, edge_latents.detach()
+        return gradient
 
     def sketch_loss(
         self,
@@ -323,28 +357,44 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
         encoder_hidden_states: torch.Tensor,
         unet_kwargs: dict[str, Any],
         sketch_latents: torch.Tensor,
+        branch: int = 0,
+        num_branches: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The UNet on the branch the LGP reads, with autograd, and the sketch loss L = ||LGP(F(z_t)) - E(s)||^2.
+        """The UNet with autograd on the branch the LGP reads, and the sketch loss L = ||LGP(F(z_t)) - E(s)||^2.
 
-        Autograd records nothing after the last block the LGP reads. Run it with gradients enabled; inside
+        With `num_branches=2` the UNet runs on the whole classifier-free guidance batch (`encoder_hidden_states` and
+        `unet_kwargs` stacked as in the unguided step) and the LGP reads the `branch`-th half, the only one the leaf
+        enters. Autograd records nothing after the last block the LGP reads. Run it with gradients enabled; inside
         `frozen_parameters(self.unet, self.lgp)`, as in the denoising loop, it also keeps nothing for weight gradients.
 
         Returns:
-            (L summed over the images, z_t as the leaf to differentiate L by, the branch's noise prediction (detached),
-            the LGP's predicted edge latents)
+            (L summed over the images, z_t as the leaf to differentiate L by, the UNet's noise prediction for all its
+            branches (detached), the LGP's predicted edge latents)
         """
         alpha_bar = self.scheduler.alphas_cumprod[int(torch.as_tensor(t).round())].to(latents.device)
-        latents = latents.detach().requires_grad_(True)
-        model_input = self.scheduler.scale_model_input(latents, t)
-        blocks, index = self.lgp.config.blocks, self.lgp.config.tuple_output_index
-        with capture_activations(self.unet, blocks, index) as features, autograd_until(self.unet, blocks):
+        leaf = latents.detach().requires_grad_(True)
+        model_input = torch.cat([leaf if index == branch else latents.detach() for index in range(num_branches)])
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        blocks, output_index = self.lgp.config.blocks, self.lgp.config.tuple_output_index
+        with capture_activations(self.unet, blocks, output_index) as features, autograd_until(self.unet, blocks):
             prediction = self.unet(model_input, t, encoder_hidden_states=encoder_hidden_states, **unet_kwargs)[0]
+        if num_branches > 1:
+            features = {name: feature.chunk(num_branches)[branch] for name, feature in features.items()}
+        branch_prediction = prediction.detach().chunk(num_branches)[branch].float()
+        branch_input = model_input.detach().chunk(num_branches)[branch].float()
         # The noise level is conditioning for the LGP, not something to optimise: no gradient through it.
-        epsilon = self.predict_noise_epsilon(prediction.detach().float(), model_input.detach().float(), alpha_bar)
+        epsilon = self.predict_noise_epsilon(branch_prediction, branch_input, alpha_bar)
         edge_latents = self.lgp(features, noise_level_map(epsilon, alpha_bar))
         # Summed per image, so each image's gradient is its own; the loss is in float32 whatever the UNet's dtype.
         loss = (edge_latents.float() - sketch_latents.float()).square().sum()
-        return loss, latents, prediction.detach(), edge_latents
+        return loss, leaf, prediction.detach(), edge_latents
+
+    def resolve_guided_step_mode(self) -> str:
+        """How this call's guided steps run the two classifier-free guidance branches: `guided_step_mode` if set,
+        else the faster one measured for the execution device (`DEFAULT_GUIDED_STEP_MODES`)."""
+        if self.guided_step_mode is not None:
+            return self.guided_step_mode
+        return DEFAULT_GUIDED_STEP_MODES.get(self._execution_device.type, "split")
 
     @staticmethod
     def _branch_added_cond(unet_kwargs: dict[str, Any], index: int) -> dict[str, Any] | None:

@@ -1,0 +1,61 @@
+"""Checks that need a CUDA GPU, on the shipped demo model; each skips where there is none.
+
+`benchmarks/gpu_check.sh` runs them first, before its timings (`python -m pytest -m gpu`).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.gpu_check import HALF_PRECISION_TOLERANCE, demo_images
+from pipeline_sketch_guided.demo import load_demo_pipeline
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def on_gpu(dtype: torch.dtype = torch.float32):
+    return load_demo_pipeline(dtype).to("cuda")
+
+
+@pytest.fixture(scope="module")
+def float32_images() -> dict[bool, np.ndarray]:
+    pipe = on_gpu()
+    return {guided: demo_images(pipe, guided) for guided in (False, True)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_guided_generation_is_finite_and_close_to_float32(float32_images, dtype):
+    pipe = on_gpu(dtype)
+    latents = demo_images(pipe, guided=True, output_type="latent")
+    assert latents.dtype == dtype and torch.isfinite(latents).all()
+    images = demo_images(pipe, guided=True)
+    difference = np.abs(images - float32_images[True]).mean()
+    assert difference < HALF_PRECISION_TOLERANCE[dtype], f"mean |{dtype} - float32| = {difference:.4f}"
+    # The sketch moved the images far more than the precision did.
+    assert np.abs(images - float32_images[False]).mean() > 2 * difference
+
+
+def test_model_cpu_offload_with_a_sketch_gives_the_images_of_the_model_on_the_gpu():
+    expected = demo_images(on_gpu(torch.float16), guided=True)
+    pipe = load_demo_pipeline(torch.float16)
+    pipe.enable_model_cpu_offload()
+    images = demo_images(pipe, guided=True)
+    assert np.abs(images - expected).max() < 1e-3
+    assert pipe.unet.device.type == "cpu"  # offloaded again after the call
+
+
+def test_gradient_checkpointing_gives_the_same_images():
+    pipe = on_gpu(torch.float16)
+    expected = demo_images(pipe, guided=True)
+    pipe.unet.enable_gradient_checkpointing()
+    images = demo_images(pipe, guided=True)
+    assert np.abs(images - expected).mean() < 2e-3
+
+
+def test_batched_and_split_guided_steps_give_the_same_images():
+    pipe = on_gpu(torch.float16)
+    pipe.guided_step_mode = "split"
+    split = demo_images(pipe, guided=True)
+    pipe.guided_step_mode = "batched"
+    batched = demo_images(pipe, guided=True)
+    assert np.abs(split - batched).mean() < HALF_PRECISION_TOLERANCE[torch.float16]
