@@ -4,6 +4,8 @@ Loadable as a package module or as a diffusers custom pipeline:
 `DiffusionPipeline.from_pretrained(base, custom_pipeline="path/to/pipeline_sketch_guided", trust_remote_code=True)`.
 """
 
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
@@ -23,7 +26,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from .capture import capture_activations, resolve_blocks
 from .lgp import LGPModel, noise_level_map
-from .sketch import SketchInput, prepare_sketch
+from .sketch import SketchInput, prepare_sketch, sketch_list
 
 logger = logging.get_logger(__name__)
 
@@ -34,13 +37,18 @@ logger = logging.get_logger(__name__)
 # base model and LGP with the same benchmark.
 DEFAULT_SKETCH_GUIDANCE_SCALE = 2.5
 DEFAULT_SKETCH_GUIDANCE_END = 0.3
+# Far above the useful range (about 1 to 4) a guidance step outweighs the denoising step many times over and the image
+# turns to noise or black: a larger scale is a mistake, refused with the sensible range.
+MAX_SKETCH_GUIDANCE_SCALE = 50.0
 
 # How a guided step runs the classifier-free guidance branches. "split": the LGP's branch with autograd, the other
 # without (the backward goes through one half only). "batched": one UNet call on the batch of 2 with autograd, as the
 # unguided step runs it (the backward goes through both halves, but one batched forward replaces two). Which is faster
-# depends on the device: measured by `benchmarks/gpu_check.py` and `benchmarks/guided_sampling.py` (README, "Cost").
+# depends on the device, measured by `benchmarks/gpu_check.py` and `benchmarks/guided_sampling.py` (README, "Cost"): on
+# an H100 (SD1.5 architecture, 512x512, float16) a batched guided step takes 0.63x the split one's time, a whole
+# generation guided at the defaults 0.82x; on the CPU the split step is the faster.
 GUIDED_STEP_MODES = ("split", "batched")
-DEFAULT_GUIDED_STEP_MODES = {"cpu": "split", "cuda": "split"}
+DEFAULT_GUIDED_STEP_MODES = {"cpu": "split", "cuda": "batched"}
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -73,12 +81,31 @@ class SketchGuidedStableDiffusionPipelineOutput(StableDiffusionPipelineOutput):
     edge_maps: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real number (Python's or numpy's, not a bool) that is finite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def is_guided_step(step_index: int, num_steps: int, start: float, end: float) -> bool:
     """Whether step `step_index` of `num_steps` lies in the guided fraction [start, end] of the schedule.
 
     The same rule as diffusers' `control_guidance_start` / `control_guidance_end`.
     """
     return not (step_index / num_steps < start or (step_index + 1) / num_steps > end)
+
+
+def guided_step_indices(num_steps: int, start: float, end: float, interval: int = 1) -> list[int]:
+    """The steps that take sketch guidance: every `interval`-th step of the guided fraction [start, end] (from its
+    first step), and never none.
+
+    When no step lies in the range (few steps: 3 steps at the default end 0.3), the first step at or after `start` is
+    guided anyway: a user who passes a sketch means it to count, and models that sample in 1-4 steps (turbo, LCM) have
+    no other way to follow one.
+    """
+    in_range = [i for i in range(num_steps) if is_guided_step(i, num_steps, start, end)]
+    if not in_range:
+        return [min(math.ceil(start * num_steps), num_steps - 1)]
+    return in_range[::interval]
 
 
 def sketch_guidance_step(
@@ -216,11 +243,17 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
         batch_size: int,
         sketch_guidance_interval: int = 1,
     ) -> None:
-        if not isinstance(sketch_guidance_scale, (int, float)) or sketch_guidance_scale < 0:
+        if not is_finite_number(sketch_guidance_scale) or not 0 <= sketch_guidance_scale <= MAX_SKETCH_GUIDANCE_SCALE:
             raise ValueError(
-                f"`sketch_guidance_scale` must be a number >= 0 (0 turns guidance off), got {sketch_guidance_scale!r}."
+                f"`sketch_guidance_scale` must be a number from 0 (no guidance) to {MAX_SKETCH_GUIDANCE_SCALE}, got"
+                f" {sketch_guidance_scale!r}. About 1 to 4 follows a sketch (default {DEFAULT_SKETCH_GUIDANCE_SCALE};"
+                " the paper's samples use 1.6); far above that the images fall apart."
             )
-        if not 0.0 <= sketch_guidance_start < sketch_guidance_end <= 1.0:
+        if not (
+            is_finite_number(sketch_guidance_start)
+            and is_finite_number(sketch_guidance_end)
+            and 0.0 <= sketch_guidance_start < sketch_guidance_end <= 1.0
+        ):
             raise ValueError(
                 "The guided part of the schedule must satisfy 0 <= `sketch_guidance_start` < `sketch_guidance_end`"
                 f" <= 1 (fractions of the steps), got start={sketch_guidance_start!r}, end={sketch_guidance_end!r}."
@@ -242,16 +275,17 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
                 "A `sketch` was given but this pipeline has no LGP. Load one with"
                 " `pipe.lgp = LGPModel.from_pretrained(<LGP repo id or folder>)`, or pass `lgp=` to `from_pretrained`."
             )
-        num_sketches = len(sketch) if isinstance(sketch, list) else 1
+        num_sketches = len(sketch_list(sketch))
         if num_sketches not in (1, batch_size, num_images):
             raise ValueError(
                 f"Got {num_sketches} sketches for {batch_size} prompts and {num_images} images: pass one sketch for"
                 " all, one per prompt, or one per image."
             )
-        if not hasattr(self.scheduler, "alphas_cumprod"):
+        if not hasattr(self.scheduler, "alphas_cumprod") and not hasattr(self.scheduler, "sigmas"):
             raise ValueError(
-                f"Sketch guidance needs a scheduler with a DDPM noise schedule (`alphas_cumprod`) for the LGP's"
-                f" noise-level input; {type(self.scheduler).__name__} has none."
+                "Sketch guidance needs the noise level of each step for the LGP's input: a scheduler with a DDPM"
+                f" noise schedule (`alphas_cumprod`) or noise levels (`sigmas`); {type(self.scheduler).__name__} has"
+                " neither."
             )
         if self.lgp.config.feature_branch == "unconditional" and not self.do_classifier_free_guidance:
             raise ValueError(
@@ -267,14 +301,24 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
     def prepare_sketch_latents(
         self, sketch: SketchInput | list[SketchInput], num_images: int, height: int, width: int, device
     ) -> torch.Tensor:
-        """The guidance target E(s): each sketch normalised to the LGP's convention and encoded by the VAE."""
-        sketches = sketch if isinstance(sketch, list) else [sketch]
+        """The guidance target E(s): each sketch normalised to the LGP's convention and encoded by the VAE (its mean,
+        or the latents of VAEs without a distribution, such as `AutoencoderTiny`)."""
+        sketches = sketch_list(sketch)
         polarity = self.lgp.config.sketch_polarity
         images = torch.cat([prepare_sketch(s, height, width, polarity) for s in sketches])
         images = images.to(device=device, dtype=self.vae.dtype)
-        latents = self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
+        latents = retrieve_latents(self.vae.encode(images), sample_mode="argmax") * self.vae.config.scaling_factor
         # One sketch for all images, or one per prompt (repeated for its images), or one per image.
         return latents.repeat_interleave(num_images // len(sketches), dim=0)
+
+    def noise_level_alpha_bar(self, t: torch.Tensor, device) -> torch.Tensor:
+        """alphabar of the current step, for the LGP's noise-level input: from the scheduler's DDPM schedule, or, for
+        schedulers that have none (EDM), from its noise level sigma as 1 / (1 + sigma^2). Call it after the step's
+        `scale_model_input`, which sets a sigma scheduler's step index."""
+        if hasattr(self.scheduler, "alphas_cumprod"):
+            return self.scheduler.alphas_cumprod[int(torch.as_tensor(t).round())].to(device)
+        sigma = self.scheduler.sigmas[self.scheduler.step_index].to(device=device, dtype=torch.float32)
+        return 1.0 / (1.0 + sigma**2)
 
     def predict_noise_epsilon(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor):
         """The UNet's estimate of epsilon, whatever it predicts (`prediction_type` of the scheduler)."""
@@ -371,10 +415,10 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
             (L summed over the images, z_t as the leaf to differentiate L by, the UNet's noise prediction for all its
             branches (detached), the LGP's predicted edge latents)
         """
-        alpha_bar = self.scheduler.alphas_cumprod[int(torch.as_tensor(t).round())].to(latents.device)
         leaf = latents.detach().requires_grad_(True)
         model_input = torch.cat([leaf if index == branch else latents.detach() for index in range(num_branches)])
         model_input = self.scheduler.scale_model_input(model_input, t)
+        alpha_bar = self.noise_level_alpha_bar(t, latents.device)
         blocks, output_index = self.lgp.config.blocks, self.lgp.config.tuple_output_index
         with capture_activations(self.unet, blocks, output_index) as features, autograd_until(self.unet, blocks):
             prediction = self.unet(model_input, t, encoder_hidden_states=encoder_hidden_states, **unet_kwargs)[0]
@@ -384,7 +428,8 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
         branch_input = model_input.detach().chunk(num_branches)[branch].float()
         # The noise level is conditioning for the LGP, not something to optimise: no gradient through it.
         epsilon = self.predict_noise_epsilon(branch_prediction, branch_input, alpha_bar)
-        edge_latents = self.lgp(features, noise_level_map(epsilon, alpha_bar))
+        with self.lgp.smooth_relu_gradients():
+            edge_latents = self.lgp(features, noise_level_map(epsilon, alpha_bar))
         # Summed per image, so each image's gradient is its own; the loss is in float32 whatever the UNet's dtype.
         loss = (edge_latents.float() - sketch_latents.float()).square().sum()
         return loss, leaf, prediction.detach(), edge_latents
@@ -626,7 +671,9 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
         edge_latents = None
-        steps_in_guided_range = 0
+        guided_steps = set(
+            guided_step_indices(len(timesteps), sketch_guidance_start, sketch_guidance_end, sketch_guidance_interval)
+        )
         # Frozen for the whole loop (toggling ~700 flags per step would cost milliseconds), so that gradient
         # checkpointing's recomputation in a backward sees the same flags as the forward did.
         with self.progress_bar(total=num_inference_steps) as progress_bar, frozen_parameters(self.unet, self.lgp):
@@ -634,9 +681,7 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
                 if self.interrupt:
                     continue
 
-                in_guided_range = is_guided_step(i, len(timesteps), sketch_guidance_start, sketch_guidance_end)
-                guided = in_guided_range and steps_in_guided_range % sketch_guidance_interval == 0
-                steps_in_guided_range += in_guided_range
+                guided = i in guided_steps
                 if guided:
                     noise_pred_text, noise_pred_uncond, gradient, edge_latents = self.noise_and_sketch_gradient(
                         latents, t, prompt_embeds, sketch_latents, unet_kwargs
@@ -653,7 +698,7 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
                 previous_latents = latents
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if guided:
-                    latents = sketch_guidance_step(previous_latents, latents, gradient, sketch_guidance_scale)
+                    latents = sketch_guidance_step(previous_latents, latents, gradient, float(sketch_guidance_scale))
 
                 if callback_on_step_end is not None:
                     callback_kwargs = {}

@@ -8,6 +8,7 @@ from typing import Union
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.utils import logging
 
 SketchInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 
@@ -16,6 +17,20 @@ SKETCH_POLARITIES = ("light_on_dark", "dark_on_light")
 
 # A sketch whose darkest and lightest pixels differ by less than this (in [0, 1]) has no strokes to follow.
 MIN_STROKE_CONTRAST = 0.05
+# Aspect ratios closer than this (relative) count as equal: the sketch is resized to the output without padding.
+ASPECT_TOLERANCE = 0.02
+
+logger = logging.get_logger(__name__)
+
+
+def sketch_list(sketch: SketchInput | list[SketchInput]) -> list[SketchInput]:
+    """The sketches in `sketch`, in diffusers' image conventions: a list of images, or a batch as one numpy array
+    `(B, H, W, C)` or torch tensor `(B, C, H, W)`; anything else is one sketch."""
+    if isinstance(sketch, (list, tuple)):
+        return list(sketch)
+    if isinstance(sketch, (np.ndarray, torch.Tensor)) and sketch.ndim == 4:
+        return list(sketch)
+    return [sketch]
 
 
 def _to_grayscale_image(sketch: SketchInput) -> PIL.Image.Image:
@@ -37,12 +52,14 @@ def _to_grayscale_image(sketch: SketchInput) -> PIL.Image.Image:
             sketch = sketch.permute(1, 2, 0)
         sketch = sketch.numpy()
     if isinstance(sketch, np.ndarray):
-        array = sketch
+        array = sketch[0] if sketch.ndim == 4 and sketch.shape[0] == 1 else sketch
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
             raise ValueError(
-                f"A sketch array must be (H, W), (H, W, 1|3|4), or (1|3|4, H, W) as a tensor; got shape {sketch.shape}."
+                "A sketch array must be (H, W), (H, W, 1|3|4) or (1, H, W, 1|3|4), and a tensor (1|3|4, H, W) or"
+                f" (1, 1|3|4, H, W); got shape {tuple(sketch.shape)}. A batch of sketches is a list of them, an"
+                " array (B, H, W, C) or a tensor (B, C, H, W)."
             )
         if array.dtype == np.bool_:
             array = array.astype(np.uint8) * 255
@@ -63,11 +80,33 @@ def _to_grayscale_image(sketch: SketchInput) -> PIL.Image.Image:
     return sketch.convert("L")
 
 
+def fit_to_size(image: PIL.Image.Image, height: int, width: int) -> PIL.Image.Image:
+    """`image` (grayscale) resized to `width` x `height`; one of another aspect is fitted inside, centred, and padded
+    with its paper (its median tone), never stretched, with a warning that says so."""
+    # BOX averages every source pixel into the result, so thin strokes fade instead of vanishing when shrunk.
+    box = PIL.Image.Resampling.BOX
+    if abs(image.width * height / (image.height * width) - 1) <= ASPECT_TOLERANCE:
+        return image.resize((width, height), resample=box)
+    scale = min(width / image.width, height / image.height)
+    fitted = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample=box)
+    paper = int(np.median(np.asarray(image)))
+    canvas = PIL.Image.new("L", (width, height), paper)
+    canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
+    logger.warning(
+        f"The sketch ({image.width}x{image.height}) has another aspect than the output ({width}x{height}): it was"
+        " fitted inside and padded with paper, not stretched. Pass `height` and `width` of the sketch's aspect to"
+        " fill the image."
+    )
+    return canvas
+
+
 def prepare_sketch(sketch: SketchInput, height: int, width: int, polarity: str = "light_on_dark") -> torch.Tensor:
     """Load, normalise and resize a sketch to a `(1, 3, height, width)` tensor in [-1, 1], ready for the VAE.
 
-    Accepts a PIL image (modes 1, L, P, RGB, RGBA, LA: transparency is composited on white), a numpy array or torch
-    tensor (uint8, bool, or float in [0, 1]), or a path to an image file. Dark strokes on light paper and light
+    Accepts a PIL image (modes 1, L, P, RGB, RGBA, LA: transparency is composited on white), a numpy array `(H, W)`,
+    `(H, W, C)` or `(1, H, W, C)` or torch tensor `(C, H, W)` or `(1, C, H, W)` (uint8, bool, or float in [0, 1]),
+    or a path to an image file. A sketch of another aspect than `height` x `width` is fitted inside and padded with
+    paper (`fit_to_size`). Dark strokes on light paper and light
     strokes on dark paper are both accepted: the background is told by the median brightness, and the result is
     turned into `polarity`, the convention the LGP was trained on (`"light_on_dark"` or `"dark_on_light"`).
 
@@ -76,9 +115,7 @@ def prepare_sketch(sketch: SketchInput, height: int, width: int, polarity: str =
     """
     if polarity not in SKETCH_POLARITIES:
         raise ValueError(f"`polarity` must be 'light_on_dark' or 'dark_on_light', got {polarity!r}.")
-    image = _to_grayscale_image(sketch)
-    # BOX averages every source pixel into the result, so thin strokes fade instead of vanishing when shrunk.
-    image = image.resize((width, height), resample=PIL.Image.Resampling.BOX)
+    image = fit_to_size(_to_grayscale_image(sketch), height, width)
     gray = np.asarray(image, dtype=np.float32) / 255.0
     if gray.max() - gray.min() < MIN_STROKE_CONTRAST:
         raise ValueError(
