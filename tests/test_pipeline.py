@@ -11,7 +11,7 @@ from diffusers import (
 )
 
 from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline
-from pipeline_sketch_guided.pipeline import is_guided_step, sketch_guidance_step
+from pipeline_sketch_guided.pipeline import guided_step_indices, is_guided_step, sketch_guidance_step
 from pipeline_sketch_guided.testing import random_lgp
 
 PROMPT = "a red star on the grey background"
@@ -221,10 +221,38 @@ def test_blank_sketch(pipe):
         generate(pipe, sketch=np.full((32, 32), 255, dtype=np.uint8))
 
 
-@pytest.mark.parametrize("scale", [-0.1, "strong"])
-def test_bad_guidance_scale(pipe, scale):
-    with pytest.raises(ValueError, match="sketch_guidance_scale"):
+@pytest.mark.parametrize("scale", [-0.1, "strong", float("nan"), float("inf"), 1e9, True, torch.tensor(2.5)])
+def test_bad_guidance_scale_is_refused_with_the_sensible_range(pipe, scale):
+    with pytest.raises(ValueError, match=r"sketch_guidance_scale.*About 1 to 4"):
         generate(pipe, sketch=draw_square(), sketch_guidance_scale=scale)
+
+
+@pytest.mark.parametrize("scale", [np.float32(2.5), np.float64(2.5), 2.5, np.int64(2)])
+def test_any_real_number_is_a_guidance_scale(pipe, scale):
+    images = generate(pipe, sketch=draw_square(), sketch_guidance_scale=scale, output_type="latent").images
+    assert torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize(
+    "num_steps, start, end, interval, expected",
+    [
+        (10, 0.0, 0.3, 1, [0, 1, 2]),
+        (10, 0.0, 0.5, 2, [0, 2, 4]),
+        (3, 0.0, 0.3, 1, [0]),  # no step lies in the range: the first is guided anyway
+        (2, 0.0, 0.3, 1, [0]),
+        (4, 0.6, 0.7, 1, [3]),  # the first step at or after start
+        (1, 0.0, 0.3, 1, [0]),
+    ],
+)
+def test_guided_step_indices(num_steps, start, end, interval, expected):
+    assert guided_step_indices(num_steps, start, end, interval) == expected
+
+
+def test_a_sketch_guides_even_when_no_step_lies_in_the_range(pipe):
+    kwargs = {"num_inference_steps": 2, "output_type": "np"}
+    guided = generate(pipe, sketch=draw_square(), return_edge_maps=True, **kwargs)
+    assert guided.edge_maps is not None and guided.edge_maps.shape == (1, 32, 32, 3)
+    assert not np.allclose(guided.images, generate(pipe, **kwargs).images)
 
 
 @pytest.mark.parametrize("start, end", [(0.0, 1.5), (-0.1, 0.5), (0.6, 0.4), (0.5, 0.5)])

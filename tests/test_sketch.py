@@ -1,5 +1,6 @@
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import pytest
 import torch
 from conftest import draw_square
@@ -67,6 +68,22 @@ def test_any_size_is_resized_and_thin_strokes_survive():
     assert prepared.shape == (1, 3, 32, 48)
     # 2-pixel strokes at 256 px become a fraction of a pixel at 32: they fade but must not vanish.
     assert strokes(prepared).any()
+
+
+def test_another_aspect_is_fitted_and_padded_with_paper_not_stretched(caplog):
+    wide = PIL.Image.new("L", (400, 300), 255)  # 4:3, a circle of diameter 200 in the middle
+    PIL.ImageDraw.Draw(wide).ellipse((100, 50, 300, 250), outline=0, width=8)
+    with caplog.at_level("WARNING"):
+        prepared = prepare_sketch(wide, 64, 64)  # light_on_dark: strokes are bright
+    assert "fitted inside and padded with paper" in caplog.text
+    rows, cols = np.nonzero(strokes(prepared).numpy())
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert abs(height - width) <= 1  # still a circle: 32x32 of the 64x64, centred, not a 43x64 ellipse
+    assert not strokes(prepared)[:8].any() and not strokes(prepared)[-8:].any()  # paper bands above and below
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        prepare_sketch(wide, 48, 64)  # the same aspect: no padding, no warning
+    assert caplog.text == ""
 
 
 def test_blank_sketch_is_rejected():
