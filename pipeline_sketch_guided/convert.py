@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +153,40 @@ def _expected_formats() -> str:
     )
 
 
+# What `sketch-guided convert` reads, said in every message about a file it cannot read.
+CONVERTIBLE = (
+    "A convertible file is a community LGP checkpoint holding the MLP's state dict: a PyTorch file written by"
+    " torch.save (.pt, .pth, .bin, .ckpt) or a .safetensors file."
+)
+# The first bytes of the files torch.load reads: a zip archive (torch.save since 1.6) or a pickle (older torch.save).
+_ZIP_MAGIC, _PICKLE_PROTOCOL_OPCODE = b"PK\x03\x04", 0x80
+
+
+def _load_tensors_only(path: Path):
+    """`torch.load(path, weights_only=True)`, with one line that says what the file is not when it fails. Nothing is
+    ever unpickled with `weights_only=False`: a file that needs it would run code."""
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if not (head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTOCOL_OPCODE):
+        raise ValueError(
+            f"{str(path)!r} is not a PyTorch file (it starts with {head!r}, neither a zip archive nor a pickle)."
+            f" {CONVERTIBLE}"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols: not the user's concern
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f"a {unsafe.group(1)} object" if unsafe else "objects other than tensors in plain containers"
+        raise ValueError(
+            f"{str(path)!r} holds {what}: loading it could run code, so it is not loaded. {CONVERTIBLE}"
+        ) from error
+    except Exception as error:  # torch raises EOFError, RuntimeError, KeyError, ... for damaged files
+        reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{str(path)!r} is a damaged or truncated PyTorch file ({reason}). {CONVERTIBLE}") from error
+
+
 def load_community_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read the MLP's state dict from a community checkpoint file, dropping everything else in it.
 
@@ -170,18 +206,18 @@ def load_community_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"No LGP checkpoint file at {str(path)!r}.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{str(path)!r} is empty (0 bytes), not a checkpoint. {CONVERTIBLE}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        checkpoint = load_file(path)
-    else:
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-            raise ValueError(
-                f"Cannot read {str(path)!r} with `torch.load(weights_only=True)`: {error}\nExpected a PyTorch file"
-                " holding a state dict (tensors in a dict); a pickled module or other code objects are not loaded."
-            ) from error
+            checkpoint = load_file(path)
+        except SafetensorError as error:
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file ({error}). {CONVERTIBLE}") from error
+    else:
+        checkpoint = _load_tensors_only(path)
 
     if not isinstance(checkpoint, Mapping):
         raise ValueError(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -236,16 +238,45 @@ def test_error_for_a_file_of_neither_format(tmp_path):
     with pytest.raises(ValueError, match="holds a Tensor; expected a dict"):
         convert_community_lgp(checkpoint)
 
-    checkpoint.write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match=r"Cannot read .*weights_only=True"):
-        convert_community_lgp(checkpoint)
+
+class RunsCode:
+    """Unpickling this object calls os.system: what a malicious checkpoint does."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
 
 
-def test_pickled_code_is_refused(tmp_path):
-    checkpoint = tmp_path / "module.pt"
-    torch.save(nn.Linear(3, 4), checkpoint)  # a whole pickled module: loading it would run code
-    with pytest.raises(ValueError, match="weights_only=True"):
-        convert_community_lgp(checkpoint)
+@pytest.mark.parametrize(
+    "name, write, message",
+    [
+        ("empty.pt", lambda path: path.write_bytes(b""), r"is empty \(0 bytes\), not a checkpoint"),
+        ("notes.pt", lambda path: path.write_text("some text\n"), r"is not a PyTorch file \(it starts with b'some'"),
+        (
+            "truncated.pt",
+            lambda path: path.write_bytes(path.with_name("whole.pt").read_bytes()[:200]),
+            "is a damaged or truncated PyTorch file",
+        ),
+        ("code.pt", lambda path: torch.save({"x": RunsCode()}, path), "holds a posix.system object: loading it could"),
+        ("module.pt", lambda path: torch.save(nn.Linear(3, 4), path), "holds a torch.nn.modules.linear.Linear object"),
+        (
+            "bad.safetensors",
+            lambda path: path.write_bytes(b"\x08" + b"\0" * 7 + b"{}junk"),
+            "not a readable safetensors",
+        ),
+    ],
+)
+def test_unreadable_files_get_one_line_saying_what_they_are_not(tmp_path, name, write, message, monkeypatch):
+    torch.save({"layers.0.weight": torch.zeros(2, 2)}, tmp_path / "whole.pt")
+    checkpoint = tmp_path / name
+    write(checkpoint)
+    monkeypatch.setattr(os, "system", lambda command: pytest.fail(f"the checkpoint ran {command!r}"))
+    with pytest.raises(SystemExit) as raised:
+        cli_main(["convert", str(checkpoint), str(tmp_path / "out")])
+    text = str(raised.value)
+    assert re.search(message, text), text
+    assert "\n" not in text and "weights_only=False" not in text
+    assert "A convertible file is a community LGP checkpoint" in text
+    assert not (tmp_path / "out").exists()
 
 
 def test_error_for_a_wrong_input_width(tmp_path):
