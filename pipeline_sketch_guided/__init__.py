@@ -1,16 +1,50 @@
-"""Sketch-guided text-to-image generation for diffusers (Voynov, Aberman, Cohen-Or, SIGGRAPH 2023)."""
+"""Sketch-guided text-to-image generation for diffusers (Voynov, Aberman, Cohen-Or, SIGGRAPH 2023).
 
-from .capture import capture_activations
-from .lgp import BLOCK_PRESETS, LGPModel, noise_level_map
-from .pipeline import SketchGuidedStableDiffusionPipeline, SketchGuidedStableDiffusionPipelineOutput
-from .sketch import prepare_sketch
+The names below load on first use (as diffusers' own do), so that `import pipeline_sketch_guided` and the command line's
+`--help` start at once, and the command line can quiet the libraries before they load.
+"""
 
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = version("pipeline_sketch_guided")
+except PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "0+unknown"
+
+_EXPORTS = {
+    "BLOCK_PRESETS": ".lgp",
+    "LGPModel": ".lgp",
+    "SketchGuidedStableDiffusionPipeline": ".pipeline",
+    "SketchGuidedStableDiffusionPipelineOutput": ".pipeline",
+    "capture_activations": ".capture",
+    "load_demo_pipeline": ".demo",
+    "noise_level_map": ".lgp",
+    "prepare_sketch": ".sketch",
+}
 __all__ = [
     "BLOCK_PRESETS",
     "LGPModel",
     "SketchGuidedStableDiffusionPipeline",
     "SketchGuidedStableDiffusionPipelineOutput",
     "capture_activations",
+    "load_demo_pipeline",
     "noise_level_map",
     "prepare_sketch",
 ]
+
+if TYPE_CHECKING:
+    from .capture import capture_activations
+    from .demo import load_demo_pipeline
+    from .lgp import BLOCK_PRESETS, LGPModel, noise_level_map
+    from .pipeline import SketchGuidedStableDiffusionPipeline, SketchGuidedStableDiffusionPipelineOutput
+    from .sketch import prepare_sketch
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

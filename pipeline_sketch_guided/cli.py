@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import os
+import sys
+import warnings
 from collections.abc import Sequence
+
+# A plain logger (not diffusers' get_logger, which would import diffusers before `quiet_libraries`).
+logger = logging.getLogger(__name__)
 
 
 def add_convert_parser(subparsers) -> None:
@@ -28,6 +36,12 @@ def add_convert_parser(subparsers) -> None:
         choices=list(COMMUNITY_FORMATS),
         help="the checkpoint's format; by default told from its input width",
     )
+    parser.add_argument(
+        "--sketch-polarity",
+        choices=["dark_on_light", "light_on_dark"],
+        help="how the LGP's training edge maps looked, where it is not the format's recorded one (sketch2img's"
+        " history has both; the README's 'Which way round' shows a one-minute check)",
+    )
     parser.set_defaults(func=run_convert)
 
 
@@ -36,11 +50,16 @@ def run_convert(args: argparse.Namespace) -> int:
 
     download_kwargs = {"revision": args.revision} if args.revision else {}
     lgp = convert_community_lgp(
-        args.src, args.out, filename=args.filename, source_format=args.source_format, **download_kwargs
+        args.src,
+        args.out,
+        filename=args.filename,
+        source_format=args.source_format,
+        sketch_polarity=args.sketch_polarity,
+        **download_kwargs,
     )
     print(
         f"Saved {args.out}: LGPModel with {lgp.in_features} inputs, blocks {', '.join(lgp.config.blocks)}"
-        f" ({lgp.config.feature_branch} branch)."
+        f" ({lgp.config.feature_branch} branch, sketches {lgp.config.sketch_polarity})."
     )
     return 0
 
@@ -108,31 +127,112 @@ def run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+# `--scheduler` names: diffusers' schedulers for Stable Diffusion (KarrasDiffusionSchedulers), by their usual names.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "dpm++_single": "DPMSolverSinglestepScheduler",
+    "dpm2": "KDPM2DiscreteScheduler",
+    "dpm2_a": "KDPM2AncestralDiscreteScheduler",
+    "deis": "DEISMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "dpm_sde": "DPMSolverSDEScheduler",
+    "edm_euler": "EDMEulerScheduler",
+}
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --lgp, --device, --dtype, --threads: what runs, and where."""
+    parser.add_argument(
+        "--model", help="base model: a Hub repo id or a folder (default: the shipped demo model, offline)"
+    )
+    parser.add_argument("--lgp", help="LGP: a Hub repo id or a folder (default: the one saved with --model, if any)")
+    parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weights' precision (default auto: float16 on a GPU, else float32)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        help="CPU threads (default: the cores not busy, i.e. the cores less the 1-minute load average, at least 1:"
+        " on a loaded machine more threads than free cores run many times slower)",
+    )
+
+
 def add_generate_parser(subparsers) -> None:
+    from .demo import VOCABULARY_HELP
+    from .pipeline import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE
+
     parser = subparsers.add_parser(
         "generate",
         help="draw an image from a prompt, following a sketch",
         description=(
-            "Generate an image with a SketchGuidedStableDiffusionPipeline. Without --model it uses the shipped demo"
+            "Generate images with a SketchGuidedStableDiffusionPipeline. Without --model it uses the shipped demo"
             " model (64x64 pictures of coloured shapes), offline. --model takes any Stable Diffusion 1.x/2.x repo id or"
-            " folder (a Hub id needs internet) and --lgp an LGP trained for it."
+            f" folder (a Hub id needs internet) and --lgp an LGP trained for it. {VOCABULARY_HELP}"
         ),
     )
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--sketch", help="the drawing to follow (image file); without it, no sketch guidance")
-    parser.add_argument("--out", required=True, help="where to write the image (PNG, JPEG, ...)")
-    parser.add_argument("--model", help="base model repo id or folder; default: the shipped demo model")
-    parser.add_argument("--lgp", help="LGP repo id or folder; default: the one saved with --model, if any")
-    parser.add_argument("--negative-prompt")
-    parser.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    parser.add_argument("--prompt", required=True, help="what to draw")
+    parser.add_argument("--negative-prompt", help="what to keep out of the image")
+    parser.add_argument(
+        "--sketch", help="the drawing to follow (an image file, either polarity); without it, no sketch guidance"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="where to write the image (.png keeps the prompt, seed and settings in its metadata; .jpg, .webp, ...);"
+        " with --num-images > 1 a grid of them, each image also beside it as <name>-<k>",
+    )
+    parser.add_argument("--num-images", type=positive_int, default=1, help="images, seeds --seed, --seed + 1, ...")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the first image (default 0)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="denoising steps (default 30)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
-    parser.add_argument("--sketch-guidance-scale", type=float, help="beta; default: the pipeline's")
-    parser.add_argument("--sketch-guidance-end", type=float, help="fraction of steps guided; default: the pipeline's")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--edge-map-out", help="also write the LGP's predicted edge map here")
+    parser.add_argument(
+        "--sketch-guidance-scale",
+        type=float,
+        default=DEFAULT_SKETCH_GUIDANCE_SCALE,
+        help=f"beta: how strongly to follow the sketch, about 1 to 4 (default {DEFAULT_SKETCH_GUIDANCE_SCALE})",
+    )
+    parser.add_argument(
+        "--sketch-guidance-start", type=float, default=0.0, help="fraction of the steps before guidance (default 0)"
+    )
+    parser.add_argument(
+        "--sketch-guidance-end",
+        type=float,
+        default=DEFAULT_SKETCH_GUIDANCE_END,
+        help=f"fraction of the steps after which guidance stops (default {DEFAULT_SKETCH_GUIDANCE_END})",
+    )
+    parser.add_argument(
+        "--sketch-guidance-interval",
+        type=positive_int,
+        default=1,
+        help="guide every k-th step of the guided part: faster, approximate (default 1, the exact method)",
+    )
+    parser.add_argument("--height", type=positive_int, help="image height in pixels (default: the model's)")
+    parser.add_argument("--width", type=positive_int, help="image width in pixels (default: the model's)")
+    parser.add_argument(
+        "--edge-map-out",
+        help="also write the LGP's predicted edge map at the last guided step (bright where it predicts strokes)",
+    )
+    add_model_arguments(parser)
     parser.set_defaults(func=run_generate)
 
 
@@ -160,67 +260,294 @@ def load_pipeline(model: str | None, lgp: str | None, device: str | None = None,
     return pipe.to(device) if device is not None else pipe
 
 
-def _pipeline_kwargs(args: argparse.Namespace) -> dict:
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks that run before anything is loaded, so that a mistake costs a second, not a model load and a generation.
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work: reported as one line, before any work."""
+
+
+def resolve_device(device: str | None) -> str:
     import torch
 
-    kwargs = {
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "negative_prompt": args.negative_prompt,
-        "height": args.height,
-        "width": args.width,
-        "generator": torch.Generator("cpu").manual_seed(args.seed),
-    }
-    if args.sketch_guidance_scale is not None:
-        kwargs["sketch_guidance_scale"] = args.sketch_guidance_scale
-    if args.sketch_guidance_end is not None:
-        kwargs["sketch_guidance_end"] = args.sketch_guidance_end
-    return kwargs
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device; use cuda, cuda:<index>, mps or cpu.") from None
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU"
+            raise UsageError(f"--device {device}: {why}; use --device cpu (or install torch for your CUDA).")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPU(s), from cuda:0.")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu.")
+    return device
 
 
-def _default_device(device: str | None) -> str:
+def resolve_dtype(name: str, device: str, guided: bool):
     import torch
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if name == "float16" and device == "cpu" and guided:
+        raise UsageError(
+            "--dtype float16 on the CPU cannot back-propagate through the UNet for sketch guidance; use float32 or"
+            " bfloat16 there (float16 on a GPU)."
+        )
+    return getattr(torch, name)
+
+
+def check_output_path(path: str, option: str) -> None:
+    import PIL.Image
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist; create it first.")
+    extension = os.path.splitext(path)[1].lower()
+    if PIL.Image.registered_extensions().get(extension) not in PIL.Image.SAVE:
+        raise UsageError(
+            f"{option} {path}: {extension or 'no extension'} is not an image format this can write; end the name in"
+            " .png (which keeps the prompt, seed and settings in its metadata), .jpg or .webp."
+        )
+
+
+def check_image_file(path: str, option: str) -> None:
+    import PIL.Image
+
+    if not os.path.isfile(path):
+        raise UsageError(f"{option} {path}: no such file.")
+    try:
+        with PIL.Image.open(path) as image:
+            image.verify()
+    except Exception as error:
+        raise UsageError(f"{option} {path}: not an image this can read ({error}).") from None
+
+
+def check_model_source(source: str | None, option: str, what: str) -> None:
+    """A folder that exists, or something that can be a Hub repo id; a path that does not exist is reported now
+    instead of after the Hub's retries."""
+    if source is None or os.path.isdir(source):
+        return
+    if os.path.isfile(source):
+        raise UsageError(f"{option} {source}: a file; {option} takes the {what} folder or a Hub repo id.")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    first = source.split("/")[0]
+    looks_local = source.startswith((".", "/", "~", "\\")) or source.count("/") > 1 or os.path.isdir(first)
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise UsageError(f"{option} {source}: no such folder (and not a Hub repo id, <user or org>/<name>).")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise UsageError(f"{option} {source}: no such folder here, and the Hub is off (HF_HUB_OFFLINE is set).")
+
+
+def default_threads() -> int:
+    """The cores not busy: all of them less the 1-minute load average, at least 1."""
+    import torch
+
+    cores = torch.get_num_threads()
+    try:
+        busy = round(os.getloadavg()[0])
+    except (AttributeError, OSError):  # no load average on this platform
+        busy = 0
+    return max(1, min(cores, (os.cpu_count() or cores) - busy))
+
+
+def set_threads(args: argparse.Namespace, device: str) -> None:
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(args.threads or default_threads())
+
+
+def check_generate_args(args: argparse.Namespace) -> None:
+    from .pipeline import MAX_SKETCH_GUIDANCE_SCALE
+
+    check_output_path(args.out, "--out")
+    if args.edge_map_out:
+        if not args.sketch:
+            raise UsageError("--edge-map-out needs --sketch: edge maps are predicted while guiding.")
+        check_output_path(args.edge_map_out, "--edge-map-out")
+    if args.sketch:
+        check_image_file(args.sketch, "--sketch")
+    scale = args.sketch_guidance_scale
+    if not 0 <= scale <= MAX_SKETCH_GUIDANCE_SCALE:  # NaN fails both comparisons
+        raise UsageError(
+            f"--sketch-guidance-scale {scale}: must be from 0 (no guidance) to {MAX_SKETCH_GUIDANCE_SCALE}; about 1"
+            " to 4 follows a sketch."
+        )
+    if not 0 <= args.sketch_guidance_start < args.sketch_guidance_end <= 1:
+        raise UsageError(
+            f"--sketch-guidance-start {args.sketch_guidance_start} and --sketch-guidance-end"
+            f" {args.sketch_guidance_end}: need 0 <= start < end <= 1 (fractions of the steps)."
+        )
+    for size in (args.height, args.width):
+        if size is not None and size % 8:
+            raise UsageError(f"--height and --width must be multiples of 8, got {size}.")
+    check_model_source(args.model, "--model", "model's")
+    check_model_source(args.lgp, "--lgp", "LGP's")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generate
+
+
+def png_metadata(settings: dict):
+    """The settings as PNG text chunks: `parameters` in the one-line form other generators write, and `sketch_guided`
+    as JSON."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    first = f"{settings['prompt']}\n"
+    if settings.get("negative_prompt"):
+        first += f"Negative prompt: {settings['negative_prompt']}\n"
+    rest = {k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt") and v is not None}
+    info.add_text("parameters", first + ", ".join(f"{k}: {v}" for k, v in rest.items()))
+    info.add_text("sketch_guided", json.dumps(settings))
+    return info
+
+
+def save_image(image, path: str, settings: dict | None = None) -> None:
+    """Write through a temporary file and rename, so that an interrupted write leaves no half image."""
+    extension = os.path.splitext(path)[1]
+    temporary = f"{path}.tmp{extension}"
+    kwargs = {"pnginfo": png_metadata(settings)} if settings and extension.lower() == ".png" else {}
+    image.save(temporary, **kwargs)
+    os.replace(temporary, path)
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as file:
+        return hashlib.sha256(file.read()).hexdigest()
+
+
+def numbered(path: str, index: int) -> str:
+    stem, extension = os.path.splitext(path)
+    return f"{stem}-{index}{extension}"
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    if args.edge_map_out and not args.sketch:
-        raise SystemExit("--edge-map-out needs --sketch: edge maps are predicted while guiding.")
-    pipe = load_pipeline(args.model, args.lgp, _default_device(args.device))
-    output = pipe(args.prompt, sketch=args.sketch, return_edge_maps=bool(args.edge_map_out), **_pipeline_kwargs(args))
-    output.images[0].save(args.out)
-    print(f"Wrote {args.out} ({output.images[0].width}x{output.images[0].height}).")
+    import torch
+    from diffusers.utils import make_image_grid
+
+    from . import __version__
+    from .demo import VOCABULARY_HELP, unknown_words
+
+    check_generate_args(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device, guided=args.sketch is not None)
+    set_threads(args, device)
+    if args.model is None and (unknown := unknown_words(f"{args.prompt} {args.negative_prompt or ''}")):
+        logger.warning(f"The demo model does not know {', '.join(map(repr, unknown))}. {VOCABULARY_HELP}")
+
+    pipe = load_pipeline(args.model, args.lgp, device, dtype)
+    if args.scheduler:
+        import diffusers
+
+        scheduler_class = getattr(diffusers, SCHEDULERS[args.scheduler])
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=False, desc=f"{args.num_images} image(s), {args.steps} steps")
+    seeds = [args.seed + k for k in range(args.num_images)]
+    output = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        sketch=args.sketch,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        sketch_guidance_scale=args.sketch_guidance_scale,
+        sketch_guidance_start=args.sketch_guidance_start,
+        sketch_guidance_end=args.sketch_guidance_end,
+        sketch_guidance_interval=args.sketch_guidance_interval,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        return_edge_maps=bool(args.edge_map_out),
+    )
+    settings = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "sampler": type(pipe.scheduler).__name__,
+        "cfg_scale": args.guidance_scale,
+        "size": f"{output.images[0].width}x{output.images[0].height}",
+        "model": args.model or "pipeline_sketch_guided demo model",
+        "lgp": args.lgp,
+        "sketch_sha256": file_sha256(args.sketch) if args.sketch else None,
+        "sketch_guidance_scale": args.sketch_guidance_scale if args.sketch else None,
+        "sketch_guidance_start": args.sketch_guidance_start if args.sketch else None,
+        "sketch_guidance_end": args.sketch_guidance_end if args.sketch else None,
+        "sketch_guidance_interval": args.sketch_guidance_interval if args.sketch else None,
+        "generator": f"pipeline_sketch_guided {__version__}",
+    }
+    written = []
+    if args.num_images == 1:
+        save_image(output.images[0], args.out, {**settings, "seed": seeds[0]})
+    else:
+        for k, (image, seed) in enumerate(zip(output.images, seeds, strict=True)):
+            save_image(image, numbered(args.out, k), {**settings, "seed": seed})
+            written.append(numbered(args.out, k))
+        columns = math.ceil(math.sqrt(args.num_images))
+        grid = make_image_grid(output.images, rows=math.ceil(args.num_images / columns), cols=columns)
+        save_image(grid, args.out, {**settings, "seed": seeds[0], "seeds": seeds})
+    size = f"{output.images[0].width}x{output.images[0].height}"
+    print(f"Wrote {args.out} ({size}{f', a grid of {args.num_images}' if written else ''}).")
     if args.edge_map_out:
-        output.edge_maps[0].save(args.edge_map_out)
+        edge_maps = output.edge_maps
+        columns = math.ceil(math.sqrt(len(edge_maps)))
+        grid = make_image_grid(edge_maps, rows=math.ceil(len(edge_maps) / columns), cols=columns)
+        save_image(grid if len(edge_maps) > 1 else edge_maps[0], args.edge_map_out)
         print(f"Wrote {args.edge_map_out}.")
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# demo
+
+
 def add_demo_parser(subparsers) -> None:
+    from .demo import VOCABULARY_HELP
+
     parser = subparsers.add_parser(
         "demo",
         help="a sheet of built-in sketches with unguided and guided images, from the demo model",
         description=(
             "For each built-in free-hand sketch, draw its prompt with the shipped demo model twice with the same seed,"
-            " without and with the sketch, and write one sheet: sketch | unguided | guided."
+            f" without and with the sketch, and write one sheet: sketch | unguided | guided. {VOCABULARY_HELP}"
         ),
     )
-    parser.add_argument("--out", default="sketch_guided_demo.png", help="the sheet to write")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale", type=int, default=3, help="enlarge each 64x64 tile this many times (default 3)")
-    parser.set_defaults(func=run_demo)
+    parser.add_argument("--out", default="sketch_guided_demo.png", help="the sheet to write (PNG, JPEG, ...)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="denoising steps (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of every image (default 0)")
+    parser.add_argument("--scale", type=positive_int, default=3, help="enlarge each 64x64 tile this many times")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the cores not busy, at least 1)")
+    parser.set_defaults(func=run_demo, device=None)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     import PIL.Image
     import PIL.ImageDraw
     import torch
+    from tqdm.auto import tqdm
 
     from .demo import DEMO_IMAGE_SIZE, demo_sketches
 
-    pipe = load_pipeline(None, None, _default_device(None))
+    check_output_path(args.out, "--out")
+    device = resolve_device(None)
+    set_threads(args, device)
+    pipe = load_pipeline(None, None, device)
     tile = DEMO_IMAGE_SIZE * args.scale
     header = 14
     pairs = demo_sketches()
@@ -228,25 +555,33 @@ def run_demo(args: argparse.Namespace) -> int:
     draw = PIL.ImageDraw.Draw(sheet)
     for column, title in enumerate(("sketch", "unguided", "guided")):
         draw.text((column * tile + 4, 2), title, fill="black")
-    for row, (prompt, sketch) in enumerate(pairs):
-        images = [sketch.convert("RGB")]
-        for guided in (False, True):
-            generator = torch.Generator("cpu").manual_seed(args.seed)
-            images.append(
-                pipe(
-                    prompt, sketch=sketch if guided else None, num_inference_steps=args.steps, generator=generator
-                ).images[0]
-            )
-        for column, image in enumerate(images):
-            sheet.paste(image.resize((tile, tile), PIL.Image.Resampling.NEAREST), (column * tile, header + row * tile))
-        print(f"{prompt}: done")
-    sheet.save(args.out)
+    with tqdm(total=2 * len(pairs), desc="demo images", unit="image") as progress:
+        for row, (prompt, sketch) in enumerate(pairs):
+            images = [sketch.convert("RGB")]
+            for guided in (False, True):
+                generator = torch.Generator("cpu").manual_seed(args.seed)
+                images.append(
+                    pipe(
+                        prompt, sketch=sketch if guided else None, num_inference_steps=args.steps, generator=generator
+                    ).images[0]
+                )
+                progress.update()
+            for column, image in enumerate(images):
+                tile_image = image.resize((tile, tile), PIL.Image.Resampling.NEAREST)
+                sheet.paste(tile_image, (column * tile, header + row * tile))
+    save_image(sheet, args.out)
     print(f"Wrote {args.out}: {len(pairs)} sketches, each sketch | unguided | guided (seed {args.seed}).")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="sketch-guided", description="Sketch-guided text-to-image for diffusers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the libraries' warnings, and a traceback with any error"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(subparsers)
     add_demo_parser(subparsers)
@@ -255,13 +590,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """The libraries' notices that say nothing to a user of this command (transformers' torchvision fallback,
+    diffusers' deprecations, loading bars) are silenced; this package's own warnings still show."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    for module in ("diffusers", "transformers", "torch", "huggingface_hub", "accelerate"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" not in argv:
+        quiet_libraries()  # before the parser's help texts import the pipeline (and with it, the libraries)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as error:
-        # Bad input (a blank sketch, a wrong LGP, a missing file) says what was wrong: a message, not a traceback.
-        raise SystemExit(f"sketch-guided {args.command}: error: {error}") from error
+    except KeyboardInterrupt:
+        raise SystemExit(f"sketch-guided {args.command}: interrupted") from None
+    except Exception as error:
+        if args.debug:
+            raise
+        # One line that says what was wrong; --debug shows where.
+        message = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, (ValueError, OSError)):
+            message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+        raise SystemExit(f"sketch-guided {args.command}: error: {message}") from error
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 from diffusers.utils import logging
 
 from .lgp import DEFAULT_NUM_NOISE_FREQUENCIES, LGPModel
+from .sketch import SKETCH_POLARITIES
 
 logger = logging.get_logger(__name__)
 
@@ -333,6 +334,7 @@ def convert_community_lgp(
     output_dir: str | os.PathLike | None = None,
     filename: str | None = None,
     source_format: str | None = None,
+    sketch_polarity: str | None = None,
     **download_kwargs,
 ) -> LGPModel:
     """Convert a published SD1.5 LGP to `LGPModel`, and save it as a diffusers folder if `output_dir` is given.
@@ -343,6 +345,8 @@ def convert_community_lgp(
         output_dir: where to write `config.json` and `diffusion_pytorch_model.safetensors`; nothing is saved if `None`.
         filename: the file in the Hub repo; defaults to the known file of the two repos above.
         source_format: `"sketch2img"` or `"sketch-guided-stable-diffusion"`; by default told from the weights.
+        sketch_polarity: `"dark_on_light"` or `"light_on_dark"`, the look of the edge maps it was trained on, when
+            it is not the format's recorded one (sketch2img's history has both; README, "Which way round").
         download_kwargs: passed to `huggingface_hub.hf_hub_download` (`revision`, `cache_dir`, `token`, ...).
 
     Returns:
@@ -367,7 +371,11 @@ def convert_community_lgp(
 
         path = Path(hf_hub_download(repo_id=repo_id, filename=filename, **download_kwargs))
 
+    if sketch_polarity is not None and sketch_polarity not in SKETCH_POLARITIES:
+        raise ValueError(f"`sketch_polarity` must be one of {SKETCH_POLARITIES}, got {sketch_polarity!r}.")
     lgp = lgp_from_community_state_dict(load_community_state_dict(path), source_format=source_format)
+    if sketch_polarity is not None:
+        lgp.register_to_config(sketch_polarity=sketch_polarity)
     if output_dir is not None:
         lgp.save_pretrained(output_dir, safe_serialization=True)
     return lgp

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,16 @@ from .utils import dtype_kwargs
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
 DEMO_IMAGE_SIZE = 64
 SHAPES = ("circle", "square", "triangle", "star")
+# The demo model was trained on captions "a <colour> <shape> [and a <colour> <shape>] on a <background> background";
+# its tokenizer knows these words and no others.
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+BACKGROUNDS = ("white", "grey", "black", "beige")
+VOCABULARY = frozenset({"a", "an", "and", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS})
+VOCABULARY_HELP = (
+    f"The demo model knows {len(SHAPES)} shapes ({', '.join(SHAPES)}), {len(COLOURS)} colours ({', '.join(COLOURS)})"
+    f" and {len(BACKGROUNDS)} backgrounds ({', '.join(BACKGROUNDS)}): prompts like 'a red star on a white"
+    " background'. Other words mean nothing to it."
+)
 
 
 def load_demo_pipeline(torch_dtype: torch.dtype = torch.float32) -> SketchGuidedStableDiffusionPipeline:
@@ -37,6 +48,12 @@ def load_demo_pipeline(torch_dtype: torch.dtype = torch.float32) -> SketchGuided
     pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(DEMO_MODEL_DIR, **dtype_kwargs(torch_dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """The words of `prompt` that the demo model's captions never used (it draws as if they were not there)."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    return sorted(set(words) - VOCABULARY, key=words.index)
 
 
 def shape_polygon(kind: str, center: tuple[float, float], radius: float, rotation: float) -> list[tuple[float, float]]:

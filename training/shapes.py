@@ -17,24 +17,27 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from pipeline_sketch_guided import demo
 from pipeline_sketch_guided.demo import SHAPES, filled_mask, shape_polygon
 
 IMAGE_SIZE = 64
 # Shapes are drawn this many times larger, then shrunk, so that their edges are anti-aliased.
 SUPERSAMPLE = 4
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 210, 40),
-    "purple": (140, 60, 190),
-    "orange": (245, 140, 30),
-}
+# The demo vocabulary's colours and backgrounds (pipeline_sketch_guided.demo) as RGB.
+COLOURS = dict(
+    zip(
+        demo.COLOURS,
+        [(220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 210, 40), (140, 60, 190), (245, 140, 30)],
+        strict=True,
+    )
+)
 # Neutral backgrounds, so that no background can be mistaken for a shape's colour.
-BACKGROUNDS = {"white": (245, 245, 245), "grey": (150, 150, 150), "black": (25, 25, 25), "beige": (225, 210, 180)}
+BACKGROUNDS = dict(
+    zip(demo.BACKGROUNDS, [(245, 245, 245), (150, 150, 150), (25, 25, 25), (225, 210, 180)], strict=True)
+)
 BACKGROUND_STYLES = ("plain", "gradient", "textured")
-WORDS = sorted({"a", "an", "and", "on", "background", *SHAPES, *COLOURS, *BACKGROUNDS})  # the whole caption vocabulary
+WORDS = sorted(demo.VOCABULARY)  # the whole caption vocabulary
 
 
 @dataclass
