@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 # A plain logger (not diffusers' get_logger, which would import diffusers before `quiet_libraries`).
 logger = logging.getLogger(__name__)
@@ -433,6 +434,20 @@ def file_sha256(path: str) -> str:
         return hashlib.sha256(file.read()).hexdigest()
 
 
+def image_grid(images: list):
+    """The images in a near-square grid, row by row, on white (one image is returned as it is)."""
+    import PIL.Image
+
+    if len(images) == 1:
+        return images[0]
+    columns = math.ceil(math.sqrt(len(images)))
+    width, height = images[0].size
+    grid = PIL.Image.new("RGB", (columns * width, math.ceil(len(images) / columns) * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, (index % columns * width, index // columns * height))
+    return grid
+
+
 def numbered(path: str, index: int) -> str:
     stem, extension = os.path.splitext(path)
     return f"{stem}-{index}{extension}"
@@ -440,7 +455,6 @@ def numbered(path: str, index: int) -> str:
 
 def run_generate(args: argparse.Namespace) -> int:
     import torch
-    from diffusers.utils import make_image_grid
 
     from . import __version__
     from .demo import VOCABULARY_HELP, unknown_words
@@ -499,16 +513,11 @@ def run_generate(args: argparse.Namespace) -> int:
         for k, (image, seed) in enumerate(zip(output.images, seeds, strict=True)):
             save_image(image, numbered(args.out, k), {**settings, "seed": seed})
             written.append(numbered(args.out, k))
-        columns = math.ceil(math.sqrt(args.num_images))
-        grid = make_image_grid(output.images, rows=math.ceil(args.num_images / columns), cols=columns)
-        save_image(grid, args.out, {**settings, "seed": seeds[0], "seeds": seeds})
+        save_image(image_grid(output.images), args.out, {**settings, "seed": seeds[0], "seeds": seeds})
     size = f"{output.images[0].width}x{output.images[0].height}"
     print(f"Wrote {args.out} ({size}{f', a grid of {args.num_images}' if written else ''}).")
     if args.edge_map_out:
-        edge_maps = output.edge_maps
-        columns = math.ceil(math.sqrt(len(edge_maps)))
-        grid = make_image_grid(edge_maps, rows=math.ceil(len(edge_maps) / columns), cols=columns)
-        save_image(grid if len(edge_maps) > 1 else edge_maps[0], args.edge_map_out)
+        save_image(image_grid(output.edge_maps), args.edge_map_out)
         print(f"Wrote {args.edge_map_out}.")
     return 0
 
@@ -590,38 +599,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_libraries() -> None:
-    """The libraries' notices that say nothing to a user of this command (transformers' torchvision fallback,
-    diffusers' deprecations, loading bars) are silenced; this package's own warnings still show."""
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Inside the context, the libraries' notices that say nothing to a user of this command (transformers' torchvision
+    fallback, diffusers' deprecations, loading bars) are silenced; this package's own warnings still show."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
-    for module in ("diffusers", "transformers", "torch", "huggingface_hub", "accelerate"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
-        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(library.get_verbosity(), library.is_progress_bar_enabled()) for library in libraries]
+    with warnings.catch_warnings():
+        for module in ("diffusers", "transformers", "torch", "huggingface_hub", "accelerate"):
+            for category in (FutureWarning, DeprecationWarning, UserWarning):
+                warnings.filterwarnings("ignore", category=category, module=module)
+        for library in libraries:
+            library.set_verbosity_error()
+            library.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for library, (verbosity, progress_bar) in zip(libraries, saved, strict=True):
+                library.set_verbosity(verbosity)
+                if progress_bar:
+                    library.enable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" not in argv:
-        quiet_libraries()  # before the parser's help texts import the pipeline (and with it, the libraries)
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        raise SystemExit(f"sketch-guided {args.command}: interrupted") from None
-    except Exception as error:
-        if args.debug:
-            raise
-        # One line that says what was wrong; --debug shows where.
-        message = " ".join(str(error).split()) or type(error).__name__
-        if not isinstance(error, (ValueError, OSError)):
-            message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
-        raise SystemExit(f"sketch-guided {args.command}: error: {message}") from error
+    # Quiet before the parser's help texts import the pipeline (and with it, the libraries).
+    with contextlib.nullcontext() if "--debug" in argv else quiet_libraries():
+        args = build_parser().parse_args(argv)
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            raise SystemExit(f"sketch-guided {args.command}: interrupted") from None
+        except Exception as error:
+            if args.debug:
+                raise
+            # One line that says what was wrong; --debug shows where.
+            message = " ".join(str(error).split()) or type(error).__name__
+            if not isinstance(error, (ValueError, OSError)):
+                message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+            raise SystemExit(f"sketch-guided {args.command}: error: {message}") from error
 
 
 if __name__ == "__main__":
