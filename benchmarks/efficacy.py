@@ -1,15 +1,16 @@
 """Efficacy of sketch guidance on the demo model: do guided images follow held-out sketches and keep their prompts?
 
-The held-out cases are single coloured shapes that the training renderer (`training.shapes`) never drew: the sketches
-are free-hand outlines from `pipeline_sketch_guided.demo.freehand_sketch` (wobbly, broken and overshooting strokes,
-line widths 1 to 3 pixels, dark-on-light and light-on-dark) and clean outlines, at positions, sizes and rotations
-drawn from a generator seeded apart from the training data. Each case is generated with several seeds, unguided and
-guided with the same seeds, and every image is measured:
+The held-out cases are single coloured shapes that the training renderer (`pipeline_sketch_guided.training.shapes`)
+never drew: the sketches are free-hand outlines from `pipeline_sketch_guided.demo.freehand_sketch` (wobbly, broken and
+overshooting strokes, line widths 1 to 3 pixels, dark-on-light and light-on-dark) and clean outlines, at positions,
+sizes and rotations drawn from a generator seeded apart from the training data. Each case is generated with several
+seeds, unguided and guided with the same seeds, and every image is measured:
 
 - sketch agreement: the intersection-over-union of the image's foreground with the filled sketch (the intended,
-  unwobbled shape); the edge agreement of `training.evaluate` (edge F-score and chamfer distance between the image's
-  Canny edges and the sketch's strokes); and the same two scores between the foreground's outline and the strokes
-  ("outline F"), since Canny runs on brightness and misses shapes as bright as their background (yellow on beige);
+  unwobbled shape); the edge agreement of `pipeline_sketch_guided.training.evaluate` (edge F-score and chamfer
+  distance between the image's Canny edges and the sketch's strokes); and the same two scores between the foreground's
+  outline and the strokes ("outline F"), since Canny runs on brightness and misses shapes as bright as their background
+  (yellow on beige);
 - prompt agreement: whether the foreground's median colour is nearest, among the six named colours, to the prompted
   one; and whether the shape is recognisable (a foreground of sane size whose outline best matches the prompted
   shape kind).
@@ -56,8 +57,8 @@ from pipeline_sketch_guided.demo import (
     freehand_sketch,
     shape_polygon,
 )
-from training.evaluate import chamfer_distance, edge_agreement, edge_f_score, sketch_strokes
-from training.shapes import BACKGROUNDS, COLOURS, render_sample, shape_mask
+from pipeline_sketch_guided.training.evaluate import chamfer_distance, edge_agreement, edge_f_score, sketch_strokes
+from pipeline_sketch_guided.training.shapes import BACKGROUNDS, COLOURS, render_sample, shape_mask
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -421,11 +422,12 @@ def validate_segmentation(
 ) -> dict[str, Any]:
     """How well the metrics read training renders, where the truth is known.
 
-    On `num_samples` renders of `training.shapes.render_sample`: the IoU of `segment_foreground` with the union of the
-    true shape masks (at `CHROMA_THRESHOLD` and at each of `chroma_thresholds`, to show it sits on a plateau), the rate
-    at which each shape's median colour (inside its true mask and the foreground) names its colour, and, on the
-    single-shape renders, the rate at which `classify_shape` names the kind. With a `vae`, the same on the renders
-    passed through it (`through_vae`): the ceiling that the model's decoder puts on every score.
+    On `num_samples` renders of `pipeline_sketch_guided.training.shapes.render_sample`: the IoU of
+    `segment_foreground` with the union of the true shape masks (at `CHROMA_THRESHOLD` and at each of
+    `chroma_thresholds`, to show it sits on a plateau), the rate at which each shape's median colour (inside its true
+    mask and the foreground) names its colour, and, on the single-shape renders, the rate at which `classify_shape`
+    names the kind. With a `vae`, the same on the renders passed through it (`through_vae`): the ceiling that the
+    model's decoder puts on every score.
     """
     samples = [render_sample(seed) for seed in range(first_seed, first_seed + num_samples)]
     truths = [np.logical_or.reduce([shape_mask(s) for s in shapes]) for _, _, shapes in samples]

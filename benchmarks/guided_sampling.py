@@ -657,7 +657,7 @@ def efficacy(pipe, args: argparse.Namespace) -> dict[str, Any]:
     model's efficacy benchmark (`benchmarks.efficacy`), at `--sketch_guidance_scale`; each k also at k times that scale,
     which gives back the summed size of the guidance steps that guiding every k-th step leaves out."""
     from benchmarks.efficacy import generate, held_out_cases, measure_image, native_image_size, summarize
-    from training.evaluate import sketch_strokes
+    from pipeline_sketch_guided.training.evaluate import sketch_strokes
 
     image_size = native_image_size(pipe)
     cases = held_out_cases(args.efficacy_cases, image_size)

@@ -1,8 +1,9 @@
 """Training throughput of the LGP trainer: images and latent pixels per second, and peak memory.
 
-Times the trainer's own step (`training.train_lgp.lgp_loss`: caption encoding, noising, the frozen UNet forward up to
-the last captured block, the LGP forward and backward, the optimizer step) on random data, after warm-up steps. VAE
-latents are taken as cached (`--cache_latents`); `--include_vae` also encodes the images and edge maps every step.
+Times the trainer's own step (`pipeline_sketch_guided.training.train_lgp.lgp_loss`: caption encoding, noising, the
+frozen UNet forward up to the last captured block, the LGP forward and backward, the optimizer step) on random data,
+after warm-up steps. VAE latents are taken as cached (`--cache_latents`); `--include_vae` also encodes the images and
+edge maps every step.
 
     python -m benchmarks.train_throughput --model tiny --batch_size 8               # CPU, tiny random model
     python -m benchmarks.train_throughput --model sd15-random --resolution 512 --batch_size 8 --mixed_precision fp16
@@ -28,8 +29,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from benchmarks.models import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE
 from pipeline_sketch_guided import LGPModel
 from pipeline_sketch_guided.testing import tiny_components
+from pipeline_sketch_guided.training.train_lgp import encode_latents, last_block_to_run, lgp_loss
 from pipeline_sketch_guided.utils import dtype_kwargs
-from training.train_lgp import encode_latents, last_block_to_run, lgp_loss
 
 
 def build_components(

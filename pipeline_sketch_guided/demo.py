@@ -43,7 +43,7 @@ def load_demo_pipeline(torch_dtype: torch.dtype = torch.float32) -> SketchGuided
     if not (DEMO_MODEL_DIR / "model_index.json").is_file():
         raise FileNotFoundError(
             f"The demo model is missing from {DEMO_MODEL_DIR}. Reinstall the package, or train it with"
-            " `python -m training.train_demo_model` (see the README)."
+            " `python -m pipeline_sketch_guided.training.train_demo_model` (see the README)."
         )
     pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(DEMO_MODEL_DIR, **dtype_kwargs(torch_dtype))
     pipe.set_progress_bar_config(disable=True)

@@ -218,7 +218,7 @@ class LGPModel(ModelMixin, ConfigMixin):
                 raise ValueError(
                     f"This LGP expects {expected} channels from UNet block {name!r}, but that block of the UNet"
                     f" outputs {found}. The LGP was made for a different base model: load an LGP trained for this"
-                    " UNet, or train one with `training/train_lgp.py`."
+                    " UNet, or train one with `pipeline_sketch_guided/training/train_lgp.py`."
                 )
         if unet.config.in_channels != self.config.latent_channels:
             raise ValueError(

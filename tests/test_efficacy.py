@@ -26,7 +26,7 @@ from benchmarks.efficacy import (
 )
 from pipeline_sketch_guided.demo import SHAPES
 from pipeline_sketch_guided.testing import tiny_random_pipeline
-from training.shapes import COLOURS, WORDS, Shape, render, render_sample, shape_mask
+from pipeline_sketch_guided.training.shapes import COLOURS, WORDS, Shape, render, render_sample, shape_mask
 
 
 @pytest.fixture

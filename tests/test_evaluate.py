@@ -10,7 +10,14 @@ import PIL.Image
 import pytest
 from conftest import draw_square
 
-from training.evaluate import SketchPrompt, chamfer_distance, edge_f_score, evaluate_pairs, read_pairs, sketch_strokes
+from pipeline_sketch_guided.training.evaluate import (
+    SketchPrompt,
+    chamfer_distance,
+    edge_f_score,
+    evaluate_pairs,
+    read_pairs,
+    sketch_strokes,
+)
 
 
 def square_outline(size: int = 32, offset: int = 0) -> np.ndarray:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ from diffusers import StableDiffusionPipeline
 
 from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline
 from pipeline_sketch_guided.testing import tiny_components
-from training import prepare_data, train_lgp
-from training.train_lgp import epoch_batches, last_block_to_run, latest_checkpoint, lgp_loss
+from pipeline_sketch_guided.training import prepare_data, train_lgp
+from pipeline_sketch_guided.training.train_lgp import epoch_batches, last_block_to_run, latest_checkpoint, lgp_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 32
@@ -163,7 +164,7 @@ def test_trainer_rejects_bad_arguments_up_front(base_model, prepared, image_fold
     with pytest.raises(ValueError, match="hub_model_id"):
         train_lgp.parse_args([*args, "--push_to_hub"])
     # A raw image folder instead of a prepared one: told how to prepare it.
-    with pytest.raises(ValueError, match="training.prepare_data"):
+    with pytest.raises(ValueError, match="pipeline_sketch_guided.training.prepare_data"):
         train_lgp.main(train_args(base_model, image_folder, tmp_path / "raw", "--max_train_steps", "1"))
     with pytest.raises(ValueError, match="fewer than one step"):
         train_lgp.main([*args, "--train_batch_size", "64", "--max_train_steps", "1"])
@@ -316,7 +317,7 @@ def test_two_processes_with_accelerate_launch(base_model, prepared, tmp_path):
         "--main_process_port",
         str(29500 + os.getpid() % 1000),
         "-m",
-        "training.train_lgp",
+        "pipeline_sketch_guided.training.train_lgp",
         *train_args(base_model, data, output, "--max_train_steps", "2", "--train_batch_size", "2"),
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -327,3 +328,52 @@ def test_two_processes_with_accelerate_launch(base_model, prepared, tmp_path):
     assert (checkpoint / "rng_state_0.pt").is_file() and (checkpoint / "rng_state_1.pt").is_file()
     assert json.loads((checkpoint / "training_state.json").read_text())["global_step"] == 2
     LGPModel.from_pretrained(output)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Runs that cannot mix, from anywhere
+
+
+def test_a_new_run_into_the_folder_of_another_is_refused_unless_overwritten(base_model, prepared, tmp_path):
+    data, _ = prepared
+    output = tmp_path / "run"
+    train_lgp.main(train_args(base_model, data, output, "--max_train_steps", "3", "--checkpointing_steps", "3"))
+    assert (output / "checkpoint-3").is_dir()
+    again = train_args(base_model, data, output, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    with pytest.raises(ValueError, match="already holds a run .*resume_from_checkpoint latest.*overwrite_output_dir"):
+        train_lgp.main(again)
+    train_lgp.main([*again, "--overwrite_output_dir"])
+    # Only the new run's checkpoint is left, so `latest` cannot resume the old run's later step.
+    assert latest_checkpoint(str(output)) == str(output / "checkpoint-2")
+    assert not (output / "checkpoint-3").exists()
+
+
+def test_checkpoints_total_limit_keeps_the_newest_three_by_default(base_model, prepared, tmp_path):
+    data, _ = prepared
+    output = tmp_path / "run"
+    train_lgp.main(train_args(base_model, data, output, "--max_train_steps", "5", "--checkpointing_steps", "1"))
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4", "checkpoint-5"]
+
+
+def test_images_without_a_metadata_row_are_named_in_the_report(tmp_path):
+    source = tmp_path / "images"
+    source.mkdir()
+    for index in range(3):
+        draw_example(index)[0].convert("RGB").save(source / f"{index}.png")
+    (source / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a red square"}) + "\n")
+    report = prepare_data.main(
+        ["--input_dir", str(source), "--output_dir", str(tmp_path / "out"), "--resolution", str(RESOLUTION)]
+    )
+    assert report["written"] == 1 and report["skipped"] == 2
+    reasons = {Path(entry["source"]).name: entry["reason"] for entry in report["skipped_files"]}
+    assert set(reasons) == {"1.png", "2.png"} and "not in any metadata.jsonl" in reasons["1.png"]
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["skipped_files"] == report["skipped_files"]
+
+
+@pytest.mark.parametrize("module", ["prepare_data", "train_lgp", "evaluate"])
+def test_training_scripts_run_from_any_folder_with_the_package_installed(tmp_path, module):
+    command = [sys.executable, "-m", f"pipeline_sketch_guided.training.{module}", "--help"]
+    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "usage:" in completed.stdout

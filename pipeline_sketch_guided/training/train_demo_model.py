@@ -1,6 +1,6 @@
 """Train the demo model from scratch: a tiny Stable Diffusion (VAE, CLIP text encoder, UNet) on procedural shapes.
 
-    python -m training.train_demo_model --output_dir outputs/demo-sd --max_minutes 60
+    python -m pipeline_sketch_guided.training.train_demo_model --output_dir outputs/demo-sd --max_minutes 60
 
 Stage 1 trains the AutoencoderKL (64x64 images -> 4x16x16 latents), stage 2 encodes the dataset once and trains the
 UNet and the text encoder together on the cached latents (captions dropped 10% of the time, for classifier-free
@@ -25,7 +25,7 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from pipeline_sketch_guided.testing import tiny_tokenizer
-from training.shapes import IMAGE_SIZE, WORDS, render_sample
+from pipeline_sketch_guided.training.shapes import IMAGE_SIZE, WORDS, render_sample
 
 # Noise schedule of Stable Diffusion 1.x, so that the demo model behaves like the models users know.
 SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}

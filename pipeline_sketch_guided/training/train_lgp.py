@@ -1,15 +1,17 @@
 """Train a Latent Guidance Predictor (LGP) for a Stable Diffusion base model.
 
 The base model (UNet, VAE, text encoder) is frozen; only the LGP learns. For each batch of (image x, edge map e,
-caption c) from a folder made by `training.prepare_data`: z_t = add_noise(E(x), noise, t), one UNet forward on
-(z_t, t, c) without gradients captures the LGP's blocks, and the LGP is fitted to E(e) at every latent pixel (mean
-squared error), given the noise level n = sqrt(1 - alphabar_t) * noise.
+caption c) from a folder made by `pipeline_sketch_guided.training.prepare_data`: z_t = add_noise(E(x), noise, t), one
+UNet forward on (z_t, t, c) without gradients captures the LGP's blocks, and the LGP is fitted to E(e) at every latent
+pixel (mean squared error), given the noise level n = sqrt(1 - alphabar_t) * noise.
 
 Runs on the CPU, one GPU, or many GPUs and nodes through accelerate:
 
-    python -m training.train_lgp --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+    python -m pipeline_sketch_guided.training.train_lgp \
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --train_data_dir data/lgp --output_dir lgp-sd15 --mixed_precision fp16
-    accelerate launch -m training.train_lgp ...   # the same arguments, on every GPU that accelerate is configured for
+    # the same arguments, on every GPU that accelerate is configured for:
+    accelerate launch -m pipeline_sketch_guided.training.train_lgp ...
 
 The result loads with `LGPModel.from_pretrained(output_dir)`. Checkpoints (`output_dir/checkpoint-<step>`) are written
 to a temporary folder and renamed when complete, so a run killed at any moment leaves its last checkpoint loadable;
@@ -68,7 +70,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--revision", type=str, default=None, help="Revision of the base model on the Hub.")
     parser.add_argument("--variant", type=str, default=None, help="Weights variant of the base model, e.g. fp16.")
     parser.add_argument(
-        "--train_data_dir", type=str, required=True, help="A training set written by `python -m training.prepare_data`."
+        "--train_data_dir",
+        type=str,
+        required=True,
+        help="A training set written by `python -m pipeline_sketch_guided.training.prepare_data`.",
     )
     parser.add_argument(
         "--resolution", type=int, default=None, help="Training image side; defaults to the training set's resolution."
@@ -109,7 +114,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # Output, checkpoints, logging
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N.")
+    parser.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=3,
+        help="Keep only the newest N checkpoints (default 3; each holds the LGP and its optimizer state).",
+    )
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Train afresh into an --output_dir that holds an earlier run: its checkpoints are deleted first, so that"
+        " `--resume_from_checkpoint latest` can only ever find this run's.",
+    )
     parser.add_argument(
         "--resume_from_checkpoint",
         type=str,
@@ -461,7 +477,9 @@ def log_validation(
 ) -> list[PIL.Image.Image]:
     """Generate each validation prompt guided by its sketch; save the images and LGP edge maps, log them."""
     logger.info(f"Validation at step {global_step}: {len(args.validation_prompts)} prompts.")
-    pipe = SketchGuidedStableDiffusionPipeline(**base.components, lgp=lgp)
+    # No safety checker: validation images of sketches are for the trainer's eyes (and saying so silences diffusers'
+    # warning about it at every validation).
+    pipe = SketchGuidedStableDiffusionPipeline(**base.components, lgp=lgp, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     sketches = args.validation_sketches * (len(args.validation_prompts) // len(args.validation_sketches))
     folder = Path(args.output_dir, "validation", f"step-{global_step:06d}")
@@ -499,8 +517,22 @@ class TrainingResult:
     losses: list[float] = field(default_factory=list)  # the mean loss of each step this run took
 
 
+def check_output_dir(args: argparse.Namespace) -> None:
+    """A new run goes into an empty folder: one that holds another run would mix their checkpoints."""
+    if args.resume_from_checkpoint is None and not args.overwrite_output_dir and os.path.isdir(args.output_dir):
+        earlier = sorted(name for name in os.listdir(args.output_dir) if not name.startswith("."))
+        if earlier:
+            listed = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            raise ValueError(
+                f"`--output_dir` {args.output_dir!r} already holds a run ({listed}). Continue it with"
+                " `--resume_from_checkpoint latest`, replace it with `--overwrite_output_dir`, or choose an empty"
+                " folder: a new run there would mix its checkpoints with the old ones."
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> TrainingResult:
     args = parse_args(argv)
+    check_output_dir(args)
     report_to = args.report_to
     if report_to == "tensorboard" and not is_tensorboard_available():
         report_to = None  # warned below, once logging is set up
@@ -518,9 +550,12 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        for name in os.listdir(args.output_dir):  # leftovers of a run killed while checkpointing
-            if name.startswith(CHECKPOINT_PREFIX) and name.endswith((TEMPORARY_SUFFIX, ".old")):
+        for name in os.listdir(args.output_dir):
+            # Leftovers of a run killed while checkpointing; with --overwrite_output_dir, the earlier run's checkpoints.
+            leftover = name.endswith((TEMPORARY_SUFFIX, ".old"))
+            if name.startswith(CHECKPOINT_PREFIX) and (leftover or args.overwrite_output_dir):
                 shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
 
     # The frozen base model, in half precision where mixed precision is asked for.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -730,7 +765,9 @@ def save_final_model(model: LGPModel, output_dir: str) -> None:
 def push_lgp_to_hub(model: LGPModel, args: argparse.Namespace, result: TrainingResult) -> str:
     """Publish the LGP to `--hub_model_id`: with its model card and code through `pipeline_sketch_guided.hub` where
     that module is installed, otherwise config and weights alone with `LGPModel.push_to_hub`."""
-    commit_message = f"LGP for {args.pretrained_model_name_or_path}, trained with training/train_lgp.py"
+    commit_message = (
+        f"LGP for {args.pretrained_model_name_or_path}, trained with pipeline_sketch_guided/training/train_lgp.py"
+    )
     try:
         from pipeline_sketch_guided.hub import push_lgp_to_hub as push_with_card
     except ImportError:
@@ -747,7 +784,7 @@ def push_lgp_to_hub(model: LGPModel, args: argparse.Namespace, result: TrainingR
     final_loss = f", final loss {np.mean(result.losses[-10:]):.4f}" if result.losses else ""
     training_details = (
         f"{result.global_step} steps of {args.train_batch_size} images per process, learning rate"
-        f" {args.learning_rate}{final_loss}, with `training/train_lgp.py`."
+        f" {args.learning_rate}{final_loss}, with `pipeline_sketch_guided/training/train_lgp.py`."
     )
     validations = sorted(Path(args.output_dir, "validation").glob("step-*"))
     figures = sorted(validations[-1].glob("*_image.png")) if validations else []

@@ -18,7 +18,7 @@ Output folder:
     metadata.jsonl          {"file_name", "edge_file_name", "text", "source"} per example
     report.json             counts, settings, and every skipped file with the reason
 
-    python -m training.prepare_data --input_dir my_photos --output_dir data/lgp --resolution 512
+    python -m pipeline_sketch_guided.training.prepare_data --input_dir my_photos --output_dir data/lgp --resolution 512
 """
 
 from __future__ import annotations
@@ -150,9 +150,14 @@ def folder_examples(input_dir: str, caption_column: str = "text") -> tuple[list[
                 path = metadata_file.parent / str(row["file_name"])
                 caption = row.get(caption_column)
                 examples.append(SourceExample(str(path), None if caption is None else str(caption), _loader(path)))
+        # Images that no metadata row names would be left out without a word: name each in the report.
+        listed = {os.path.normpath(example.source) for example in examples}
+        for path in _image_files(root):
+            if os.path.normpath(path) not in listed:
+                skipped.append(Skipped(str(path), f"not in any {METADATA_FILE}, so it has no caption"))
         return examples, skipped
 
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+    for path in _image_files(root):
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.is_file() else None
         examples.append(SourceExample(str(path), caption, _loader(path)))
@@ -162,6 +167,10 @@ def folder_examples(input_dir: str, caption_column: str = "text") -> tuple[list[
             f" {METADATA_FILE} or .txt captions."
         )
     return examples, skipped
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def _loader(path: Path) -> Callable[[], PIL.Image.Image]:
@@ -348,7 +357,7 @@ def load_prepared_dataset(folder: str) -> list[PreparedExample]:
     if not os.path.isfile(metadata_file):
         raise ValueError(
             f"{folder!r} is not a prepared training set (no {METADATA_FILE}). Prepare one first:"
-            f" python -m training.prepare_data --input_dir <images> --output_dir {folder}"
+            f" python -m pipeline_sketch_guided.training.prepare_data --input_dir <images> --output_dir {folder}"
         )
     examples = []
     with open(metadata_file, encoding="utf-8") as lines:
@@ -359,7 +368,8 @@ def load_prepared_dataset(folder: str) -> list[PreparedExample]:
             if "edge_file_name" not in row:
                 raise ValueError(
                     f"{metadata_file}:{line_number} has no `edge_file_name`: this looks like a raw image folder."
-                    f" Prepare it first: python -m training.prepare_data --input_dir {folder} --output_dir <new folder>"
+                    " Prepare it first: python -m pipeline_sketch_guided.training.prepare_data"
+                    f" --input_dir {folder} --output_dir <new folder>"
                 )
             example = PreparedExample(
                 os.path.join(folder, row["file_name"]), os.path.join(folder, row["edge_file_name"]), row["text"]

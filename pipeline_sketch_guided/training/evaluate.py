@@ -9,12 +9,12 @@ unguided (plain Stable Diffusion), and the edges of each (Canny, as in training)
   `tolerance` pixels, a stroke pixel as found when an edge pixel does (higher is better). This is the distance-
   tolerance form of the boundary F-measure, without its one-to-one matching.
 
-    python -m training.evaluate --pretrained_model_name_or_path <base> --lgp <lgp folder or Hub id> \
-        --pairs pairs.jsonl --output_dir eval
+    python -m pipeline_sketch_guided.training.evaluate --pretrained_model_name_or_path <base> \
+        --lgp <lgp folder or Hub id> --pairs pairs.jsonl --output_dir eval
 
 `--pairs` is a JSON-lines file of {"sketch": <image path, relative to the file>, "prompt": <text>}, or a folder made by
-`training.prepare_data` (its edge maps are the sketches, its captions the prompts). Writes `guided/`, `unguided/` and
-`sketches/` images, `metrics.jsonl` (one line per pair) and `summary.json` (the means).
+`pipeline_sketch_guided.training.prepare_data` (its edge maps are the sketches, its captions the prompts). Writes
+`guided/`, `unguided/` and `sketches/` images, `metrics.jsonl` (one line per pair) and `summary.json` (the means).
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ class SketchPrompt:
 
 
 def read_pairs(path: str) -> list[SketchPrompt]:
-    """(sketch, prompt) pairs from a JSON-lines file or a folder made by `training.prepare_data`."""
+    """(sketch, prompt) pairs from a JSON-lines file or a folder made by
+    `pipeline_sketch_guided.training.prepare_data`."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, METADATA_FILE)):
             raise ValueError(f"{path!r} is a folder without {METADATA_FILE}: pass a prepared set or a .jsonl file.")

@@ -126,7 +126,9 @@ def write_image_folder(output_dir: Path, num_images: int, first_seed: int = 0) -
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write shapes samples as an ImageFolder for training.prepare_data.")
+    parser = argparse.ArgumentParser(
+        description="Write shapes samples as an ImageFolder for pipeline_sketch_guided.training.prepare_data."
+    )
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--num_images", type=int, default=3000)
     parser.add_argument("--first_seed", type=int, default=0)

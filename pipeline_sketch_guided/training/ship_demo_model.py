@@ -1,6 +1,6 @@
 """Put the trained demo model and its LGP inside the package, in float16, as one diffusers pipeline folder.
 
-    python -m training.ship_demo_model --model outputs/demo-sd/pipeline --lgp outputs/demo-lgp
+    python -m pipeline_sketch_guided.training.ship_demo_model --model outputs/demo-sd/pipeline --lgp outputs/demo-lgp
 
 `pipeline_sketch_guided.load_demo_pipeline()` loads the result (and upcasts it to float32 for the CPU).
 """
@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 
 from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline
 from pipeline_sketch_guided.demo import DEMO_MODEL_DIR
-from training.train_demo_model import atomic_save
+from pipeline_sketch_guided.training.train_demo_model import atomic_save
 
 MAX_SHIPPED_BYTES = 25 * 2**20  # the package must stay small: the whole demo, weights and all, under 25 MiB
 

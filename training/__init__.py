@@ -1,6 +1,0 @@
-"""Training, data preparation and evaluation of Latent Guidance Predictors. Run the steps from the repository root:
-
-python -m training.prepare_data --input_dir my_images --output_dir data/lgp --resolution 512
-accelerate launch -m training.train_lgp --pretrained_model_name_or_path <base> --train_data_dir data/lgp ...
-python -m training.evaluate --pretrained_model_name_or_path <base> --lgp <output_dir> --pairs data/lgp_val ...
-"""
