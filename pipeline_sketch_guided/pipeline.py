@@ -26,7 +26,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from .capture import capture_activations, resolve_blocks
 from .lgp import LGPModel, noise_level_map
-from .sketch import SketchInput, prepare_sketch, sketch_list
+from .sketch import SKETCH_POLARITIES, SketchInput, prepare_sketch, sketch_list
 
 logger = logging.get_logger(__name__)
 
@@ -231,6 +231,17 @@ class SketchGuidedStableDiffusionPipeline(StableDiffusionPipeline):
         lgp, unet = self.__dict__.get("lgp"), self.__dict__.get("unet")
         if name in ("lgp", "unet") and lgp is not None and unet is not None:
             lgp.check_unet(unet)
+
+    def set_sketch_polarity(self, polarity: str) -> None:
+        """Say how the LGP's training edge maps looked, `"light_on_dark"` or `"dark_on_light"`, where its recorded
+        polarity is wrong or unsure (the converted sketch2img LGP: README, "Which way round"). Sketches of either look
+        are still accepted; this sets what they are turned into. It is stored in the LGP's config, so
+        `save_pretrained` keeps it."""
+        if polarity not in SKETCH_POLARITIES:
+            raise ValueError(f"`polarity` must be one of {SKETCH_POLARITIES}, got {polarity!r}.")
+        if self.lgp is None:
+            raise ValueError("This pipeline has no LGP whose sketch polarity could be set.")
+        self.lgp.register_to_config(sketch_polarity=polarity)
 
     def check_sketch_inputs(
         self,

@@ -329,3 +329,13 @@ def test_known_sources():
         "nyanko7/sketch2img-edge-predictor-train": "edge_predictor.pt",
         "ogkalu/Stable-Diffusion-Latent-Guidance-Predictor": "SDv1.5-trained_LGP.pt",
     }
+
+
+def test_cli_convert_sketch_polarity_overrides_the_formats_recorded_one(tmp_path):
+    fmt = SKETCH2IMG_SD15
+    checkpoint = tmp_path / fmt.filename
+    save_in_original_format(random_community_mlp(fmt.in_features, hidden_dims=(32, 16)), fmt, checkpoint)
+    cli_main(["convert", str(checkpoint), str(tmp_path / "recorded")])
+    assert LGPModel.from_pretrained(tmp_path / "recorded").config.sketch_polarity == "dark_on_light"
+    cli_main(["convert", str(checkpoint), str(tmp_path / "light"), "--sketch-polarity", "light_on_dark"])
+    assert LGPModel.from_pretrained(tmp_path / "light").config.sketch_polarity == "light_on_dark"

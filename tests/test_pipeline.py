@@ -10,7 +10,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline
+from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline, prepare_sketch
 from pipeline_sketch_guided.pipeline import guided_step_indices, is_guided_step, sketch_guidance_step
 from pipeline_sketch_guided.testing import random_lgp
 
@@ -320,3 +320,17 @@ def test_non_finite_gradient_skips_that_steps_guidance_with_a_warning(pipe, capl
     unguided = generate(pipe, **kwargs).images
     assert torch.allclose(guided[1], unguided[1], atol=1e-4)
     assert not torch.allclose(guided[0], unguided[0], atol=1e-3)
+
+
+def test_the_lgps_sketch_polarity_can_be_overridden_and_is_saved(pipe, tmp_path):
+    assert pipe.lgp.config.sketch_polarity == "light_on_dark"
+    before = pipe.prepare_sketch_latents(draw_square(), 1, 32, 32, "cpu")
+    pipe.set_sketch_polarity("dark_on_light")
+    inverted = pipe.prepare_sketch_latents(draw_square(), 1, 32, 32, "cpu")
+    # The same drawing, now turned into dark strokes on light paper: the VAE sees the inverse image.
+    expected = pipe.vae.encode(-prepare_sketch(draw_square(), 32, 32)).latent_dist.mean * pipe.vae.config.scaling_factor
+    assert torch.allclose(inverted, expected, atol=1e-5) and not torch.allclose(inverted, before, atol=1e-2)
+    pipe.save_pretrained(tmp_path)
+    assert SketchGuidedStableDiffusionPipeline.from_pretrained(tmp_path).lgp.config.sketch_polarity == "dark_on_light"
+    with pytest.raises(ValueError, match="polarity"):
+        pipe.set_sketch_polarity("white")
