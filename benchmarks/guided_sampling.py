@@ -67,10 +67,10 @@ from pipeline_sketch_guided import (
     cli,
     noise_level_map,
 )
-from pipeline_sketch_guided import pipeline as pipeline_module
+from pipeline_sketch_guided import guidance as guidance_module
 from pipeline_sketch_guided.capture import resolve_blocks
 from pipeline_sketch_guided.demo import freehand_sketch
-from pipeline_sketch_guided.pipeline import (
+from pipeline_sketch_guided.guidance import (
     DEFAULT_SKETCH_GUIDANCE_END,
     DEFAULT_SKETCH_GUIDANCE_SCALE,
     is_guided_step,
@@ -264,12 +264,12 @@ def within(context: Callable[[], contextlib.AbstractContextManager], run: Callab
 def without_savings() -> Iterator[None]:
     """The guided step as it would be without the pipeline's savings: autograd recording weight gradients (diffusers
     loads models with `requires_grad=True`) and the layers after the last block the LGP reads."""
-    saved = pipeline_module.frozen_parameters, pipeline_module.autograd_until
-    pipeline_module.frozen_parameters = pipeline_module.autograd_until = lambda *args: contextlib.nullcontext()
+    saved = guidance_module.frozen_parameters, guidance_module.autograd_until
+    guidance_module.frozen_parameters = guidance_module.autograd_until = lambda *args: contextlib.nullcontext()
     try:
         yield
     finally:
-        pipeline_module.frozen_parameters, pipeline_module.autograd_until = saved
+        guidance_module.frozen_parameters, guidance_module.autograd_until = saved
 
 
 @contextlib.contextmanager
@@ -296,11 +296,18 @@ def gradient_checkpointing(unet: UNet2DConditionModel) -> Iterator[None]:
 # What is timed
 
 
+def classifier_free_guidance(noise_pred: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The loop's combination of the [unconditional, conditional] noise predictions."""
+    uncond, text = noise_pred.chunk(2)
+    return uncond + guidance_scale * (text - uncond)
+
+
 class GuidedStepParts:
     """One guided step of `pipe`, taken apart. Every callable returns the seconds of the part it names."""
 
     def __init__(self, pipe, sketch: PIL.Image.Image, resolution: int, steps: int, guidance_scale: float):
         self.pipe, self.steps, self.device = pipe, steps, pipe._execution_device
+        self.guidance_scale = guidance_scale
         pipe._guidance_scale = guidance_scale
         pipe._guidance_rescale = 0.0
         negative, positive = pipe.encode_prompt(PROMPT, self.device, 1, True)[::-1]
@@ -340,7 +347,7 @@ class GuidedStepParts:
         def work():
             model_input = pipe.scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
             noise_pred = pipe.unet(model_input, t, encoder_hidden_states=self.prompt_embeds, return_dict=False)[0]
-            noise_pred = pipe.combine_noise_predictions(*noise_pred.chunk(2)[::-1])
+            noise_pred = classifier_free_guidance(noise_pred, self.guidance_scale)
             pipe.scheduler.step(noise_pred, t, self.latents, return_dict=False)
 
         return self._timed(work)
@@ -352,25 +359,27 @@ class GuidedStepParts:
         self.reset_scheduler()
 
         def work():
-            text, uncond, gradient, _ = pipe.noise_and_sketch_gradient(
-                self.latents, t, self.prompt_embeds, self.sketch_latents, {**self.unet_kwargs, "return_dict": False}
+            model_input = pipe.scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
+            noise_pred, gradient, _ = pipe.noise_and_sketch_gradient(
+                model_input, t, self.prompt_embeds, {**self.unet_kwargs, "return_dict": False}, self.sketch_latents
             )
-            noise_pred = pipe.combine_noise_predictions(text, uncond)
+            noise_pred = classifier_free_guidance(noise_pred, self.guidance_scale)
             next_latents = pipe.scheduler.step(noise_pred, t, self.latents, return_dict=False)[0]
             sketch_guidance_step(self.latents, next_latents, gradient, DEFAULT_SKETCH_GUIDANCE_SCALE)
 
         # The loop freezes the weights once for all its steps.
-        with pipeline_module.frozen_parameters(pipe.unet, pipe.lgp):
+        with guidance_module.frozen_parameters(pipe.unet, pipe.lgp):
             return self._timed(work)
 
     def _sketch_loss(self):
         """The pipeline's own forward of the LGP's branch: (loss, latents leaf, prediction, edge latents)."""
         kwargs = {**self.unet_kwargs, "return_dict": False}
-        return self.pipe.sketch_loss(self.latents, self.t, self.branch_embeds, kwargs, self.sketch_latents)
+        model_input = self.pipe.scheduler.scale_model_input(self.latents, self.t)
+        return self.pipe.sketch_loss(model_input, self.t, self.branch_embeds, kwargs, self.sketch_latents)
 
     @torch.enable_grad()
     def branch_forward_with_grad(self) -> float:
-        with pipeline_module.frozen_parameters(self.pipe.unet, self.pipe.lgp):
+        with guidance_module.frozen_parameters(self.pipe.unet, self.pipe.lgp):
             return self._timed(self._sketch_loss)
 
     @torch.no_grad()
@@ -393,7 +402,7 @@ class GuidedStepParts:
     @torch.enable_grad()
     def backward_to_latents(self) -> float:
         """dL/dz_t through the LGP and the UNet (the forward before it is not timed)."""
-        with pipeline_module.frozen_parameters(self.pipe.unet, self.pipe.lgp):
+        with guidance_module.frozen_parameters(self.pipe.unet, self.pipe.lgp):
             loss, latents, _, _ = self._sketch_loss()
             return self._timed(lambda: torch.autograd.grad(loss, latents))
 
@@ -412,7 +421,7 @@ class GuidedStepParts:
         features = {name: feature.requires_grad_(True) for name, feature in features.items()}
 
         def work():
-            with pipeline_module.frozen_parameters(pipe.lgp):
+            with guidance_module.frozen_parameters(pipe.lgp):
                 edge_latents = pipe.lgp(features, noise_level)
                 loss = (edge_latents.float() - self.sketch_latents.float()).square().sum()
                 torch.autograd.grad(loss, list(features.values()))
@@ -441,14 +450,14 @@ class GuidedStepParts:
         unet_done = self.pipe.unet.register_forward_hook(lambda module, args, output: done.append(module))
         after = len(handles)  # blocks done, the UNet not yet
         try:
-            frozen = pipeline_module.frozen_parameters(self.pipe.unet, self.pipe.lgp)
+            frozen = guidance_module.frozen_parameters(self.pipe.unet, self.pipe.lgp)
             with frozen, count_saved_activations(self.weights, after=lambda: len(done) == after) as saved:
                 self.pipe.noise_and_sketch_gradient(
-                    self.latents,
+                    self.pipe.scheduler.scale_model_input(torch.cat([self.latents] * 2), self.t),
                     self.t,
                     self.prompt_embeds,
-                    self.sketch_latents,
                     {**self.unet_kwargs, "return_dict": False},
+                    self.sketch_latents,
                 )
         finally:
             for handle in [*handles, unet_done]:

@@ -80,22 +80,24 @@ def _to_grayscale_image(sketch: SketchInput) -> PIL.Image.Image:
     return sketch.convert("L")
 
 
-def fit_to_size(image: PIL.Image.Image, height: int, width: int) -> PIL.Image.Image:
+def fit_to_size(
+    image: PIL.Image.Image, height: int, width: int, fill: int | None = None, what: str = "sketch"
+) -> PIL.Image.Image:
     """`image` (grayscale) resized to `width` x `height`; one of another aspect is fitted inside, centred, and padded
-    with its paper (its median tone), never stretched, with a warning that says so."""
+    with `fill` (by default its paper, its median tone), never stretched, with a warning that says so."""
     # BOX averages every source pixel into the result, so thin strokes fade instead of vanishing when shrunk.
     box = PIL.Image.Resampling.BOX
     if abs(image.width * height / (image.height * width) - 1) <= ASPECT_TOLERANCE:
         return image.resize((width, height), resample=box)
     scale = min(width / image.width, height / image.height)
     fitted = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample=box)
-    paper = int(np.median(np.asarray(image)))
+    paper = int(np.median(np.asarray(image))) if fill is None else fill
     canvas = PIL.Image.new("L", (width, height), paper)
     canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
     logger.warning(
-        f"The sketch ({image.width}x{image.height}) has another aspect than the output ({width}x{height}): it was"
-        " fitted inside and padded with paper, not stretched. Pass `height` and `width` of the sketch's aspect to"
-        " fill the image."
+        f"The {what} ({image.width}x{image.height}) has another aspect than the output ({width}x{height}): it was"
+        f" fitted inside and padded{' with paper' if fill is None else ''}, not stretched. Pass `height` and `width`"
+        f" of the {what}'s aspect to fill the image."
     )
     return canvas
 
@@ -127,3 +129,22 @@ def prepare_sketch(sketch: SketchInput, height: int, width: int, polarity: str =
         gray = 1.0 - gray
     tensor = torch.from_numpy(gray)[None, None].expand(1, 3, height, width)
     return tensor * 2.0 - 1.0
+
+
+def prepare_sketch_mask(mask: SketchInput, height: int, width: int) -> torch.Tensor:
+    """Where the sketch applies, as a `(1, 1, height, width)` weight in [0, 1] (pass the latents' size).
+
+    White (1) where the sketch's strokes and its blank paper are both instructions, black (0) where the prompt alone
+    decides; grey between. Any input `prepare_sketch` takes; one of another aspect is fitted and padded with black.
+
+    Raises:
+        ValueError: for a mask that is black everywhere (nothing of the sketch would apply).
+    """
+    image = fit_to_size(_to_grayscale_image(mask), height, width, fill=0, what="sketch mask")
+    weight = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+    if not weight.any():
+        raise ValueError(
+            "The sketch mask is black everywhere, so no part of the sketch would apply: make it white where the sketch"
+            " should be followed, or pass `sketch_mask=None` to follow all of it."
+        )
+    return weight

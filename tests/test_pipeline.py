@@ -33,8 +33,9 @@ def sketch_loss(pipe, latents, sketch) -> torch.Tensor:
         target = pipe.prepare_sketch_latents(sketch, latents.shape[0], 32, 32, "cpu")
         pipe._guidance_scale = 7.5
         unet_kwargs = {"timestep_cond": None, "cross_attention_kwargs": None, "added_cond_kwargs": None}
+        model_input = torch.cat([latents] * 2)  # the loop's CFG batch; DDIM does not scale its input
         *_, edge_latents = pipe.noise_and_sketch_gradient(
-            latents, torch.tensor(50), prompt_embeds, target, {**unet_kwargs, "return_dict": False}
+            model_input, torch.tensor(50), prompt_embeds, {**unet_kwargs, "return_dict": False}, target
         )
     finally:
         pipe.scheduler = scheduler

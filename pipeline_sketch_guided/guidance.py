@@ -1,0 +1,609 @@
+"""Sketch guidance, shared by every sketch-guided pipeline (Stable Diffusion 1.x/2.x and SDXL).
+
+A pipeline mixes in `SketchGuidanceMixin` and runs its parent's own `__call__` inside `self.sketch_guidance(...)`. For
+that call the UNet's forward and the scheduler's step are wrapped (`GuidedCall`), so that each guided step of the
+parent's denoising loop does what DESIGN.md's method says, and nothing else in the loop changes:
+
+1. the UNet runs on the branch the LGP reads with autograd (through the capture hooks the same forward gives the LGP's
+   features), `sketch_loss` compares the LGP's prediction with the sketch's latents, and g = dL/dz_t;
+2. the loop combines the noise predictions (classifier-free guidance) and the scheduler steps from z_t to z_{t-1};
+3. z_{t-1} <- z_{t-1} - alpha * g, with alpha = beta * ||z_t - z_{t-1}|| / ||g|| (`sketch_guidance_step`).
+
+The guided step reads top to bottom in `GuidedCall.unet_forward`, `SketchGuidanceMixin.sketch_loss` and
+`GuidedCall.scheduler_step`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+from diffusers.utils import logging
+
+from .capture import capture_activations, resolve_blocks
+from .lgp import noise_level_map
+from .sketch import SKETCH_POLARITIES, SketchInput, prepare_sketch, prepare_sketch_mask, sketch_list
+
+logger = logging.get_logger(__name__)
+
+# Chosen by `python -m benchmarks.efficacy --max_end 0.3` on the demo model (README, "The demo model"): the highest
+# sketch agreement whose prompt colour agreement stays within 5 points of unguided, among settings that guide at most
+# 30% of the steps. That cost limit keeps a whole SD1.5 generation on a CPU within 1.25x of an unguided one (README,
+# "Cost"). The paper's sample files use beta = 1.6, and the community guides the first half of the steps; sweep your own
+# base model and LGP with the same benchmark.
+DEFAULT_SKETCH_GUIDANCE_SCALE = 2.5
+DEFAULT_SKETCH_GUIDANCE_END = 0.3
+# Far above the useful range (about 1 to 4) a guidance step outweighs the denoising step many times over and the image
+# turns to noise or black: a larger scale is a mistake, refused with the sensible range.
+MAX_SKETCH_GUIDANCE_SCALE = 50.0
+
+# How a guided step runs the classifier-free guidance branches. "split": the LGP's branch with autograd, the other
+# without (the backward goes through one half only). "batched": one UNet call on the batch of 2 with autograd, as the
+# unguided step runs it (the backward goes through both halves, but one batched forward replaces two). Which is faster
+# depends on the device, measured by `benchmarks/gpu_check.py` and `benchmarks/guided_sampling.py` (README, "Cost"): on
+# an H100 (SD1.5 architecture, 512x512, float16) a batched guided step takes 0.63x the split one's time, a whole
+# generation guided at the defaults 0.82x; on the CPU the split step is the faster.
+GUIDED_STEP_MODES = ("split", "batched")
+DEFAULT_GUIDED_STEP_MODES = {"cpu": "split", "cuda": "batched"}
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real number (Python's or numpy's, not a bool) that is finite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_guided_step(step_index: int, num_steps: int, start: float, end: float) -> bool:
+    """Whether step `step_index` of `num_steps` lies in the guided fraction [start, end] of the schedule.
+
+    The same rule as diffusers' `control_guidance_start` / `control_guidance_end`.
+    """
+    return not (step_index / num_steps < start or (step_index + 1) / num_steps > end)
+
+
+def guided_step_indices(num_steps: int, start: float, end: float, interval: int = 1) -> list[int]:
+    """The steps that take sketch guidance: every `interval`-th step of the guided fraction [start, end] (from its
+    first step), and never none.
+
+    When no step lies in the range (few steps: 3 steps at the default end 0.3), the first step at or after `start` is
+    guided anyway: a user who passes a sketch means it to count, and models that sample in 1-4 steps (turbo, LCM) have
+    no other way to follow one.
+    """
+    in_range = [i for i in range(num_steps) if is_guided_step(i, num_steps, start, end)]
+    if not in_range:
+        return [min(math.ceil(start * num_steps), num_steps - 1)]
+    return in_range[::interval]
+
+
+def sketch_guidance_step(
+    latents: torch.Tensor, next_latents: torch.Tensor, gradient: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """z_{t-1} <- z_{t-1} - alpha * g, with alpha = beta * ||z_t - z_{t-1}|| / ||g|| for each image.
+
+    Scaling the gradient step to the size of the denoising step makes `scale` (beta) mean the same thing for every
+    scheduler and step count. Norms are taken per image, never over the batch, in float32.
+    """
+    step_norm = (latents.float() - next_latents.float()).flatten(1).norm(dim=1)
+    gradient = gradient.float()
+    gradient_norm = gradient.flatten(1).norm(dim=1)
+    # A zero gradient (an image whose guidance was skipped) takes no step, rather than 0 * inf.
+    alpha = torch.where(gradient_norm > 0, scale * step_norm / gradient_norm, torch.zeros_like(gradient_norm))
+    return (next_latents.float() - alpha.view(-1, 1, 1, 1) * gradient).to(next_latents.dtype)
+
+
+@contextmanager
+def frozen_parameters(*modules: torch.nn.Module) -> Iterator[None]:
+    """Parameters that need no gradient inside the context, restored on exit.
+
+    diffusers loads models with `requires_grad=True`. Autograd then keeps every layer's input for a weight gradient that
+    the sketch gradient never uses: memory held until the backward.
+    """
+    parameters = [p for module in modules for p in module.parameters() if p.requires_grad]
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
+@contextmanager
+def autograd_until(unet: torch.nn.Module, blocks: Sequence[str]) -> Iterator[None]:
+    """Record the autograd graph of a UNet forward run inside the context only until the last of `blocks` has run.
+
+    The sketch loss depends on the UNet through those blocks' outputs alone; the layers after them (on SD 1.5 with the
+    sketch2img blocks, the last up block at full latent resolution and the output convolution) need no graph.
+    """
+    pending = set(resolve_blocks(unet, blocks).values())
+    grad_enabled = torch.is_grad_enabled()
+
+    def hook(module: torch.nn.Module, args, output) -> None:
+        pending.discard(module)
+        if not pending:
+            # Once only: gradient checkpointing may run a block again during the backward.
+            for handle in handles:
+                handle.remove()
+            torch.set_grad_enabled(False)
+
+    handles = [module.register_forward_hook(hook) for module in pending]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch.set_grad_enabled(grad_enabled)
+
+
+def branch_inputs(value: Any, index: int, num_branches: int, batch: int) -> Any:
+    """The `index`-th classifier-free guidance branch of a UNet argument stacked like the loop's CFG batch: every
+    tensor whose first dimension is the whole batch (`batch` = num_branches x images) is split, recursively through
+    dicts, lists and tuples (SDXL's `text_embeds` and `time_ids`, IP-Adapter's `image_embeds`, ControlNet residuals);
+    anything else is shared by the branches."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value.chunk(num_branches)[index]
+    if isinstance(value, dict):
+        return {key: branch_inputs(item, index, num_branches, batch) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(branch_inputs(item, index, num_branches, batch) for item in value)
+    return value
+
+
+def _finite_or_skipped(gradient: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The gradient, with a zero (no guidance at this step) for each image whose gradient is not finite."""
+    finite = torch.isfinite(gradient).flatten(1).all(dim=1)
+    if not finite.all():
+        logger.warning(
+            f"The sketch gradient at timestep {int(t)} is not finite for {int((~finite).sum())} image(s), whose"
+            " guidance is skipped at this step. In float16, bfloat16 often avoids this."
+        )
+        gradient = torch.where(finite.view(-1, 1, 1, 1), gradient, torch.zeros_like(gradient))
+    return gradient
+
+
+class GuidedCall:
+    """One pipeline call's sketch guidance, run inside the pipeline's own denoising loop.
+
+    `unet_forward` stands in for the UNet's forward: on a guided step it runs `SketchGuidanceMixin.noise_and_sketch_
+    gradient` (the noise prediction the loop asked for, and the gradient g), on the others the UNet as it is.
+    `scheduler_step` stands in for the scheduler's step and, after a guided step, moves z_{t-1} down g. The UNet is
+    called once per step of the loop in every diffusers pipeline, so the calls count the steps.
+    """
+
+    def __init__(
+        self,
+        pipe: SketchGuidanceMixin,
+        sketch_latents: torch.Tensor,
+        sketch_mask: torch.Tensor | None,
+        scale: float,
+        start: float,
+        end: float,
+        interval: int,
+        unet_forward: Callable[..., Any],
+        scheduler_step: Callable[..., Any],
+    ):
+        self.pipe, self.sketch_latents, self.sketch_mask = pipe, sketch_latents, sketch_mask
+        self.scale, self.start, self.end, self.interval = scale, start, end, interval
+        self.original_unet_forward, self.original_scheduler_step = unet_forward, scheduler_step
+        self.step_index = 0
+        self.guided_steps: set[int] | None = None
+        self.gradient: torch.Tensor | None = None
+        self.edge_latents: torch.Tensor | None = None
+
+    def unet_forward(self, sample: torch.Tensor, timestep: torch.Tensor, *args, **kwargs):
+        if self.guided_steps is None:  # the loop's length is known once it runs (SDXL's denoising_end shortens it)
+            num_steps = self.pipe.num_timesteps
+            self.guided_steps = set(guided_step_indices(num_steps, self.start, self.end, self.interval))
+        step_index, self.step_index = self.step_index, self.step_index + 1
+        if step_index not in self.guided_steps:
+            return self.original_unet_forward(sample, timestep, *args, **kwargs)
+
+        return_dict = kwargs.pop("return_dict", True)
+        encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
+        if args:  # encoder_hidden_states given by position
+            encoder_hidden_states, *args = args
+        noise_pred, self.gradient, self.edge_latents = self.pipe.noise_and_sketch_gradient(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            {**kwargs, "return_dict": False},
+            self.sketch_latents,
+            self.sketch_mask,
+            forward=self.original_unet_forward,
+        )
+        return UNet2DConditionOutput(sample=noise_pred) if return_dict else (noise_pred,)
+
+    def scheduler_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *args, **kwargs):
+        output = self.original_scheduler_step(model_output, timestep, sample, *args, **kwargs)
+        if self.gradient is None:
+            return output
+        gradient, self.gradient = self.gradient, None
+        next_latents = output[0] if isinstance(output, tuple) else output.prev_sample
+        guided = sketch_guidance_step(sample, next_latents, gradient, self.scale)
+        if isinstance(output, tuple):
+            return (guided, *output[1:])
+        output.prev_sample = guided
+        return output
+
+
+class SketchGuidanceMixin:
+    """What every sketch-guided pipeline adds to its diffusers parent: an `lgp` component, the sketch arguments'
+    checks and preparation, and the guided step. Mix it in before the parent (`class P(SketchGuidanceMixin,
+    StableDiffusionPipeline)`)."""
+
+    # None: the measured default for the device (DEFAULT_GUIDED_STEP_MODES); or one of GUIDED_STEP_MODES.
+    guided_step_mode: str | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # Check when the LGP or the UNet is set, so that a mismatch names the block now, not in a matmul later.
+        # (Read from __dict__: while a module is being registered, getattr would find it in the config instead.)
+        lgp, unet = self.__dict__.get("lgp"), self.__dict__.get("unet")
+        if name in ("lgp", "unet") and lgp is not None and unet is not None:
+            lgp.check_unet(unet)
+
+    def set_sketch_polarity(self, polarity: str) -> None:
+        """Say how the LGP's training edge maps looked, `"light_on_dark"` or `"dark_on_light"`, where its recorded
+        polarity is wrong or unsure (the converted sketch2img LGP: README, "Which way round"). Sketches of either look
+        are still accepted; this sets what they are turned into. It is stored in the LGP's config, so
+        `save_pretrained` keeps it."""
+        if polarity not in SKETCH_POLARITIES:
+            raise ValueError(f"`polarity` must be one of {SKETCH_POLARITIES}, got {polarity!r}.")
+        if self.lgp is None:
+            raise ValueError("This pipeline has no LGP whose sketch polarity could be set.")
+        self.lgp.register_to_config(sketch_polarity=polarity)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Checking and preparing the sketch arguments
+
+    def check_sketch_inputs(
+        self,
+        sketch,
+        sketch_guidance_scale: float,
+        sketch_guidance_start: float,
+        sketch_guidance_end: float,
+        return_edge_maps: bool,
+        num_images: int,
+        batch_size: int,
+        sketch_guidance_interval: int = 1,
+        sketch_mask=None,
+    ) -> None:
+        if not is_finite_number(sketch_guidance_scale) or not 0 <= sketch_guidance_scale <= MAX_SKETCH_GUIDANCE_SCALE:
+            raise ValueError(
+                f"`sketch_guidance_scale` must be a number from 0 (no guidance) to {MAX_SKETCH_GUIDANCE_SCALE}, got"
+                f" {sketch_guidance_scale!r}. About 1 to 4 follows a sketch (default {DEFAULT_SKETCH_GUIDANCE_SCALE};"
+                " the paper's samples use 1.6); far above that the images fall apart."
+            )
+        if not (
+            is_finite_number(sketch_guidance_start)
+            and is_finite_number(sketch_guidance_end)
+            and 0.0 <= sketch_guidance_start < sketch_guidance_end <= 1.0
+        ):
+            raise ValueError(
+                "The guided part of the schedule must satisfy 0 <= `sketch_guidance_start` < `sketch_guidance_end`"
+                f" <= 1 (fractions of the steps), got start={sketch_guidance_start!r}, end={sketch_guidance_end!r}."
+            )
+        if self.guided_step_mode not in (None, *GUIDED_STEP_MODES):
+            raise ValueError(
+                f"`guided_step_mode` must be None (the device's default) or one of {GUIDED_STEP_MODES}, got"
+                f" {self.guided_step_mode!r}."
+            )
+        interval = sketch_guidance_interval
+        if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
+            raise ValueError(f"`sketch_guidance_interval` must be an integer >= 1, got {sketch_guidance_interval!r}.")
+        if sketch is None:
+            if return_edge_maps:
+                raise ValueError("`return_edge_maps=True` needs a `sketch`: edge maps are predicted while guiding.")
+            if sketch_mask is not None:
+                raise ValueError("`sketch_mask` needs a `sketch`: it says where the sketch applies.")
+            return
+        if self.lgp is None:
+            raise ValueError(
+                "A `sketch` was given but this pipeline has no LGP. Load one with"
+                " `pipe.lgp = LGPModel.from_pretrained(<LGP repo id or folder>)`, or pass `lgp=` to `from_pretrained`."
+            )
+        for name, value in (("sketches", sketch), ("sketch masks", sketch_mask)):
+            count = len(sketch_list(value)) if value is not None else 1
+            if count not in (1, batch_size, num_images):
+                raise ValueError(
+                    f"Got {count} {name} for {batch_size} prompts and {num_images} images: pass one for all, one per"
+                    " prompt, or one per image."
+                )
+        if not hasattr(self.scheduler, "alphas_cumprod") and not hasattr(self.scheduler, "sigmas"):
+            raise ValueError(
+                "Sketch guidance needs the noise level of each step for the LGP's input: a scheduler with a DDPM"
+                f" noise schedule (`alphas_cumprod`) or noise levels (`sigmas`); {type(self.scheduler).__name__} has"
+                " neither."
+            )
+        if self.lgp.config.feature_branch == "unconditional" and not self.do_classifier_free_guidance:
+            raise ValueError(
+                "This LGP reads the UNet's unconditional branch, which runs only with classifier-free guidance:"
+                " use `guidance_scale` > 1."
+            )
+        if self._execution_device.type == "cpu" and self.unet.dtype == torch.float16:
+            raise ValueError(
+                "Sketch guidance back-propagates through the UNet, which is not supported in float16 on the CPU."
+                " Use float32 or bfloat16 on the CPU, or float16 on a GPU."
+            )
+
+    def sketch_size(self, height: int | None, width: int | None, latents: torch.Tensor | None) -> tuple[int, int]:
+        """The size of the images this call makes, as the parent pipeline will choose it: the latents' size when they
+        are given, else `height` x `width`, else the UNet's sample size."""
+        if latents is not None:
+            return tuple(size * self.vae_scale_factor for size in latents.shape[-2:])
+        sample_size = self.unet.config.sample_size
+        default = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        return (height or default[0] * self.vae_scale_factor, width or default[1] * self.vae_scale_factor)
+
+    def prepare_sketch_latents(
+        self, sketch: SketchInput | list[SketchInput], num_images: int, height: int, width: int, device
+    ) -> torch.Tensor:
+        """The guidance target E(s): each sketch normalised to the LGP's convention and encoded by the VAE (its mean,
+        or the latents of VAEs without a distribution, such as `AutoencoderTiny`)."""
+        sketches = sketch_list(sketch)
+        polarity = self.lgp.config.sketch_polarity
+        images = torch.cat([prepare_sketch(s, height, width, polarity) for s in sketches]).to(device)
+        latents = self.encode_to_latents(images)
+        # One sketch for all images, or one per prompt (repeated for its images), or one per image.
+        return latents.repeat_interleave(num_images // len(sketches), dim=0)
+
+    def prepare_sketch_masks(self, sketch_mask, num_images: int, height: int, width: int, device) -> torch.Tensor:
+        """Where the sketch applies, per latent pixel in [0, 1]: `(num_images, 1, height / f, width / f)`."""
+        masks = sketch_list(sketch_mask)
+        size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        weights = torch.cat([prepare_sketch_mask(mask, *size) for mask in masks]).to(device)
+        return weights.repeat_interleave(num_images // len(masks), dim=0)
+
+    @contextmanager
+    def _vae_in(self, dtype: torch.dtype) -> Iterator[None]:
+        """The VAE in `dtype` inside the context (SDXL's VAE overflows in float16: its config says `force_upcast`)."""
+        previous = self.vae.dtype
+        if previous == dtype:
+            yield
+            return
+        self.vae.to(dtype=dtype)
+        try:
+            yield
+        finally:
+            self.vae.to(dtype=previous)
+
+    def _vae_dtype(self) -> torch.dtype:
+        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        return torch.float32 if upcast else self.vae.dtype
+
+    def _latents_mean_std(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
+        if mean is None or std is None:
+            return None
+        return tuple(torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype) for v in (mean, std))
+
+    def encode_to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to the latents the UNet works in, as the parent pipelines' img2img encodes them."""
+        dtype = self._vae_dtype()
+        with self._vae_in(dtype):
+            encoded = retrieve_latents(self.vae.encode(images.to(dtype)), sample_mode="argmax")
+        statistics = self._latents_mean_std(encoded)
+        if statistics is not None:
+            return (encoded - statistics[0]) * self.vae.config.scaling_factor / statistics[1]
+        return encoded * self.vae.config.scaling_factor
+
+    def decode_edge_maps(self, edge_latents: torch.Tensor, output_type: str):
+        """The LGP's predicted edge latents as images, decoded like the pipeline's images."""
+        if output_type == "latent":
+            return edge_latents
+        dtype = self._vae_dtype()
+        statistics = self._latents_mean_std(edge_latents)
+        if statistics is not None:
+            latents = edge_latents * statistics[1] / self.vae.config.scaling_factor + statistics[0]
+        else:
+            latents = edge_latents / self.vae.config.scaling_factor
+        with self._vae_in(dtype):
+            images = self.vae.decode(latents.to(dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(images, output_type=output_type)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # The guided call
+
+    def generate_with_sketch(
+        self, parent_call: Callable[..., Any], parent_kwargs: dict[str, Any], guidance: dict[str, Any]
+    ) -> tuple[Any, Any]:
+        """The parent pipeline's `__call__` (`parent_call`, with `parent_kwargs`), guided by the sketch arguments in
+        `guidance` (`sketch`, `sketch_mask`, `sketch_guidance_scale`, `..._start`, `..._end`, `..._interval`,
+        `return_edge_maps`): checked and prepared first, then the parent's own loop with `sketch_guidance`.
+
+        Returns:
+            (the parent's output, as with `return_dict=True`; the decoded edge maps, or `None`)
+        """
+        prompt, prompt_embeds = parent_kwargs.get("prompt"), parent_kwargs.get("prompt_embeds")
+        if isinstance(prompt, list):
+            batch_size = len(prompt)
+        elif prompt is None and prompt_embeds is not None:
+            batch_size = prompt_embeds.shape[0]
+        else:
+            batch_size = 1
+        num_images = batch_size * (parent_kwargs.get("num_images_per_prompt") or 1)
+        self._guidance_scale = parent_kwargs["guidance_scale"]  # do_classifier_free_guidance, for the checks
+        sketch, sketch_mask, scale = guidance["sketch"], guidance["sketch_mask"], guidance["sketch_guidance_scale"]
+        start, end = guidance["sketch_guidance_start"], guidance["sketch_guidance_end"]
+        interval, return_edge_maps = guidance["sketch_guidance_interval"], guidance["return_edge_maps"]
+        self.check_sketch_inputs(
+            sketch, scale, start, end, return_edge_maps, num_images, batch_size, interval, sketch_mask
+        )
+        if sketch is None or scale == 0:
+            # Unguided: exactly the parent pipeline, at exactly its cost.
+            return parent_call(**parent_kwargs, return_dict=True), None
+
+        height, width = self.sketch_size(
+            parent_kwargs.get("height"), parent_kwargs.get("width"), parent_kwargs.get("latents")
+        )
+        device = self._execution_device
+        sketch_latents = self.prepare_sketch_latents(sketch, num_images, height, width, device)
+        masks = (
+            None if sketch_mask is None else self.prepare_sketch_masks(sketch_mask, num_images, height, width, device)
+        )
+        with self.sketch_guidance(sketch_latents, masks, float(scale), start, end, interval) as call:
+            output = parent_call(**parent_kwargs, return_dict=True)
+        edge_maps = None
+        if return_edge_maps:
+            edge_maps = self.decode_edge_maps(call.edge_latents, parent_kwargs.get("output_type") or "pil")
+            self.maybe_free_model_hooks()
+        return output, edge_maps
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # The guided step
+
+    def resolve_guided_step_mode(self) -> str:
+        """How this call's guided steps run the two classifier-free guidance branches: `guided_step_mode` if set,
+        else the faster one measured for the execution device (`DEFAULT_GUIDED_STEP_MODES`)."""
+        if self.guided_step_mode is not None:
+            return self.guided_step_mode
+        return DEFAULT_GUIDED_STEP_MODES.get(self._execution_device.type, "split")
+
+    @contextmanager
+    def sketch_guidance(
+        self,
+        sketch_latents: torch.Tensor,
+        sketch_mask: torch.Tensor | None = None,
+        scale: float = DEFAULT_SKETCH_GUIDANCE_SCALE,
+        start: float = 0.0,
+        end: float = DEFAULT_SKETCH_GUIDANCE_END,
+        interval: int = 1,
+    ) -> Iterator[GuidedCall]:
+        """Inside the context, the pipeline's own `__call__` generates with sketch guidance (see `GuidedCall`); the
+        context yields the `GuidedCall`, whose `edge_latents` hold the LGP's last prediction afterwards."""
+        unet, scheduler = self.unet, self.scheduler
+        # The instances' own attributes, if any (accelerate's offload hooks put a `forward` there), to restore after.
+        saved_forward, saved_step = unet.__dict__.get("forward"), scheduler.__dict__.get("step")
+        call = GuidedCall(self, sketch_latents, sketch_mask, scale, start, end, interval, unet.forward, scheduler.step)
+        # BatchNorm must use its running statistics while sampling.
+        self.lgp.eval()
+        # Frozen for the whole loop (toggling ~700 flags per step would cost milliseconds), so that gradient
+        # checkpointing's recomputation in a backward sees the same flags as the forward did.
+        with frozen_parameters(unet, self.lgp):
+            unet.forward = call.unet_forward
+            scheduler.step = call.scheduler_step
+            try:
+                yield call
+            finally:
+                for obj, attr, saved in ((unet, "forward", saved_forward), (scheduler, "step", saved_step)):
+                    if saved is None:
+                        del obj.__dict__[attr]
+                    else:
+                        obj.__dict__[attr] = saved
+
+    def noise_and_sketch_gradient(
+        self,
+        model_input: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        unet_kwargs: dict[str, Any],
+        sketch_latents: torch.Tensor,
+        sketch_mask: torch.Tensor | None = None,
+        forward: Callable[..., Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One guided step's model work: the UNet's noise prediction for the loop's input, and g = dL/dz_t.
+
+        `model_input` and the other arguments are the UNet call the loop makes (the latents, scaled by the scheduler,
+        stacked [unconditional, conditional] with classifier-free guidance). g is taken with respect to the scaled
+        latents; the scheduler's scaling is one number per step, which the step-size rule divides out. In "batched"
+        mode one UNet call with autograd serves both branches; in "split" mode the LGP's branch runs with autograd and
+        the other without, so the gradient flows through one half only.
+
+        Returns:
+            (the noise prediction, as the UNet would have returned it; the gradient, one per image; the LGP's
+            predicted edge latents)
+        """
+        forward = forward or self.unet
+        read = self.lgp.config.feature_branch
+        cfg = self.do_classifier_free_guidance
+        num_branches = 2 if cfg else 1
+        branch = ("unconditional", "conditional").index(read) if cfg else 0
+        target = (sketch_latents, sketch_mask)
+        if not cfg or self.resolve_guided_step_mode() == "batched":
+            with torch.enable_grad():
+                loss, leaf, prediction, edge_latents = self.sketch_loss(
+                    model_input, t, encoder_hidden_states, unet_kwargs, *target, branch, num_branches, forward
+                )
+                (gradient,) = torch.autograd.grad(loss, leaf)
+            return prediction, _finite_or_skipped(gradient, t), edge_latents.detach()
+
+        def inputs(index: int):
+            arguments = (model_input, t, encoder_hidden_states, unet_kwargs)
+            return [branch_inputs(value, index, 2, model_input.shape[0]) for value in arguments]
+
+        with torch.enable_grad():
+            loss, leaf, branch_prediction, edge_latents = self.sketch_loss(*inputs(branch), *target, forward=forward)
+            (gradient,) = torch.autograd.grad(loss, leaf)
+        other_input, other_t, other_states, other_kwargs = inputs(1 - branch)
+        other_prediction = forward(other_input, other_t, encoder_hidden_states=other_states, **other_kwargs)[0]
+        halves = [other_prediction, branch_prediction] if branch else [branch_prediction, other_prediction]
+        return torch.cat(halves), _finite_or_skipped(gradient, t), edge_latents.detach()
+
+    def sketch_loss(
+        self,
+        model_input: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        unet_kwargs: dict[str, Any],
+        sketch_latents: torch.Tensor,
+        sketch_mask: torch.Tensor | None = None,
+        branch: int = 0,
+        num_branches: int = 1,
+        forward: Callable[..., Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The UNet with autograd on the branch the LGP reads, and the sketch loss L = ||m * (LGP(F(z_t)) - E(s))||^2.
+
+        `model_input` holds `num_branches` branches (stacked as the loop stacks them; `encoder_hidden_states` and
+        `unet_kwargs` likewise) and the LGP reads the `branch`-th, the only one the leaf enters. m is `sketch_mask`
+        (1 everywhere without one). Autograd records nothing after the last block the LGP reads. Run it with gradients
+        enabled; inside `frozen_parameters(self.unet, self.lgp)`, as `sketch_guidance` does, it also keeps nothing for
+        weight gradients.
+
+        Returns:
+            (L summed over the images, the LGP's branch of `model_input` as the leaf to differentiate L by, the UNet's
+            noise prediction for all branches (detached), the LGP's predicted edge latents)
+        """
+        forward = forward or self.unet
+        parts = list(model_input.detach().chunk(num_branches))
+        leaf = parts[branch].requires_grad_(True)
+        alpha_bar = self.noise_level_alpha_bar(t, model_input.device)
+        blocks, output_index = self.lgp.config.blocks, self.lgp.config.tuple_output_index
+        with capture_activations(self.unet, blocks, output_index) as features, autograd_until(self.unet, blocks):
+            prediction = forward(torch.cat(parts), t, encoder_hidden_states=encoder_hidden_states, **unet_kwargs)[0]
+        if num_branches > 1:
+            features = {name: feature.chunk(num_branches)[branch] for name, feature in features.items()}
+        # The noise level is conditioning for the LGP, not something to optimise: no gradient through it.
+        branch_prediction = prediction.detach().chunk(num_branches)[branch]
+        epsilon = self.predict_noise_epsilon(branch_prediction.float(), leaf.detach().float(), alpha_bar)
+        with self.lgp.smooth_relu_gradients():
+            edge_latents = self.lgp(features, noise_level_map(epsilon, alpha_bar))
+        error = (edge_latents.float() - sketch_latents.float()).square()
+        if sketch_mask is not None:
+            error = error * sketch_mask
+        # Summed per image, so each image's gradient is its own; the loss is in float32 whatever the UNet's dtype.
+        return error.sum(), leaf, prediction.detach(), edge_latents
+
+    def noise_level_alpha_bar(self, t: torch.Tensor, device) -> torch.Tensor:
+        """alphabar of the current step, for the LGP's noise-level input: from the scheduler's DDPM schedule, or, for
+        schedulers that have none (EDM), from its noise level sigma as 1 / (1 + sigma^2). Call it after the step's
+        `scale_model_input`, which sets a sigma scheduler's step index."""
+        if hasattr(self.scheduler, "alphas_cumprod"):
+            return self.scheduler.alphas_cumprod[int(torch.as_tensor(t).flatten()[0].round())].to(device)
+        sigma = self.scheduler.sigmas[self.scheduler.step_index].to(device=device, dtype=torch.float32)
+        return 1.0 / (1.0 + sigma**2)
+
+    def predict_noise_epsilon(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor):
+        """The UNet's estimate of epsilon, whatever it predicts (`prediction_type` of the scheduler)."""
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return model_output
+        if prediction_type == "v_prediction":
+            return alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * sample
+        if prediction_type == "sample":
+            return (sample - alpha_bar.sqrt() * model_output) / (1 - alpha_bar).sqrt()
+        raise ValueError(f"Sketch guidance does not support prediction_type={prediction_type!r}.")
