@@ -118,6 +118,12 @@ def sampling_cost(dry_run: bool, device: str, output_dir: Path) -> dict[str, Any
         common += ["--repeats", "5", "--device", device]
     half = [*common, "--guided_fraction", "0.5", "--phases", "generation"]
     records = {"defaults": run_benchmark(parse_args(common)), "guided fraction 0.5": run_benchmark(parse_args(half))}
+    if dry_run:
+        sdxl = ["--model", "tiny-sdxl", "--steps", "4", "--repeats", "1", "--warmup", "0", "--device", device]
+    else:
+        sdxl = ["--model", "sdxl-random", "--resolution", "1024", "--steps", "30", "--dtype", "float16"]
+        sdxl += ["--repeats", "3", "--device", device]
+    records["sdxl"] = run_benchmark(parse_args([*sdxl, "--phases", "generation", "--checkpointing"]))
     records = without_nan(records)
     (output_dir / "guided_sampling.json").write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
     return records
@@ -217,6 +223,27 @@ def sampling_tables(records: dict[str, Any]) -> list[str]:
     for name, value in seconds.items():
         if not name.startswith("generation"):
             lines.append(f"| {name.strip()} | {value:.4f} | {peak[name]:.0f} |")
+    if "sdxl" in records:
+        sdxl = records["sdxl"]
+        sdxl_config = sdxl["config"]
+        unguided_xl = sdxl["seconds"]["generation, unguided"]["median"]
+        lines += [
+            "",
+            f"{sdxl_config['model']} ({sdxl_config['unet_parameters_millions']}M UNet parameters),"
+            f" {sdxl_config['resolution']}x{sdxl_config['resolution']}, {sdxl_config['dtype']}, {sdxl_config['steps']}"
+            f" steps of {sdxl_config['scheduler']}, {sdxl_config['guided_steps']} guided, median of"
+            f" {sdxl_config['repeats']}:",
+            "",
+            "| whole generation | seconds | / unguided | peak MiB |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, value in sdxl["seconds"].items():
+            if name.startswith("generation"):
+                seconds_xl = value["median"]
+                lines.append(
+                    f"| {name.removeprefix('generation, ')} | {seconds_xl:.3f} | {seconds_xl / unguided_xl:.2f}"
+                    f" | {sdxl['memory_mib'][name]['peak']:.0f} |"
+                )
     lines += ["", "| ratio | |", "|---|---:|"]
     lines += [f"| {name} | {value:.3f} |" for name, value in defaults["ratios"].items()]
     saved = defaults.get("saved_for_backward_mib", {})

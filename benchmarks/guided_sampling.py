@@ -57,9 +57,9 @@ from diffusers import (
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from benchmarks.models import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE
+from benchmarks.models import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE
 from pipeline_sketch_guided import (
     LGPModel,
     SketchGuidedStableDiffusionPipeline,
@@ -76,7 +76,8 @@ from pipeline_sketch_guided.guidance import (
     is_guided_step,
     sketch_guidance_step,
 )
-from pipeline_sketch_guided.testing import tiny_random_pipeline, tiny_tokenizer
+from pipeline_sketch_guided.pipeline_xl import SketchGuidedStableDiffusionXLPipeline
+from pipeline_sketch_guided.testing import tiny_random_pipeline, tiny_random_sdxl_pipeline, tiny_tokenizer
 from pipeline_sketch_guided.utils import dtype_kwargs
 
 SCHEDULERS = {
@@ -98,14 +99,38 @@ RSS_SAMPLE_SECONDS = 0.002
 # Models
 
 
-def build_pipeline(model: str, lgp: str | None = None, dtype: torch.dtype = torch.float32):
-    """The pipeline to measure: `tiny`, `sd15-random`, `demo`, or a Hub id / folder of a Stable Diffusion model.
+def build_pipeline(model: str, lgp: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The pipeline to measure: `tiny`, `tiny-sdxl`, `sd15-random`, `sdxl-random`, `demo`, or a Hub id / folder of a
+    Stable Diffusion (XL) model.
 
     Without `lgp`, a model other than the demo gets a randomly initialised LGP reading the sketch2img blocks (the cost
-    of guidance does not depend on the LGP's weights).
+    of guidance does not depend on the LGP's weights). Random models are built on `device` (SDXL's 3.5 billion
+    parameters initialise in seconds on a GPU, in minutes on a CPU).
     """
     if model == "tiny":
         pipe = tiny_random_pipeline()
+    elif model == "tiny-sdxl":
+        pipe = tiny_random_sdxl_pipeline()
+    elif model == "sdxl-random":
+        torch.manual_seed(0)
+        with torch.device(device):
+            unet = UNet2DConditionModel(**SDXL_UNET).to(dtype)
+            vae = AutoencoderKL(**SDXL_VAE).to(dtype)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).to(dtype)
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)).to(dtype)
+            lgp_model = LGPModel.from_unet(unet).eval().to(dtype)
+        tokenizer = tiny_tokenizer(model_max_length=SD15_TEXT["max_position_embeddings"])
+        pipe = SketchGuidedStableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**SD15_SCHEDULER, timestep_spacing="leading", steps_offset=1),
+            add_watermarker=False,
+            lgp=lgp_model,
+        )
     elif model == "sd15-random":
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**SD15_UNET)
@@ -478,7 +503,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = build_pipeline(args.model, args.lgp, dtype).to(device)
+    pipe = build_pipeline(args.model, args.lgp, dtype, args.device).to(device)
+    if isinstance(pipe, SketchGuidedStableDiffusionXLPipeline) and "parts" in args.phases:
+        raise SystemExit(f"--phases parts times the SD 1.x/2.x step; for {args.model} use --phases generation.")
     if args.scheduler:
         pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -546,6 +573,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for interval in args.intervals:
             every = {**guided, "sketch_guidance_interval": interval}
             generations[f"generation, guided every {interval} steps"] = lambda every=every: generate(**every)
+        if args.checkpointing:
+            generations["generation, guided, gradient checkpointing"] = within(
+                lambda: gradient_checkpointing(pipe.unet), lambda: generate(**guided)
+            )
         timed(generations)
 
         # Fixed costs around the loop.
@@ -555,7 +586,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         with torch.no_grad():
             timed(
                 {
-                    "encode prompt": lambda: pipe.encode_prompt(PROMPT, device, 1, True),
+                    "encode prompt": lambda: pipe.encode_prompt(
+                        PROMPT, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+                    ),
                     "encode sketch": lambda: pipe.prepare_sketch_latents(sketch, 1, resolution, resolution, device),
                     "decode image": lambda: pipe.image_processor.postprocess(
                         pipe.vae.decode(some_latents, return_dict=False)[0]
@@ -743,7 +776,11 @@ def without_nan(value: Any) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="tiny, sd15-random, demo, or a Hub id / folder of an SD model.")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny, tiny-sdxl, sd15-random, sdxl-random, demo, or a Hub id / folder of an SD or SDXL model.",
+    )
     parser.add_argument("--lgp", default=None, help="LGP folder or Hub id; default: the model's own, else random.")
     parser.add_argument("--resolution", type=int, default=None, help="Image side; default: the model's.")
     parser.add_argument("--steps", type=int, default=20)
@@ -756,6 +793,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="`sketch_guidance_end` (start is 0); default: the pipeline's.",
     )
     parser.add_argument("--intervals", type=int, nargs="*", default=[], help="Also guide every k-th step, each k.")
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="Also a guided generation with gradient checkpointing."
+    )
     parser.add_argument("--efficacy", action="store_true", help="Sketch agreement of each mode (needs a trained LGP).")
     parser.add_argument("--efficacy_cases", type=int, default=12, help="Held-out cases for --efficacy.")
     parser.add_argument("--efficacy_seeds", type=int, nargs="+", default=[0, 1], help="Seeds for --efficacy.")

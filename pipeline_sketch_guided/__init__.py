@@ -18,6 +18,8 @@ _EXPORTS = {
     "LGPModel": ".lgp",
     "SketchGuidedStableDiffusionPipeline": ".pipeline",
     "SketchGuidedStableDiffusionPipelineOutput": ".pipeline",
+    "SketchGuidedStableDiffusionXLPipeline": ".pipeline_xl",
+    "SketchGuidedStableDiffusionXLPipelineOutput": ".pipeline_xl",
     "capture_activations": ".capture",
     "load_demo_pipeline": ".demo",
     "noise_level_map": ".lgp",
@@ -28,6 +30,8 @@ __all__ = [
     "LGPModel",
     "SketchGuidedStableDiffusionPipeline",
     "SketchGuidedStableDiffusionPipelineOutput",
+    "SketchGuidedStableDiffusionXLPipeline",
+    "SketchGuidedStableDiffusionXLPipelineOutput",
     "capture_activations",
     "load_demo_pipeline",
     "noise_level_map",
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from .demo import load_demo_pipeline
     from .lgp import BLOCK_PRESETS, LGPModel, noise_level_map
     from .pipeline import SketchGuidedStableDiffusionPipeline, SketchGuidedStableDiffusionPipelineOutput
+    from .pipeline_xl import SketchGuidedStableDiffusionXLPipeline, SketchGuidedStableDiffusionXLPipelineOutput
     from .sketch import prepare_sketch
 
 

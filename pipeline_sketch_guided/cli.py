@@ -186,8 +186,8 @@ def add_generate_parser(subparsers) -> None:
         help="draw an image from a prompt, following a sketch",
         description=(
             "Generate images with a SketchGuidedStableDiffusionPipeline. Without --model it uses the shipped demo"
-            " model (64x64 pictures of coloured shapes), offline. --model takes any Stable Diffusion 1.x/2.x repo id or"
-            f" folder (a Hub id needs internet) and --lgp an LGP trained for it. {VOCABULARY_HELP}"
+            " model (64x64 pictures of coloured shapes), offline. --model takes any Stable Diffusion 1.x/2.x or XL repo"
+            f" id or folder (a Hub id needs internet) and --lgp an LGP trained for it. {VOCABULARY_HELP}"
         ),
     )
     parser.add_argument("--prompt", required=True, help="what to draw")
@@ -247,7 +247,6 @@ def load_pipeline(model: str | None, lgp: str | None, device: str | None = None,
 
     from .demo import load_demo_pipeline
     from .lgp import LGPModel
-    from .pipeline import SketchGuidedStableDiffusionPipeline
     from .utils import dtype_kwargs
 
     if torch_dtype is None:
@@ -255,10 +254,23 @@ def load_pipeline(model: str | None, lgp: str | None, device: str | None = None,
     if model is None:
         pipe = load_demo_pipeline(torch_dtype=torch_dtype)
     else:
-        pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(model, **dtype_kwargs(torch_dtype), **kwargs)
+        pipeline_class = pipeline_class_for(model, revision=kwargs.get("revision"))
+        pipe = pipeline_class.from_pretrained(model, **dtype_kwargs(torch_dtype), **kwargs)
     if lgp is not None:
         pipe.lgp = LGPModel.from_pretrained(lgp, **dtype_kwargs(torch_dtype))
     return pipe.to(device) if device is not None else pipe
+
+
+def pipeline_class_for(model: str, revision: str | None = None):
+    """The sketch-guided pipeline for a saved model, by the class its `model_index.json` names: the SDXL one for
+    Stable Diffusion XL, the SD 1.x/2.x one otherwise."""
+    from diffusers import DiffusionPipeline
+
+    from .pipeline import SketchGuidedStableDiffusionPipeline
+    from .pipeline_xl import SketchGuidedStableDiffusionXLPipeline
+
+    class_name = DiffusionPipeline.load_config(model, revision=revision).get("_class_name", "")
+    return SketchGuidedStableDiffusionXLPipeline if "XL" in class_name else SketchGuidedStableDiffusionPipeline
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ A published LGP repo is one folder (see `hub_card/README.md`):
     README.md                            model card (huggingface_hub `ModelCard`, template in templates/)
     config.json                          LGPModel config, with `auto_map` so that `AutoModel` finds the class
     diffusion_pytorch_model.safetensors  the weights
-    pipeline.py lgp.py capture.py sketch.py   this package's modules, for users who have not installed it
+    pipeline.py guidance.py lgp.py ...   this package's modules, for users who have not installed it (pipeline.py is
+                                         pipeline_xl.py for an SDXL base model)
     figures/                             the figures named in the card, if any
 
 The weights sit at the root so that one id serves every way in: `LGPModel.from_pretrained(repo)` with the package,
@@ -41,29 +42,42 @@ DEFAULT_LICENSE = "apache-2.0"  # the license of our own LGPs; converted ones ca
 CARD_TAGS = ["diffusers", "stable-diffusion", "text-to-image", "sketch-to-image", "latent-guidance-predictor"]
 
 
-def hub_code_files() -> list[str]:
-    """The package modules a Hub repo must carry: pipeline.py and every module it needs, by relative imports.
+# The pipeline a published LGP's repo carries as its pipeline.py, by the kind of base model: (module, class).
+PIPELINES = {
+    "sd": ("pipeline.py", "SketchGuidedStableDiffusionPipeline"),
+    "sdxl": ("pipeline_xl.py", "SketchGuidedStableDiffusionXLPipeline"),
+}
+
+
+def pipeline_kind(base_model: str) -> str:
+    """ "sdxl" for a Stable Diffusion XL base model (its Hub id or folder names it XL), else "sd"."""
+    return "sdxl" if re.search(r"(^|[^a-z])xl([^a-z]|$)", base_model.lower()) else "sd"
+
+
+def hub_code_files(pipeline_file: str = "pipeline.py") -> list[str]:
+    """The package modules a Hub repo must carry: the pipeline's file and every module it needs, by relative imports.
 
     diffusers copies `custom_pipeline` code into its module cache by following relative imports; from a local folder it
-    follows only pipeline.py's direct ones. So this also checks that pipeline.py imports each needed module itself.
+    follows only pipeline.py's direct ones. So this also checks that the pipeline's file imports each needed module
+    itself. The repo holds `pipeline_file` as its pipeline.py.
     """
-    needed, queue = ["pipeline.py"], ["pipeline.py"]
+    needed, queue = [pipeline_file], [pipeline_file]
     direct: set[str] = set()
     while queue:
         name = queue.pop()
         source = (PACKAGE_DIR / name).read_text(encoding="utf-8")
         for match in _RELATIVE_IMPORT.finditer(source):
             module = f"{match.group(1) or match.group(2)}.py"
-            if name == "pipeline.py":
+            if name == pipeline_file:
                 direct.add(module)
             if module not in needed:
                 needed.append(module)
                 queue.append(module)
-    indirect = sorted(set(needed) - direct - {"pipeline.py"})
+    indirect = sorted(set(needed) - direct - {pipeline_file})
     if indirect:
         raise RuntimeError(
-            f"pipeline.py needs {', '.join(indirect)} only through other modules; diffusers does not copy those for a"
-            " local custom_pipeline folder. Import them in pipeline.py directly."
+            f"{pipeline_file} needs {', '.join(indirect)} only through other modules; diffusers does not copy those for"
+            f" a local custom_pipeline folder. Import them in {pipeline_file} directly."
         )
     return needed
 
@@ -155,6 +169,7 @@ def build_model_card(
         template_path=str(template_path),
         repo_id=repo_id,
         base_model=base_model,
+        pipeline_class=PIPELINES[pipeline_kind(base_model)][1],
         preset=preset,
         blocks=list(zip(config.blocks, config.block_channels, strict=True)),
         in_features=lgp.in_features,
@@ -208,8 +223,10 @@ def export_hub_folder(
     config = json.loads(config_file.read_text())
     config["auto_map"] = dict(LGP_AUTO_MAP)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in hub_code_files():
-        shutil.copyfile(PACKAGE_DIR / name, output_dir / name)
+    pipeline_file, _ = PIPELINES[pipeline_kind(card_kwargs.get("base_model", DEFAULT_BASE_MODEL))]
+    for name in hub_code_files(pipeline_file):
+        target = "pipeline.py" if name == pipeline_file else name
+        shutil.copyfile(PACKAGE_DIR / name, output_dir / target)
     if figures:
         (output_dir / "figures").mkdir(exist_ok=True)
         for figure in figures:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .lgp import LGPModel
 from .pipeline import SketchGuidedStableDiffusionPipeline
+from .pipeline_xl import SketchGuidedStableDiffusionXLPipeline
 
 # Words that the tiny tokenizer keeps whole; any other word is spelled in letters.
 WORDS = ["a", "red", "blue", "circle", "square", "star", "cat", "on", "the", "grey", "background"]
@@ -125,3 +126,63 @@ def tiny_random_pipeline(seed: int = 0) -> SketchGuidedStableDiffusionPipeline:
     components = tiny_components()
     pipe = SketchGuidedStableDiffusionPipeline(**components, lgp=random_lgp(components["unet"], seed=seed))
     return pipe
+
+
+def tiny_sdxl_components() -> dict:
+    """A tiny SDXL: two text encoders (the second with a projection, whose pooled output and the size and crop
+    conditioning make the UNet's `text_time` embedding), a UNet with linear projections in its transformers."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=8 * 6 + 32,  # 6 size / crop numbers embedded, + the pooled text
+        cross_attention_dim=64,  # both encoders' hidden states, concatenated
+        norm_num_groups=16,
+    )
+    components = tiny_components()
+    tokenizer = components["tokenizer"]
+    text_config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(text_config)
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    return {
+        "vae": components["vae"],
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tiny_tokenizer(),
+        "unet": unet,
+        "scheduler": components["scheduler"],
+        "image_encoder": None,
+        "feature_extractor": None,
+        "force_zeros_for_empty_prompt": True,
+        "add_watermarker": False,
+    }
+
+
+def tiny_random_sdxl_pipeline(seed: int = 0) -> SketchGuidedStableDiffusionXLPipeline:
+    """A tiny random `SketchGuidedStableDiffusionXLPipeline` (32x32 images) with a random LGP."""
+    components = tiny_sdxl_components()
+    return SketchGuidedStableDiffusionXLPipeline(**components, lgp=random_lgp(components["unet"], seed=seed))

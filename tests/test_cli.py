@@ -181,3 +181,20 @@ def test_the_package_exports_resolve():
         assert getattr(pipeline_sketch_guided, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         pipeline_sketch_guided.nothing  # noqa: B018
+
+
+def test_generate_picks_the_sdxl_pipeline_for_an_sdxl_model(tmp_path, sketch):
+    from diffusers import StableDiffusionXLPipeline
+
+    from pipeline_sketch_guided.testing import random_lgp, tiny_sdxl_components
+
+    components = tiny_sdxl_components()
+    StableDiffusionXLPipeline(**components).save_pretrained(tmp_path / "sdxl")
+    random_lgp(components["unet"]).save_pretrained(tmp_path / "lgp")
+    assert cli.pipeline_class_for(str(tmp_path / "sdxl")).__name__ == "SketchGuidedStableDiffusionXLPipeline"
+    out = tmp_path / "out.png"
+    cli.main(
+        ["generate", "--prompt", "a red star", "--sketch", sketch, "--out", str(out), "--steps", "2"]
+        + ["--model", str(tmp_path / "sdxl"), "--lgp", str(tmp_path / "lgp")]
+    )
+    assert PIL.Image.open(out).size == (32, 32)

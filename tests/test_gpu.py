@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.gpu_check import HALF_PRECISION_TOLERANCE, demo_images
-from pipeline_sketch_guided.demo import load_demo_pipeline
+from pipeline_sketch_guided.demo import demo_sketches, load_demo_pipeline
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -59,3 +59,18 @@ def test_batched_and_split_guided_steps_give_the_same_images():
     pipe.guided_step_mode = "batched"
     batched = demo_images(pipe, guided=True)
     assert np.abs(split - batched).mean() < HALF_PRECISION_TOLERANCE[torch.float16]
+
+
+def test_sdxl_in_float16_with_its_upcast_vae():
+    from pipeline_sketch_guided.testing import tiny_random_sdxl_pipeline
+
+    pipe = tiny_random_sdxl_pipeline().to("cuda", torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.register_to_config(force_upcast=True)  # as SDXL's VAE says of itself
+    prompt, sketch = demo_sketches()[0]
+    generator = torch.Generator("cpu").manual_seed(0)
+    out = pipe(
+        prompt, sketch=sketch, num_inference_steps=4, generator=generator, output_type="np", return_edge_maps=True
+    )
+    assert np.isfinite(out.images).all() and np.isfinite(out.edge_maps).all()
+    assert pipe.vae.dtype == torch.float16

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -22,6 +23,7 @@ from conftest import draw_square
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import ModelCard
 
+import pipeline_sketch_guided
 from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline
 from pipeline_sketch_guided import hub as hub_module
 from pipeline_sketch_guided.cli import main as cli_main
@@ -285,3 +287,16 @@ def test_custom_pipeline_from_a_hub_folder_without_the_package(tmp_path):
         generator=torch.Generator().manual_seed(0),
     ).images
     np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
+
+
+def test_an_sdxl_lgp_repo_carries_the_sdxl_pipeline(tmp_path):
+    from pipeline_sketch_guided.testing import tiny_sdxl_components
+
+    lgp = random_lgp(tiny_sdxl_components()["unet"])
+    base = "stabilityai/stable-diffusion-xl-base-1.0"
+    repo = export_hub_folder(lgp, tmp_path / "repo", REPO_ID, base_model=base)
+    package = Path(pipeline_sketch_guided.__file__).parent
+    assert (repo / "pipeline.py").read_text() == (package / "pipeline_xl.py").read_text()
+    assert {"guidance.py", "lgp.py", "capture.py", "sketch.py"} <= {p.name for p in repo.iterdir()}
+    card = (repo / "README.md").read_text()
+    assert "SketchGuidedStableDiffusionXLPipeline.from_pretrained" in card and f'"{base}"' in card
