@@ -1,16 +1,36 @@
 """Checks that need a CUDA GPU, on the shipped demo model; each skips where there is none.
 
 `benchmarks/gpu_check.sh` runs them first, before its timings (`python -m pytest -m gpu`).
+
+Guided sampling on CUDA is not bit-reproducible by default: the backward of some kernels (upsampling, interpolation)
+adds with atomics, so two identical guided runs differ a little (mean 2e-4 in float32, 8e-4 in float16 on the demo
+model, H100), while unguided runs are identical. The checks that two ways of computing give the same images therefore
+run with `torch.use_deterministic_algorithms`, under which they agree exactly.
 """
 
-import numpy as np
-import pytest
-import torch
+import os
+
+# Read by cuBLAS when CUDA starts: needed for deterministic matrix products (PyTorch's reproducibility notes).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from benchmarks.gpu_check import HALF_PRECISION_TOLERANCE, demo_images
 from pipeline_sketch_guided.demo import demo_sketches, load_demo_pipeline
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture
+def deterministic():
+    """Deterministic CUDA kernels for the test (a kernel without a deterministic version warns, not fails)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def on_gpu(dtype: torch.dtype = torch.float32):
@@ -35,21 +55,21 @@ def test_half_precision_guided_generation_is_finite_and_as_close_to_float32_as_u
     assert difference[True] < bound, message
 
 
-def test_model_cpu_offload_with_a_sketch_gives_the_images_of_the_model_on_the_gpu():
+def test_model_cpu_offload_with_a_sketch_gives_the_images_of_the_model_on_the_gpu(deterministic):
     expected = demo_images(on_gpu(torch.float16), guided=True)
     pipe = load_demo_pipeline(torch.float16)
     pipe.enable_model_cpu_offload()
     images = demo_images(pipe, guided=True)
-    assert np.abs(images - expected).mean() < 2e-3
+    assert np.abs(images - expected).max() < 1e-4
     assert pipe.unet.device.type == "cpu"  # offloaded again after the call
 
 
-def test_gradient_checkpointing_gives_the_same_images():
+def test_gradient_checkpointing_gives_the_same_images(deterministic):
     pipe = on_gpu(torch.float16)
     expected = demo_images(pipe, guided=True)
     pipe.unet.enable_gradient_checkpointing()
     images = demo_images(pipe, guided=True)
-    assert np.abs(images - expected).mean() < 2e-3
+    assert np.abs(images - expected).max() < 1e-4
 
 
 def test_batched_and_split_guided_steps_give_the_same_images():
