@@ -196,6 +196,11 @@ def add_generate_parser(subparsers) -> None:
         "--sketch", help="the drawing to follow (an image file, either polarity); without it, no sketch guidance"
     )
     parser.add_argument(
+        "--sketch-mask",
+        help="where the sketch applies (an image: white where it is an instruction, black where the prompt decides);"
+        " default: all of it",
+    )
+    parser.add_argument(
         "--out",
         required=True,
         help="where to write the image (.png keeps the prompt, seed and settings in its metadata; .jpg, .webp, ...);"
@@ -391,6 +396,10 @@ def check_generate_args(args: argparse.Namespace) -> None:
         check_output_path(args.edge_map_out, "--edge-map-out")
     if args.sketch:
         check_image_file(args.sketch, "--sketch")
+    if args.sketch_mask:
+        if not args.sketch:
+            raise UsageError("--sketch-mask needs --sketch: it says where the sketch applies.")
+        check_image_file(args.sketch_mask, "--sketch-mask")
     scale = args.sketch_guidance_scale
     if not 0 <= scale <= MAX_SKETCH_GUIDANCE_SCALE:  # NaN fails both comparisons
         raise UsageError(
@@ -490,6 +499,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.prompt,
         negative_prompt=args.negative_prompt,
         sketch=args.sketch,
+        sketch_mask=args.sketch_mask,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         sketch_guidance_scale=args.sketch_guidance_scale,
@@ -512,6 +522,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "model": args.model or "pipeline_sketch_guided demo model",
         "lgp": args.lgp,
         "sketch_sha256": file_sha256(args.sketch) if args.sketch else None,
+        "sketch_mask_sha256": file_sha256(args.sketch_mask) if args.sketch_mask else None,
         "sketch_guidance_scale": args.sketch_guidance_scale if args.sketch else None,
         "sketch_guidance_start": args.sketch_guidance_start if args.sketch else None,
         "sketch_guidance_end": args.sketch_guidance_end if args.sketch else None,

@@ -198,3 +198,21 @@ def test_generate_picks_the_sdxl_pipeline_for_an_sdxl_model(tmp_path, sketch):
         + ["--model", str(tmp_path / "sdxl"), "--lgp", str(tmp_path / "lgp")]
     )
     assert PIL.Image.open(out).size == (32, 32)
+
+
+def test_a_sketch_mask_reaches_the_pipeline_and_the_metadata(tmp_path, sketch):
+    mask = tmp_path / "mask.png"
+    PIL.Image.new("L", (64, 64), 255).save(mask)
+    out = tmp_path / "out.png"
+    cli.main(generate_args(out, "--sketch", sketch, "--sketch-mask", str(mask)))
+    with open(mask, "rb") as file:
+        assert (
+            json.loads(PIL.Image.open(out).text["sketch_guided"])["sketch_mask_sha256"]
+            == hashlib.sha256(file.read()).hexdigest()
+        )
+    # An all-white mask is the whole sketch: the same image as without a mask.
+    plain = tmp_path / "plain.png"
+    cli.main(generate_args(plain, "--sketch", sketch))
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(PIL.Image.open(plain)))
+    with pytest.raises(SystemExit, match="--sketch-mask needs --sketch"):
+        cli.main(generate_args(tmp_path / "x.png", "--sketch-mask", str(mask)))
