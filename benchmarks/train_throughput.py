@@ -7,10 +7,11 @@ edge maps every step.
 
     python -m benchmarks.train_throughput --model tiny --batch_size 8               # CPU, tiny random model
     python -m benchmarks.train_throughput --model sd15-random --resolution 512 --batch_size 8 --mixed_precision fp16
-    python -m benchmarks.train_throughput --model <hub id or folder of a Stable Diffusion model> ...
+    python -m benchmarks.train_throughput --model sdxl-random --batch_size 4 --mixed_precision fp16   # SDXL, 1024 px
+    python -m benchmarks.train_throughput --model <hub id or folder of a Stable Diffusion (XL) model> ...
 
-`sd15-random` is Stable Diffusion 1.5's architecture (UNet, VAE, CLIP ViT-L/14 text encoder) randomly initialised:
-the cost of a step does not depend on the weights, and nothing is downloaded.
+`sd15-random` and `sdxl-random` are Stable Diffusion 1.5's and XL's architectures (UNet, VAE, text encoders) randomly
+initialised: the cost of a step does not depend on the weights, and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -23,39 +24,30 @@ import time
 
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import DDPMScheduler
 
-from benchmarks.models import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE
+from benchmarks.guided_sampling import build_pipeline
 from pipeline_sketch_guided import LGPModel
-from pipeline_sketch_guided.testing import tiny_components
-from pipeline_sketch_guided.training.train_lgp import encode_latents, last_block_to_run, lgp_loss
+from pipeline_sketch_guided.cli import pipeline_class_for
+from pipeline_sketch_guided.training.train_lgp import encode_captions, encode_latents, last_block_to_run, lgp_loss
 from pipeline_sketch_guided.utils import dtype_kwargs
 
+# Every step encodes this caption for each image of the batch, as the trainer encodes its captions.
+CAPTION = "a red square and a blue circle on a grey background"
 
-def build_components(
-    model: str, dtype: torch.dtype
-) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, int, DDPMScheduler]:
-    """(unet, vae, text encoder, token sequence length, noise scheduler) for a benchmark model or a pretrained one."""
-    if model == "tiny":
-        components = tiny_components()
-        unet, vae, text_encoder = components["unet"], components["vae"], components["text_encoder"]
-        max_length = components["tokenizer"].model_max_length
-        scheduler_config = components["scheduler"].config
-    elif model == "sd15-random":
-        unet, vae = UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
-        max_length, scheduler_config = SD15_TEXT["max_position_embeddings"], SD15_SCHEDULER
+
+def build_base(model: str, dtype: torch.dtype, device: torch.device):
+    """The frozen base pipeline (SD or SDXL, no LGP) for a benchmark model or a pretrained one, on `device`."""
+    if model in ("tiny", "tiny-sdxl", "sd15-random", "sdxl-random"):
+        base = build_pipeline(model, dtype=dtype, device=str(device))
+        base.lgp = None
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model, safety_checker=None, requires_safety_checker=False, **dtype_kwargs(dtype)
-        )
-        unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-        max_length, scheduler_config = pipe.tokenizer.model_max_length, pipe.scheduler.config
-    for module in (unet, vae, text_encoder):
-        # Always: a saved model may be stored in another dtype (the demo model is float16).
-        module.requires_grad_(False).eval().to(dtype)
-    return unet, vae, text_encoder, max_length, DDPMScheduler.from_config(scheduler_config)
+        base = pipeline_class_for(model).from_pretrained(model, lgp=None, **dtype_kwargs(dtype))
+    for module in base.components.values():
+        if isinstance(module, torch.nn.Module):
+            # Always to `dtype`: a saved model may be stored in another (the demo model is float16).
+            module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    return base
 
 
 def peak_memory_mib(device: torch.device) -> tuple[float, str]:
@@ -67,8 +59,14 @@ def peak_memory_mib(device: torch.device) -> tuple[float, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="tiny, sd15-random, or a Hub id / folder of an SD model.")
-    parser.add_argument("--resolution", type=int, default=None, help="Default: 32 for tiny, 512 otherwise.")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny, tiny-sdxl, sd15-random, sdxl-random, or a Hub id / folder of an SD or SDXL model.",
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="Default: 32 for tiny models, 1024 for SDXL, 512 otherwise."
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--block_preset", default="sketch2img")
     parser.add_argument("--hidden_dims", type=int, nargs="+", default=[512, 256, 128, 64])
@@ -77,45 +75,54 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup_steps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
-    resolution = args.resolution or (32 if args.model == "tiny" else 512)
+    resolution = args.resolution or (32 if args.model.startswith("tiny") else 1024 if "xl" in args.model else 512)
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     device = accelerator.device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     if dtype == torch.float16 and device.type != "cuda":
         raise SystemExit("fp16 needs a CUDA GPU; use --mixed_precision bf16 or no on the CPU.")
-    unet, vae, text_encoder, max_length, scheduler = build_components(args.model, dtype)
-    unet, vae, text_encoder = unet.to(device), vae.to(device), text_encoder.to(device)
+    base = build_base(args.model, dtype, device)
+    unet, scheduler = base.unet, DDPMScheduler.from_config(base.scheduler.config)
     torch.manual_seed(0)
     lgp = LGPModel.from_unet(unet, preset=args.block_preset, hidden_dims=args.hidden_dims).train()
     optimizer = torch.optim.AdamW(lgp.parameters(), lr=1e-4)
     lgp, optimizer = accelerator.prepare(lgp, optimizer)
     config = accelerator.unwrap_model(lgp).config
 
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_size = resolution // vae_factor
+    latent_size = resolution // base.vae_scale_factor
     batch = args.batch_size
-    token_ids = torch.randint(0, text_encoder.config.vocab_size, (batch, max_length), device=device)
+    captions = [CAPTION] * batch
     pixels = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
     latents = torch.randn(batch, 4, latent_size, latent_size, device=device)
     edge_latents = torch.randn_like(latents)
     with torch.no_grad():
-        embeds = text_encoder(token_ids)[0]
+        probe_states, probe_kwargs = encode_captions(base, captions[:1], config.feature_branch, resolution)
         probe = latents[:1].to(dtype)
         stop_block = unet.get_submodule(
-            last_block_to_run(unet, config.blocks, probe, 0, encoder_hidden_states=embeds[:1])
+            last_block_to_run(unet, config.blocks, probe, 0, encoder_hidden_states=probe_states, **probe_kwargs)
         )
 
     def step() -> float:
         with torch.no_grad():
-            encoder_hidden_states = text_encoder(token_ids)[0]
+            encoder_hidden_states, unet_kwargs = encode_captions(base, captions, config.feature_branch, resolution)
             image_latents, target = latents, edge_latents
             if args.include_vae:
-                image_latents, target = encode_latents(vae, pixels), encode_latents(vae, pixels)
+                image_latents, target = encode_latents(base, pixels), encode_latents(base, pixels)
             noise = torch.randn_like(image_latents, dtype=torch.float32)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
         loss = lgp_loss(
-            unet, lgp, config, image_latents, target, encoder_hidden_states, timesteps, noise, scheduler, stop_block
+            unet,
+            lgp,
+            config,
+            image_latents,
+            target,
+            encoder_hidden_states,
+            timesteps,
+            noise,
+            scheduler,
+            stop_block,
+            unet_kwargs,
         )
         accelerator.backward(loss)
         optimizer.step()

@@ -377,3 +377,62 @@ def test_training_scripts_run_from_any_folder_with_the_package_installed(tmp_pat
     completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert "usage:" in completed.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SDXL
+
+
+@pytest.fixture(scope="module")
+def sdxl_base(tmp_path_factory) -> str:
+    from diffusers import StableDiffusionXLPipeline
+
+    from pipeline_sketch_guided.testing import tiny_sdxl_components
+
+    folder = tmp_path_factory.mktemp("sdxl_base")
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(folder)
+    return str(folder)
+
+
+def test_an_sdxl_lgp_trains_resumes_and_drives_the_sdxl_pipeline(sdxl_base, prepared, tmp_path):
+    from pipeline_sketch_guided import SketchGuidedStableDiffusionXLPipeline
+
+    data, _ = prepared
+    steps = ["--checkpointing_steps", "2", "--cache_latents"]
+    whole = train_lgp.main(train_args(sdxl_base, data, tmp_path / "whole", "--max_train_steps", "4", *steps))
+    assert np.mean(whole.losses[-2:]) < np.mean(whole.losses[:2])
+    # Two steps, then the same run resumed to four: the same LGP as the uninterrupted run.
+    train_lgp.main(train_args(sdxl_base, data, tmp_path / "resumed", "--max_train_steps", "2", *steps))
+    resumed_args = ["--max_train_steps", "4", *steps, "--resume_from_checkpoint", "latest"]
+    resumed = train_lgp.main(train_args(sdxl_base, data, tmp_path / "resumed", *resumed_args))
+    assert resumed.losses == whole.losses[2:]
+    expected = LGPModel.from_pretrained(tmp_path / "whole").state_dict()
+    for name, value in LGPModel.from_pretrained(tmp_path / "resumed").state_dict().items():
+        torch.testing.assert_close(value, expected[name], msg=name)
+
+    lgp = LGPModel.from_pretrained(tmp_path / "whole")
+    pipe = SketchGuidedStableDiffusionXLPipeline.from_pretrained(sdxl_base, lgp=lgp)
+    pipe.set_progress_bar_config(disable=True)
+    sketch = str(data / "edges" / "000000.png")
+    kwargs = {"num_inference_steps": 4, "output_type": "np", "height": RESOLUTION, "width": RESOLUTION}
+    guided = pipe("a red square", sketch=sketch, generator=torch.Generator().manual_seed(0), **kwargs).images
+    plain = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.isfinite(guided).all() and not np.allclose(guided, plain)
+
+
+def test_the_base_model_loads_without_notices(base_model, prepared, tmp_path, caplog):
+    """A base saved as a sketch-guided pipeline (with an `lgp` entry, as the demo model is) loads for training without
+    diffusers' notices about unexpected components or the safety checker."""
+    data, _ = prepared
+    pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(base_model, lgp=None)
+    pipe.lgp = LGPModel.from_unet(pipe.unet, hidden_dims=[8])
+    pipe.save_pretrained(tmp_path / "with_lgp")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            train_lgp.main(train_args(str(tmp_path / "with_lgp"), data, tmp_path / "run", "--max_train_steps", "1"))
+    finally:
+        diffusers_logging.disable_propagation()
+    assert "not expected" not in caplog.text and "safety checker" not in caplog.text

@@ -38,14 +38,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipeline_sketch_guided import BLOCK_PRESETS, LGPModel, SketchGuidedStableDiffusionPipeline, capture_activations
+from pipeline_sketch_guided import BLOCK_PRESETS, LGPModel, capture_activations
 from pipeline_sketch_guided.capture import resolve_blocks
+from pipeline_sketch_guided.cli import pipeline_class_for
 from pipeline_sketch_guided.lgp import FEATURE_BRANCHES, SKETCH_POLARITIES, noise_level_map
 from pipeline_sketch_guided.utils import dtype_kwargs
 
@@ -314,10 +315,30 @@ def last_block_to_run(unet: nn.Module, blocks: Sequence[str], *unet_args, **unet
     return order[-1]
 
 
-def encode_latents(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """E(x): the mean of the VAE's posterior times its scaling factor, as the pipeline encodes the sketch."""
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+def encode_latents(base, pixels: torch.Tensor) -> torch.Tensor:
+    """E(x): exactly as the pipeline encodes the sketch (`encode_to_latents`: the posterior's mean times the scaling
+    factor, in float32 where the VAE's config says `force_upcast`, as SDXL's does)."""
+    return base.encode_to_latents(pixels.to(device=base.vae.device))
+
+
+def encode_captions(base, captions: list[str], branch: str, resolution: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """What the UNet's `branch` sees for these captions: (encoder_hidden_states, UNet keyword arguments).
+
+    The conditional branch gets the captions' embeddings, the unconditional one the pipeline's negative embeddings
+    for an empty negative prompt; an SDXL base also gets its pooled embeddings and size conditioning (an uncropped
+    square image of `resolution` pixels) as `added_cond_kwargs`.
+    """
+    device, unconditional = base._execution_device, branch == "unconditional"
+    if not hasattr(base, "text_encoder_2"):
+        embeds = base.encode_prompt(captions, device, 1, unconditional)
+        return embeds[1 if unconditional else 0], {}
+    embeds = base.encode_prompt(captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+    hidden_states, pooled = (embeds[1], embeds[3]) if unconditional else (embeds[0], embeds[2])
+    size = (resolution, resolution)
+    projection_dim = base.text_encoder_2.config.projection_dim
+    time_ids = base._get_add_time_ids(size, (0, 0), size, hidden_states.dtype, projection_dim)
+    time_ids = time_ids.to(device).repeat(len(captions), 1)
+    return hidden_states, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
 def lgp_loss(
@@ -331,17 +352,24 @@ def lgp_loss(
     noise: torch.Tensor,
     noise_scheduler: DDPMScheduler,
     stop_block: nn.Module | None = None,
+    unet_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Mean squared error of the LGP's edge latent at every pixel of z_t = add_noise(E(x), noise, t), against E(e).
 
-    The UNet runs without gradients, in its own dtype; `lgp` may be wrapped (DDP), so its config comes separately.
+    The UNet runs without gradients, in its own dtype, with `unet_kwargs` (SDXL's `added_cond_kwargs`); `lgp` may be
+    wrapped (DDP), so its config comes separately.
     """
     noisy_latents = noise_scheduler.add_noise(image_latents.float(), noise.float(), timesteps)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(noise.device)[timesteps]
     with torch.no_grad():
         with capture_activations(unet, lgp_config.blocks, lgp_config.tuple_output_index) as features:
             with stop_forward_after(stop_block):
-                unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states=encoder_hidden_states)
+                unet(
+                    noisy_latents.to(unet.dtype),
+                    timesteps,
+                    encoder_hidden_states=encoder_hidden_states,
+                    **(unet_kwargs or {}),
+                )
         features = dict(features)
     prediction = lgp(features, noise_level_map(noise.float(), alphas_cumprod))
     return F.mse_loss(prediction.float(), edge_latents.float())
@@ -469,7 +497,7 @@ def load_checkpoint(
 
 
 def log_validation(
-    base: StableDiffusionPipeline,
+    base,
     lgp: LGPModel,
     args: argparse.Namespace,
     accelerator: Accelerator,
@@ -477,9 +505,7 @@ def log_validation(
 ) -> list[PIL.Image.Image]:
     """Generate each validation prompt guided by its sketch; save the images and LGP edge maps, log them."""
     logger.info(f"Validation at step {global_step}: {len(args.validation_prompts)} prompts.")
-    # No safety checker: validation images of sketches are for the trainer's eyes (and saying so silences diffusers'
-    # warning about it at every validation).
-    pipe = SketchGuidedStableDiffusionPipeline(**base.components, lgp=lgp, requires_safety_checker=False)
+    pipe = type(base).from_pipe(base, lgp=lgp)
     pipe.set_progress_bar_config(disable=True)
     sketches = args.validation_sketches * (len(args.validation_prompts) // len(args.validation_sketches))
     folder = Path(args.output_dir, "validation", f"step-{global_step:06d}")
@@ -559,20 +585,26 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
 
     # The frozen base model, in half precision where mixed precision is asked for.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    base = StableDiffusionPipeline.from_pretrained(
+    pipeline_class = pipeline_class_for(args.pretrained_model_name_or_path, revision=args.revision)
+    # Loaded as the sketch-guided pipeline (SD or SDXL, by the model's model_index.json) without an LGP: the same
+    # encoding of images and captions as when sampling, and no notice about components that the base lacks.
+    is_sdxl = "XL" in pipeline_class.__name__
+    extra = {} if is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    base = pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
         revision=args.revision,
         variant=args.variant,
+        lgp=None,
         **dtype_kwargs(weight_dtype),
-        safety_checker=None,
-        requires_safety_checker=False,
+        **extra,
     )
     base.set_progress_bar_config(disable=True)
     base.to(accelerator.device)
-    for module in (base.unet, base.vae, base.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    unet, vae = base.unet, base.vae
+    for module in base.components.values():
+        if isinstance(module, nn.Module):
+            module.requires_grad_(False)
+            module.eval()
+    unet = base.unet
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     max_timestep = num_train_timesteps - 1 if args.max_timestep is None else args.max_timestep
@@ -632,10 +664,12 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         logger.info(f"Resumed from {resume} at step {global_step}.")
 
     with torch.no_grad():
-        empty_embeds = base.encode_prompt([""], accelerator.device, 1, False)[0]
+        probe_states, probe_kwargs = encode_captions(base, [""], lgp_config.feature_branch, args.resolution)
         latent_size = args.resolution // base.vae_scale_factor
         probe = torch.zeros(1, unet.config.in_channels, latent_size, latent_size, device=unet.device, dtype=unet.dtype)
-        last_block = last_block_to_run(unet, lgp_config.blocks, probe, 0, encoder_hidden_states=empty_embeds)
+        last_block = last_block_to_run(
+            unet, lgp_config.blocks, probe, 0, encoder_hidden_states=probe_states, **probe_kwargs
+        )
     stop_block = unet.get_submodule(last_block)
 
     if args.cache_latents:
@@ -645,8 +679,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         )
         with torch.no_grad():
             for batch in tqdm(loader, desc="Caching latents", disable=not accelerator.is_local_main_process):
-                image_latents.append(encode_latents(vae, batch["pixel_values"]).cpu())
-                edge_latents.append(encode_latents(vae, batch["edge_values"]).cpu())
+                image_latents.append(encode_latents(base, batch["pixel_values"]).cpu())
+                edge_latents.append(encode_latents(base, batch["edge_values"]).cpu())
         dataset = CachedLatents(torch.cat(image_latents), torch.cat(edge_latents), [e.caption for e in examples])
 
     if accelerator.is_main_process:
@@ -679,12 +713,11 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
                     image_latents = batch["image_latents"].to(accelerator.device)
                     edge_latents = batch["edge_latents"].to(accelerator.device)
                 else:
-                    image_latents = encode_latents(vae, batch["pixel_values"])
-                    edge_latents = encode_latents(vae, batch["edge_values"])
-                if lgp_config.feature_branch == "conditional":
-                    embeds = base.encode_prompt(batch["caption"], accelerator.device, 1, False)[0]
-                else:
-                    embeds = empty_embeds.expand(len(batch["caption"]), -1, -1)
+                    image_latents = encode_latents(base, batch["pixel_values"])
+                    edge_latents = encode_latents(base, batch["edge_values"])
+                embeds, unet_kwargs = encode_captions(
+                    base, batch["caption"], lgp_config.feature_branch, args.resolution
+                )
                 noise = torch.randn(
                     image_latents.shape, generator=generator, device=accelerator.device, dtype=torch.float32
                 )
@@ -706,6 +739,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
                 noise,
                 noise_scheduler,
                 stop_block,
+                unet_kwargs,
             )
             accelerator.backward(loss)
             optimizer.step()
