@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import draw_square
@@ -129,3 +131,20 @@ def test_parameters_keep_their_requires_grad(pipe, requires_grad):
     flags = {p.requires_grad for module in (pipe.unet, pipe.lgp) for p in module.parameters()}
     assert flags == {requires_grad}
     assert torch.is_grad_enabled()
+
+
+def test_sketch_mask_measure_reads_the_sketched_and_the_second_shape():
+    from benchmarks import sketch_mask
+    from pipeline_sketch_guided.training.shapes import COLOURS
+
+    case = sketch_mask.make_cases(1)[0]
+    image = np.full((64, 64, 3), 245, dtype=np.uint8)  # white paper
+    image[case["filled"]] = COLOURS[case["colour"]]
+    outside = np.asarray(case["mask"]) == 0
+    rows, cols = np.nonzero(outside)
+    top, left = rows.min() + 20, cols.min() + 8
+    image[top : top + 12, left : left + 12] = COLOURS[case["other_colour"]]  # the second shape, outside the mask
+    measured = sketch_mask.measure(PIL.Image.fromarray(image), case)
+    assert measured["iou"] > 0.9 and measured["second_present"]
+    image[top : top + 12, left : left + 12] = 245
+    assert not sketch_mask.measure(PIL.Image.fromarray(image), case)["second_present"]
