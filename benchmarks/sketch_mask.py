@@ -25,7 +25,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from benchmarks.efficacy import COLOURS, segment_foreground
+from benchmarks.efficacy import COLOURS, _article, segment_foreground
 from pipeline_sketch_guided.demo import SHAPES, filled_mask, freehand_sketch, load_demo_pipeline, shape_polygon
 
 # A shape whose colour covers less than this fraction of the image outside the mask counts as absent (specks and
@@ -60,7 +60,8 @@ def make_cases(count: int, seed: int = 7_000_000) -> list[dict]:
             mask[:, IMAGE_SIZE // 2 :] = 255
         cases.append(
             {
-                "prompt": f"a {colour} {first} and a {other_colour} {second} on a white background",
+                "prompt": f"{_article(colour)} {colour} {first} and {_article(other_colour)} {other_colour} {second}"
+                " on a white background",
                 "sketch": sketch,
                 "mask": PIL.Image.fromarray(mask),
                 "filled": filled_mask(shape_polygon(first, center, radius, rotation)),

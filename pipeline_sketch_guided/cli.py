@@ -546,6 +546,84 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# batch
+
+
+def add_batch_parser(subparsers) -> None:
+    from .batch import MANIFEST_FIELDS
+
+    parser = subparsers.add_parser(
+        "batch",
+        help="generate every row of a manifest (JSON lines or CSV), resumable, on one or many GPUs",
+        description=(
+            "Generate one image per manifest row. Fields: " + ", ".join(MANIFEST_FIELDS) + " (only prompt is needed;"
+            " paths are relative to the manifest; a row without a sketch is unguided; output defaults to"
+            " <row>-seed<seed>.png). Rows with the same settings are generated together. Run again after a stop:"
+            " finished rows are skipped. Many GPUs: accelerate launch -m pipeline_sketch_guided batch ..."
+        ),
+    )
+    parser.add_argument("manifest", help="a .jsonl or .csv file, one row per image")
+    parser.add_argument("--out", required=True, help="the folder for the images and results.jsonl")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per pipeline call (default 4)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="default num_inference_steps (default 30)")
+    parser.add_argument("--contact-sheet", help="also write a grid of all the images here")
+    add_model_arguments(parser)
+    parser.set_defaults(func=run_batch)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    import json
+
+    from accelerate import PartialState
+
+    from .batch import METADATA_KEY, contact_sheet, read_manifest, run_manifest
+
+    read_manifest(args.manifest)  # a manifest that cannot be read at all fails now, before a model is loaded
+    check_model_source(args.model, "--model", "model's")
+    check_model_source(args.lgp, "--lgp", "LGP's")
+    if args.contact_sheet:
+        check_output_path(args.contact_sheet, "--contact-sheet")
+    state = PartialState()
+    device = resolve_device(args.device) if args.device or state.num_processes == 1 else str(state.device)
+    dtype = resolve_dtype(args.dtype, device, guided=True)
+    set_threads(args, device)
+    pipe = load_pipeline(args.model, args.lgp, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+
+    def save(image, path, settings):
+        info = png_metadata(settings)
+        info.add_text(METADATA_KEY, json.dumps(settings))
+        temporary = path.with_name(f"{path.name}.tmp.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(temporary, pnginfo=info)
+        os.replace(temporary, path)
+
+    context = {"model": args.model or "pipeline_sketch_guided demo model", "lgp": args.lgp, "dtype": str(dtype)}
+    summary = run_manifest(
+        pipe,
+        args.manifest,
+        args.out,
+        save,
+        batch_size=args.batch_size,
+        defaults={"num_inference_steps": args.steps},
+        context=context,
+        progress=state.is_local_main_process,
+    )
+    if not state.is_main_process:
+        return 0
+    if args.contact_sheet:
+        contact_sheet(summary.rows, args.contact_sheet)
+    for result in summary.rows:
+        if result["status"] == "failed":
+            print(f"row {result['row']}: {result['error']}", file=sys.stderr)
+    print(
+        f"{summary.done} done, {summary.skipped} skipped, {summary.failed} failed: results in"
+        f" {os.path.join(args.out, 'results.jsonl')}."
+    )
+    return 1 if summary.failed else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # demo
 
 
@@ -616,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(subparsers)
+    add_batch_parser(subparsers)
     add_demo_parser(subparsers)
     add_convert_parser(subparsers)
     add_push_parser(subparsers)

@@ -1,0 +1,293 @@
+"""Many sketch-guided images from one manifest: `sketch-guided batch MANIFEST --out DIR`.
+
+A manifest is JSON lines (`.jsonl`) or CSV (`.csv`) with one row per image, its fields named as the pipeline's
+arguments (`MANIFEST_FIELDS`). Rows with the same settings and size are generated together, `batch_size` at a time; each
+image depends only on its own row (its seed included), not on the batch, process or machine that made it. A finished
+image records its row's settings in its PNG metadata, so a run killed at any point and started again skips the rows
+whose image is there with the same settings, and no image is ever half-written (each is written under a temporary name
+and renamed). Launched with `accelerate launch`, the rows are shared between the processes (one per GPU), each writing
+its own results, merged at the end into `results.jsonl`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+
+from .sketch import prepare_sketch, prepare_sketch_mask
+
+# Every field a manifest row may have; `prompt` is the only one it must have.
+MANIFEST_FIELDS = {
+    "prompt": str,
+    "sketch": str,
+    "sketch_mask": str,
+    "seed": int,
+    "negative_prompt": str,
+    "num_inference_steps": int,
+    "guidance_scale": float,
+    "sketch_guidance_scale": float,
+    "sketch_guidance_start": float,
+    "sketch_guidance_end": float,
+    "sketch_guidance_interval": int,
+    "height": int,
+    "width": int,
+    "output": str,
+}
+# The fields that each image of a batch may have its own of; rows that agree on all the others can share a batch.
+PER_IMAGE_FIELDS = ("prompt", "negative_prompt", "seed", "sketch", "sketch_mask", "output")
+RESULTS_FILE = "results.jsonl"
+METADATA_KEY = "sketch_guided_row"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read at all (its rows' own errors are reported per row instead)."""
+
+
+@dataclass
+class Row:
+    index: int
+    settings: dict[str, Any]  # the row's fields, typed, relative paths made absolute
+    output: Path
+    error: str | None = None
+    status: str = "pending"
+    seconds: float | None = None
+
+    def group_key(self) -> tuple:
+        shared = {k: v for k, v in self.settings.items() if k not in PER_IMAGE_FIELDS}
+        return (
+            "sketch" in self.settings,
+            "sketch_mask" in self.settings,
+            tuple(sorted(shared.items())),
+        )
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "row": self.index,
+            "status": self.status,
+            "output": str(self.output),
+            "seed": self.settings.get("seed"),
+            "settings": self.settings,
+            "seconds": self.seconds,
+            "error": self.error,
+        }
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The manifest's rows as dicts of strings (JSON values are kept as they are)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"No manifest at {str(path)!r}.")
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as file:
+            rows = [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(file)]
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ManifestError(f"{path}:{number} is not valid JSON ({error.msg}).") from None
+            if not isinstance(row, dict):
+                raise ManifestError(f"{path}:{number} is not a JSON object with the row's fields.")
+            rows.append(row)
+    else:
+        raise ManifestError(f"{str(path)!r}: a manifest is JSON lines (.jsonl) or CSV (.csv).")
+    if not rows:
+        raise ManifestError(f"{str(path)!r} has no rows.")
+    unknown = sorted({key for row in rows for key in row} - set(MANIFEST_FIELDS))
+    if unknown:
+        raise ManifestError(
+            f"{str(path)!r} has fields {', '.join(unknown)} that are no pipeline argument here; the fields are"
+            f" {', '.join(MANIFEST_FIELDS)}."
+        )
+    return rows
+
+
+def parse_row(index: int, raw: dict[str, Any], manifest_dir: Path, out_dir: Path, defaults: dict[str, Any]) -> Row:
+    """A typed `Row` (with `error` set if a value is wrong), paths relative to the manifest made absolute."""
+    settings: dict[str, Any] = {}
+    error = None
+    for name, value in {**defaults, **raw}.items():
+        kind = MANIFEST_FIELDS[name]
+        try:
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            settings[name] = kind(value) if not (kind is int and isinstance(value, str)) else int(value.strip())
+        except (TypeError, ValueError):
+            error = f"`{name}` must be {'an integer' if kind is int else 'a number' if kind is float else 'text'}"
+            error += f", got {value!r}"
+    if "prompt" not in settings and error is None:
+        error = "no `prompt`"
+    for name in ("sketch", "sketch_mask"):
+        if name in settings:
+            settings[name] = str((manifest_dir / settings[name]).resolve())
+    settings.setdefault("seed", index)
+    name = settings.pop("output", None) or f"{index:06d}-seed{settings['seed']}.png"
+    output = (out_dir / name).resolve()
+    if error is None and out_dir.resolve() not in output.parents:
+        error = f"`output` {name!r} is outside the output folder"
+    if error is None and output.suffix.lower() != ".png":
+        error = f"`output` {name!r} must be a .png (its metadata records the row, for resuming)"
+    return Row(index, settings, output, error=error, status="failed" if error else "pending")
+
+
+def recorded_settings(path: Path) -> dict[str, Any] | None:
+    """The row settings an image written by this runner records, or `None`."""
+    try:
+        with PIL.Image.open(path) as image:
+            return json.loads(image.text.get(METADATA_KEY, "null"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_row_inputs(row: Row, vae_scale_factor: int, default_size: tuple[int, int]) -> None:
+    """Read the row's sketch and mask now, so that a bad one fails its row, not the batch it would have joined."""
+    height, width = row.settings.get("height", default_size[0]), row.settings.get("width", default_size[1])
+    try:
+        if "sketch" in row.settings:
+            prepare_sketch(row.settings["sketch"], height, width)
+        if "sketch_mask" in row.settings:
+            prepare_sketch_mask(row.settings["sketch_mask"], height // vae_scale_factor, width // vae_scale_factor)
+    except (ValueError, TypeError, OSError) as error:
+        row.status, row.error = "failed", " ".join(str(error).split())
+
+
+def batches(rows: list[Row], batch_size: int) -> Iterable[list[Row]]:
+    """Rows that can share a pipeline call, `batch_size` at a time, in manifest order within each group."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.group_key(), []).append(row)
+    for group in groups.values():
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
+def generate_batch(
+    pipe, rows: list[Row], save: Callable[[PIL.Image.Image, Path, dict], None], context: dict[str, Any]
+) -> None:
+    """One pipeline call for `rows` (same shared settings), each image with its own prompt, sketch and seed."""
+    first = rows[0].settings
+    shared = {k: v for k, v in first.items() if k not in PER_IMAGE_FIELDS}
+    kwargs = dict(shared)
+    if "sketch" in first:
+        kwargs["sketch"] = [row.settings["sketch"] for row in rows]
+    if "sketch_mask" in first:
+        kwargs["sketch_mask"] = [row.settings["sketch_mask"] for row in rows]
+    negative = [row.settings.get("negative_prompt", "") for row in rows]
+    start = time.perf_counter()
+    images = pipe(
+        [row.settings["prompt"] for row in rows],
+        negative_prompt=negative if any(negative) else None,
+        generator=[torch.Generator("cpu").manual_seed(row.settings["seed"]) for row in rows],
+        **kwargs,
+    ).images
+    seconds = (time.perf_counter() - start) / len(rows)
+    for row, image in zip(rows, images, strict=True):
+        save(image, row.output, {**row.settings, **context})
+        row.status, row.seconds = "done", round(seconds, 3)
+
+
+@dataclass
+class BatchSummary:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_manifest(
+    pipe,
+    manifest: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    save: Callable[[PIL.Image.Image, Path, dict], None],
+    batch_size: int = 4,
+    defaults: dict[str, Any] | None = None,
+    context: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> BatchSummary:
+    """Generate every row of `manifest` into `out_dir` (see the module's docstring); returns the counts and rows.
+
+    `save(image, path, settings)` writes one image (atomically, recording `settings`: the row's, with `context`, such
+    as the model's name, so that a row is made again when either changes). Under `accelerate launch` each
+    process takes its share of the rows (`PartialState.split_between_processes`) and writes `results.<rank>.jsonl`;
+    the main process merges them into `results.jsonl` once all have finished.
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state, context = PartialState(), context or {}
+    manifest_dir = Path(manifest).resolve().parent
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw_rows = read_manifest(manifest)
+    rows = [parse_row(i, raw, manifest_dir, out_dir, defaults or {}) for i, raw in enumerate(raw_rows)]
+    outputs: dict[Path, int] = {}
+    for row in rows:
+        if row.error is None and row.output in outputs:
+            row.status, row.error = "failed", f"same `output` as row {outputs[row.output]}"
+        outputs.setdefault(row.output, row.index)
+
+    sample_size = pipe.unet.config.sample_size
+    sample = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+    default_size = tuple(size * pipe.vae_scale_factor for size in sample)
+    with state.split_between_processes(rows) as mine:
+        mine = list(mine)
+        for row in mine:
+            if row.status == "pending" and recorded_settings(row.output) == {**row.settings, **context}:
+                row.status = "skipped"
+            elif row.status == "pending":
+                check_row_inputs(row, pipe.vae_scale_factor, default_size)
+        todo = [row for row in mine if row.status == "pending"]
+        with tqdm(total=len(todo), unit="image", desc="sketch-guided batch", disable=not progress) as bar:
+            for group in batches(todo, batch_size):
+                try:
+                    generate_batch(pipe, group, save, context)
+                except Exception as error:  # one batch's failure (a bad value for the pipeline) must not stop the run
+                    for row in group:
+                        row.status, row.error = "failed", f"{type(error).__name__}: {' '.join(str(error).split())}"
+                bar.update(len(group))
+        part = out_dir / f"results.{state.process_index}.jsonl"
+        part.write_text("".join(json.dumps(row.result()) + "\n" for row in mine), encoding="utf-8")
+
+    state.wait_for_everyone()
+    summary = BatchSummary()
+    if state.is_main_process:
+        merged = []
+        for index in range(state.num_processes):
+            part = out_dir / f"results.{index}.jsonl"
+            merged += [json.loads(line) for line in part.read_text(encoding="utf-8").splitlines() if line.strip()]
+            part.unlink()
+        merged.sort(key=lambda result: result["row"])
+        temporary = out_dir / (RESULTS_FILE + ".tmp")
+        temporary.write_text("".join(json.dumps(result) + "\n" for result in merged), encoding="utf-8")
+        os.replace(temporary, out_dir / RESULTS_FILE)
+        summary.rows = merged
+        for result in merged:
+            setattr(summary, result["status"], getattr(summary, result["status"]) + 1)
+    state.wait_for_everyone()
+    return summary
+
+
+def contact_sheet(results: list[dict[str, Any]], path: str | os.PathLike, tile: int = 128) -> None:
+    """The finished images of `results` in a near-square grid."""
+    images = [Path(r["output"]) for r in results if r["status"] in ("done", "skipped") and Path(r["output"]).is_file()]
+    if not images:
+        return
+    columns = math.ceil(math.sqrt(len(images)))
+    sheet = PIL.Image.new("RGB", (columns * tile, math.ceil(len(images) / columns) * tile), "white")
+    for index, image_path in enumerate(images):
+        with PIL.Image.open(image_path) as image:
+            sheet.paste(image.convert("RGB").resize((tile, tile)), (index % columns * tile, index // columns * tile))
+    sheet.save(path)

@@ -1,0 +1,128 @@
+"""`sketch-guided batch`: a manifest of rows, resumable, each image its row's alone, bad rows reported, many processes."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from pipeline_sketch_guided import cli
+from pipeline_sketch_guided.batch import ManifestError, read_manifest
+from pipeline_sketch_guided.demo import demo_sketches
+
+STEPS = "4"
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    """Five rows: three guided (two sharing settings), one unguided, one whose sketch is missing."""
+    (tmp_path / "sketches").mkdir()
+    for index, (_, sketch) in enumerate(demo_sketches()[:2]):
+        sketch.save(tmp_path / "sketches" / f"{index}.png")
+    rows = [
+        {"prompt": "a red star on a white background", "sketch": "sketches/0.png", "seed": 3},
+        {"prompt": "a blue circle on a grey background", "sketch": "sketches/1.png", "seed": 4},
+        {"prompt": "a red star on a white background", "sketch": "sketches/0.png", "seed": 5, "output": "star.png"},
+        {"prompt": "a green square on a beige background", "seed": 6, "sketch_guidance_scale": 1.6},
+        {"prompt": "a red star on a white background", "sketch": "sketches/missing.png", "seed": 7},
+    ]
+    rows[2]["sketch_guidance_end"] = 0.5
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def run(manifest, out, *extra) -> int:
+    try:
+        return cli.main(["batch", str(manifest), "--out", str(out), "--steps", STEPS, "--threads", "1", *extra])
+    except SystemExit as exit:  # the command's non-zero exit when a row failed
+        return exit.code
+
+
+def results(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_rows_are_generated_and_a_bad_row_is_reported_without_stopping_the_run(manifest, tmp_path):
+    out = tmp_path / "out"
+    assert run(manifest, out, "--batch-size", "2", "--contact-sheet", str(tmp_path / "sheet.png")) == 1
+    rows = results(out)
+    assert [r["status"] for r in rows] == ["done", "done", "done", "done", "failed"]
+    assert "does not exist" in rows[4]["error"]
+    assert (out / "000000-seed3.png").is_file() and (out / "star.png").is_file()
+    recorded = json.loads(PIL.Image.open(out / "star.png").text["sketch_guided_row"])
+    assert recorded["seed"] == 5 and recorded["sketch_guidance_end"] == 0.5 and recorded["num_inference_steps"] == 4
+    assert PIL.Image.open(tmp_path / "sheet.png").size == (2 * 128, 2 * 128)
+
+
+def test_a_second_run_skips_finished_rows_and_redoes_changed_ones(manifest, tmp_path):
+    out = tmp_path / "out"
+    run(manifest, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[1]["seed"] = 40  # the second row changes; its output name follows the seed, so it is a new image
+    rows[3]["sketch_guidance_scale"] = 2.0  # the fourth keeps its name but not its settings
+    rows.pop()  # and the bad row is gone
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert run(manifest, out) == 0
+    statuses = [r["status"] for r in results(out)]
+    assert statuses == ["skipped", "done", "skipped", "done"]
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert after["000000-seed3.png"] == before["000000-seed3.png"] and after["star.png"] == before["star.png"]
+    assert after["000003-seed6.png"] != before["000003-seed6.png"]
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_an_image_depends_on_its_row_not_on_its_batch(manifest, tmp_path):
+    run(manifest, tmp_path / "batched", "--batch-size", "4")
+    run(manifest, tmp_path / "alone", "--batch-size", "1")
+    for name in ("000000-seed3.png", "000001-seed4.png", "star.png", "000003-seed6.png"):
+        batched = np.asarray(PIL.Image.open(tmp_path / "batched" / name), dtype=int)
+        alone = np.asarray(PIL.Image.open(tmp_path / "alone" / name), dtype=int)
+        assert np.abs(batched - alone).max() <= 1, name  # at most a rounding tie in 8 bits
+
+
+def test_a_manifest_that_cannot_be_read_fails_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded a model"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a red star", "sketh": "typo.png"}\n')
+    with pytest.raises(SystemExit, match="fields sketh that are no pipeline argument"):
+        cli.main(["batch", str(bad), "--out", str(tmp_path / "out")])
+    (tmp_path / "manifest.txt").write_text("x")
+    with pytest.raises(ManifestError, match="JSON lines .* or CSV"):
+        read_manifest(tmp_path / "manifest.txt")
+    csv = tmp_path / "rows.csv"
+    csv.write_text("prompt,seed\na red star,3\n")
+    assert read_manifest(csv) == [{"prompt": "a red star", "seed": "3"}]
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate command is not installed")
+def test_two_processes_with_accelerate_give_the_single_process_images(manifest, tmp_path):
+    single = tmp_path / "single"
+    run(manifest, single, "--batch-size", "1")
+    # As in test_training: accelerate's torchrun launcher with ACCELERATE_USE_CPU starts two CPU processes (gloo).
+    command = [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += [
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(29600 + os.getpid() % 1000),
+    ]
+    command += ["-m", "pipeline_sketch_guided", "batch", str(manifest), "--out", str(tmp_path / "multi")]
+    command += ["--steps", STEPS, "--batch-size", "1", "--threads", "1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert completed.returncode == 1, completed.stderr[-3000:]  # the bad row, reported by the main process
+    assert "4 done, 0 skipped, 1 failed" in completed.stdout
+    multi = tmp_path / "multi"
+    names = sorted(p.name for p in single.glob("*.png"))
+    assert names == sorted(p.name for p in multi.glob("*.png")) and len(names) == 4
+    for name in names:
+        assert (single / name).read_bytes() == (multi / name).read_bytes(), name
+    assert [r["status"] for r in results(multi)] == [r["status"] for r in results(single)]
+    assert not list(multi.glob("results.*.jsonl"))
