@@ -47,8 +47,9 @@ MAX_SKETCH_GUIDANCE_SCALE = 50.0
 # without (the backward goes through one half only). "batched": one UNet call on the batch of 2 with autograd, as the
 # unguided step runs it (the backward goes through both halves, but one batched forward replaces two). Which is faster
 # depends on the device, measured by `benchmarks/gpu_check.py` and `benchmarks/guided_sampling.py` (README, "Cost"): on
-# an H100 (SD1.5 architecture, 512x512, float16) a batched guided step takes 0.63x the split one's time, a whole
-# generation guided at the defaults 0.82x; on the CPU the split step is the faster.
+# an H100 (SD1.5 architecture, 512x512, float16) a batched guided step takes 0.68x the split one's time, a whole
+# generation guided at the defaults 0.87x; on a 2-core CPU (SD1.5 architecture, 256x256, float32) the batched step
+# takes 1.45x the split one's time, since there a batch of 2 costs nearly two batches of 1.
 GUIDED_STEP_MODES = ("split", "batched")
 DEFAULT_GUIDED_STEP_MODES = {"cpu": "split", "cuda": "batched"}
 

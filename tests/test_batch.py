@@ -1,4 +1,4 @@
-"""`sketch-guided batch`: a manifest of rows, resumable, each image its row's alone, bad rows reported, many processes."""
+"""`sketch-guided batch`: a manifest of rows, resumable, each image its own row's, bad rows reported, many processes."""
 
 import json
 import os
