@@ -207,17 +207,46 @@ class BatchSummary:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+def save_png(image: PIL.Image.Image, path: Path, settings: dict[str, Any]) -> None:
+    """Write `image` to `path` with `settings` in its PNG metadata, through a temporary name (no half-written image)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(METADATA_KEY, json.dumps(settings))
+    temporary = path.with_name(f"{path.name}.tmp.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(temporary, pnginfo=info)
+    os.replace(temporary, path)
+
+
 def run_manifest(
     pipe,
     manifest: str | os.PathLike,
     out_dir: str | os.PathLike,
-    save: Callable[[PIL.Image.Image, Path, dict], None],
+    save: Callable[[PIL.Image.Image, Path, dict], None] = save_png,
     batch_size: int = 4,
     defaults: dict[str, Any] | None = None,
     context: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> BatchSummary:
-    """Generate every row of `manifest` into `out_dir` (see the module's docstring); returns the counts and rows.
+    """Generate every row of `manifest` into `out_dir` (see the module's docstring); returns the counts and rows."""
+    raw_rows = read_manifest(manifest)
+    base_dir = Path(manifest).resolve().parent
+    return run_rows(pipe, raw_rows, base_dir, out_dir, save, batch_size, defaults, context, progress)
+
+
+def run_rows(
+    pipe,
+    raw_rows: list[dict[str, Any]],
+    base_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    save: Callable[[PIL.Image.Image, Path, dict], None] = save_png,
+    batch_size: int = 4,
+    defaults: dict[str, Any] | None = None,
+    context: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> BatchSummary:
+    """Generate `raw_rows` (manifest rows, paths relative to `base_dir`) into `out_dir`; returns the counts and rows.
 
     `save(image, path, settings)` writes one image (atomically, recording `settings`: the row's, with `context`, such
     as the model's name, so that a row is made again when either changes). Under `accelerate launch` each
@@ -228,11 +257,9 @@ def run_manifest(
     from tqdm.auto import tqdm
 
     state, context = PartialState(), context or {}
-    manifest_dir = Path(manifest).resolve().parent
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw_rows = read_manifest(manifest)
-    rows = [parse_row(i, raw, manifest_dir, out_dir, defaults or {}) for i, raw in enumerate(raw_rows)]
+    rows = [parse_row(i, raw, Path(base_dir), out_dir, defaults or {}) for i, raw in enumerate(raw_rows)]
     outputs: dict[Path, int] = {}
     for row in rows:
         if row.error is None and row.output in outputs:

@@ -591,6 +591,7 @@ def run_batch(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
 
     def save(image, path, settings):
+        # The row's settings for resuming, and the `parameters` text other tools read.
         info = png_metadata(settings)
         info.add_text(METADATA_KEY, json.dumps(settings))
         temporary = path.with_name(f"{path.name}.tmp.png")

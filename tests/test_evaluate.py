@@ -82,3 +82,16 @@ def test_evaluate_pairs_writes_guided_and_unguided_images_with_metrics(pipe, tmp
     # Same seed, with and without the sketch: the guidance, and only it, makes the difference.
     guided, unguided = (np.asarray(PIL.Image.open(output / kind / "0000.png")) for kind in ("guided", "unguided"))
     assert not np.array_equal(guided, unguided)
+
+
+def test_evaluation_goes_through_the_batch_runner_and_resumes(pipe, tmp_path):
+    draw_square(32).save(tmp_path / "square.png")
+    pairs = [SketchPrompt(str(tmp_path / "square.png"), "a red square")] * 3
+    output = tmp_path / "eval"
+    kwargs = {"seed": 3, "num_inference_steps": 2, "sketch_guidance_end": 1.0}
+    first = evaluate_pairs(pipe, pairs, str(output), batch_size=2, **kwargs)
+    made = {p: p.stat().st_mtime_ns for p in output.glob("*guided/*.png")}
+    assert len(made) == 6 and (output / "results.jsonl").is_file()
+    again = evaluate_pairs(pipe, pairs, str(output), batch_size=2, **kwargs)  # nothing left to generate
+    assert {p: p.stat().st_mtime_ns for p in output.glob("*guided/*.png")} == made
+    assert again == first

@@ -33,6 +33,7 @@ import PIL.Image
 import torch
 
 from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline, prepare_sketch
+from pipeline_sketch_guided.batch import run_rows
 from pipeline_sketch_guided.utils import dtype_kwargs
 
 from .prepare_data import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, METADATA_FILE, canny_edges, load_prepared_dataset
@@ -160,6 +161,7 @@ def evaluate_pairs(
     tolerance: float = DEFAULT_TOLERANCE,
     canny_low: int = DEFAULT_CANNY_LOW,
     canny_high: int = DEFAULT_CANNY_HIGH,
+    batch_size: int = 4,
     **pipeline_kwargs,
 ) -> dict[str, Any]:
     """Generate each pair guided and unguided (seed `seed + index` for both), measure, and write everything.
@@ -172,37 +174,35 @@ def evaluate_pairs(
         height = width = sample_size * pipe.vae_scale_factor
     guided_only = {k: pipeline_kwargs.pop(k) for k in list(pipeline_kwargs) if k.startswith("sketch_guidance_")}
     out = Path(output_dir)
-    for folder in ("guided", "unguided", "sketches"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-    results = []
+    (out / "sketches").mkdir(parents=True, exist_ok=True)
+    # Every image through `sketch-guided batch`'s runner: batched where the settings agree, each image its own row's
+    # (seed `seed + index` for both of a pair's images), resumable, shared between processes under accelerate.
+    rows, results = [], {}
+    for index, pair in enumerate(pairs):
+        try:
+            strokes = sketch_strokes(pair.sketch, height, width)
+        except ValueError as error:  # a blank sketch has nothing to follow
+            logger.warning(f"Skipping pair {index} ({pair.sketch}): {error}")
+            continue
+        PIL.Image.fromarray(strokes.astype(np.uint8) * 255).save(out / "sketches" / f"{index:04d}.png")
+        results[index] = ({"index": index, "prompt": pair.prompt, "sketch": pair.sketch, "seed": seed + index}, strokes)
+        common = {"prompt": pair.prompt, "seed": seed + index, "height": height, "width": width, **pipeline_kwargs}
+        rows.append(
+            {**common, "sketch": os.path.abspath(pair.sketch), **guided_only, "output": f"guided/{index:04d}.png"}
+        )
+        rows.append({**common, "output": f"unguided/{index:04d}.png"})
+    if rows:
+        summary = run_rows(pipe, rows, out, out, batch_size=batch_size, progress=False)
+        failed = [row for row in summary.rows if row["status"] == "failed"]
+        if failed:
+            raise ValueError(f"Generating pair images failed: {failed[0]['error']}")
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as metrics_file:
-        for index, pair in enumerate(pairs):
-            try:
-                strokes = sketch_strokes(pair.sketch, height, width)
-            except ValueError as error:  # a blank sketch has nothing to follow
-                logger.warning(f"Skipping pair {index} ({pair.sketch}): {error}")
-                continue
-            PIL.Image.fromarray(strokes.astype(np.uint8) * 255).save(out / "sketches" / f"{index:04d}.png")
-            result: dict[str, Any] = {
-                "index": index,
-                "prompt": pair.prompt,
-                "sketch": pair.sketch,
-                "seed": seed + index,
-            }
-            for kind, sketch in (("guided", pair.sketch), ("unguided", None)):
-                image = pipe(
-                    pair.prompt,
-                    sketch=sketch,
-                    height=height,
-                    width=width,
-                    generator=torch.Generator().manual_seed(seed + index),
-                    **pipeline_kwargs,
-                    **(guided_only if sketch is not None else {}),
-                ).images[0]
-                image.save(out / kind / f"{index:04d}.png")
-                result[kind] = edge_agreement(image, strokes, tolerance, canny_low, canny_high)
+        for index, (result, strokes) in results.items():
+            for kind in ("guided", "unguided"):
+                with PIL.Image.open(out / kind / f"{index:04d}.png") as image:
+                    result[kind] = edge_agreement(image.convert("RGB"), strokes, tolerance, canny_low, canny_high)
             metrics_file.write(json.dumps(result) + "\n")
-            results.append(result)
+    results = [result for result, _ in results.values()]
     if not results:
         raise ValueError("No pair could be evaluated: every sketch was blank.")
     summary = summarize(results)
