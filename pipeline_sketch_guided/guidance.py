@@ -557,7 +557,7 @@ class SketchGuidanceMixin:
         num_branches: int = 1,
         forward: Callable[..., Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The UNet with autograd on the branch the LGP reads, and the sketch loss L = ||m * (LGP(F(z_t)) - E(s))||^2.
+        """The UNet with autograd on the branch the LGP reads, and the sketch loss L = sum m * (LGP(F(z_t)) - E(s))^2.
 
         `model_input` holds `num_branches` branches (stacked as the loop stacks them; `encoder_hidden_states` and
         `unet_kwargs` likewise) and the LGP reads the `branch`-th, the only one the leaf enters. m is `sketch_mask`
