@@ -335,3 +335,21 @@ def test_the_lgps_sketch_polarity_can_be_overridden_and_is_saved(pipe, tmp_path)
     assert SketchGuidedStableDiffusionPipeline.from_pretrained(tmp_path).lgp.config.sketch_polarity == "dark_on_light"
     with pytest.raises(ValueError, match="polarity"):
         pipe.set_sketch_polarity("white")
+
+
+def test_an_encoded_sketch_is_reused_for_the_next_calls(pipe, monkeypatch):
+    encoded = []
+    encode = pipe.encode_to_latents
+    monkeypatch.setattr(pipe, "encode_to_latents", lambda images: encoded.append(1) or encode(images))
+    first = generate(pipe, sketch=draw_square(), output_type="latent", seed=0).images
+    generate(pipe, sketch=draw_square(), output_type="latent", seed=1)  # another seed, the same sketch
+    assert len(encoded) == 1
+    generate(pipe, sketch=draw_square(dark_on_light=False), output_type="latent")  # the same strokes, other paper
+    assert len(encoded) == 1  # turned into the same image for the LGP, so the same latents
+    generate(pipe, sketch=draw_square().rotate(20, fillcolor=255), output_type="latent")
+    assert len(encoded) == 2
+    # The same result as without the cache, which a new VAE (or size 0) empties or turns off.
+    pipe.sketch_cache_size = 0
+    pipe.vae = pipe.vae
+    assert torch.equal(generate(pipe, sketch=draw_square(), output_type="latent", seed=0).images, first)
+    assert len(encoded) == 3
