@@ -31,42 +31,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import json
 import math
-import os
 import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import PIL.Image
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UNet2DConditionModel,
-    UniPCMultistepScheduler,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from benchmarks.models import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE
-from pipeline_sketch_guided import (
-    LGPModel,
-    SketchGuidedStableDiffusionPipeline,
-    capture_activations,
-    cli,
-    noise_level_map,
+from benchmarks.measuring import (
+    count_saved_activations,
+    gradient_checkpointing,
+    guided_step_mode,
+    measure,
+    memory_kind,
+    synchronize,
+    within,
+    without_savings,
 )
+from benchmarks.models import build_pipeline
+from pipeline_sketch_guided import capture_activations, cli, noise_level_map
 from pipeline_sketch_guided import guidance as guidance_module
 from pipeline_sketch_guided.capture import resolve_blocks
 from pipeline_sketch_guided.demo import freehand_sketch
@@ -77,246 +66,10 @@ from pipeline_sketch_guided.guidance import (
     sketch_guidance_step,
 )
 from pipeline_sketch_guided.pipeline_xl import SketchGuidedStableDiffusionXLPipeline
-from pipeline_sketch_guided.testing import tiny_random_pipeline, tiny_random_sdxl_pipeline, tiny_tokenizer
-from pipeline_sketch_guided.utils import dtype_kwargs
 
-SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "pndm": PNDMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "lms": LMSDiscreteScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler,
-}
+# `--scheduler` takes the command line's names (`sketch-guided generate --scheduler`).
+SCHEDULERS = {name: getattr(diffusers, class_name) for name, class_name in cli.SCHEDULERS.items()}
 PROMPT = "a red star on a white background"
-# How often the CPU memory sampler reads the resident size: often enough to catch a step's peak (a UNet forward takes
-# milliseconds at the very least), rarely enough to cost nothing measurable.
-RSS_SAMPLE_SECONDS = 0.002
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Models
-
-
-def build_pipeline(model: str, lgp: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """The pipeline to measure: `tiny`, `tiny-sdxl`, `sd15-random`, `sdxl-random`, `demo`, or a Hub id / folder of a
-    Stable Diffusion (XL) model.
-
-    Without `lgp`, a model other than the demo gets a randomly initialised LGP reading the sketch2img blocks (the cost
-    of guidance does not depend on the LGP's weights). Random models are built on `device` (SDXL's 3.5 billion
-    parameters initialise in seconds on a GPU, in minutes on a CPU).
-    """
-    if model == "tiny":
-        pipe = tiny_random_pipeline()
-    elif model == "tiny-sdxl":
-        pipe = tiny_random_sdxl_pipeline()
-    elif model == "sdxl-random":
-        torch.manual_seed(0)
-        with torch.device(device):
-            unet = UNet2DConditionModel(**SDXL_UNET).to(dtype)
-            vae = AutoencoderKL(**SDXL_VAE).to(dtype)
-            text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).to(dtype)
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)).to(dtype)
-            lgp_model = LGPModel.from_unet(unet).eval().to(dtype)
-        tokenizer = tiny_tokenizer(model_max_length=SD15_TEXT["max_position_embeddings"])
-        pipe = SketchGuidedStableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer,
-            unet=unet,
-            scheduler=EulerDiscreteScheduler(**SD15_SCHEDULER, timestep_spacing="leading", steps_offset=1),
-            add_watermarker=False,
-            lgp=lgp_model,
-        )
-    elif model == "sd15-random":
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**SD15_UNET)
-        vae = AutoencoderKL(**SD15_VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
-        scheduler = DDIMScheduler(**SD15_SCHEDULER, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-        tokenizer = tiny_tokenizer(model_max_length=SD15_TEXT["max_position_embeddings"])
-        pipe = SketchGuidedStableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            lgp=LGPModel.from_unet(unet).eval(),
-        )
-    else:
-        kwargs = {"safety_checker": None, "requires_safety_checker": False}
-        pipe = cli.load_pipeline(None if model == "demo" else model, None, torch_dtype=dtype, **kwargs)
-    if lgp is not None:
-        pipe.lgp = LGPModel.from_pretrained(lgp, **dtype_kwargs(dtype))
-    elif pipe.lgp is None:
-        torch.manual_seed(0)
-        pipe.lgp = LGPModel.from_unet(pipe.unet).eval()
-    pipe.set_progress_bar_config(disable=True)
-    # Every timed generation pays the sketch's VAE encode, as a first call does (the cache would hide it after one).
-    pipe.sketch_cache_size = 0
-    return pipe if pipe.unet.dtype == dtype else pipe.to(dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Measuring
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and return freed heap memory to the system, so that a phase's RSS starts from what it holds."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class PeakMemory:
-    """Peak memory over a phase: `torch.cuda.max_memory_allocated` on a GPU, else the process's sampled RSS.
-
-    After the `with` block: `peak_mib` (the peak) and `rise_mib` (the peak minus what was held when the phase began).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cpu = device.type != "cuda" and os.path.exists("/proc/self/statm")
-        self.peak_mib = self.rise_mib = float("nan")
-
-    def __enter__(self) -> PeakMemory:
-        release_freed_memory()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-        elif self.cpu:
-            self._start = self._peak = current_rss_bytes()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(RSS_SAMPLE_SECONDS):
-            self._peak = max(self._peak, current_rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.cpu:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, current_rss_bytes())
-        else:
-            return
-        self.peak_mib, self.rise_mib = peak / 2**20, (peak - self._start) / 2**20
-
-
-def memory_kind(device: torch.device) -> str:
-    return "CUDA max_memory_allocated" if device.type == "cuda" else "process RSS, sampled"
-
-
-@contextlib.contextmanager
-def count_saved_activations(exclude: set[int], after: Callable[[], bool]) -> Iterator[dict[str, int]]:
-    """Count the bytes autograd saves for the backward inside the context, each storage once, skipping the storages in
-    `exclude` (the weights). Yields a dict that holds, when the context exits, the `total` and the part saved while
-    `after()` was true."""
-    seen: set[int] = set()
-    counts = {"total": 0, "after": 0}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in exclude and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            counts["total"] += storage.nbytes()
-            if after():
-                counts["after"] += storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        yield counts
-
-
-def measure(
-    runs: dict[str, Callable[[], float | None]], repeats: int, warmup: int, device: torch.device
-) -> dict[str, dict[str, Any]]:
-    """Seconds of `repeats` timed calls of each of `runs` after `warmup` untimed ones, and each one's peak memory.
-
-    Round-robin: every repetition calls each run once, so that a machine whose load changes during the measurement
-    slows every run alike and their ratios hold. A run may return the seconds (a `float`) of the part it times, after
-    untimed set-up of its own; otherwise the whole call is timed.
-    """
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    results = {name: {"runs": [], "peak": float("nan"), "rise": float("nan")} for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            with PeakMemory(device) as memory:
-                synchronize(device)
-                start = time.perf_counter()
-                own = run()
-                synchronize(device)
-            result = results[name]
-            result["runs"].append(own if isinstance(own, float) else time.perf_counter() - start)
-            result["peak"] = max(result["peak"], memory.peak_mib) if result["runs"][1:] else memory.peak_mib
-            result["rise"] = max(result["rise"], memory.rise_mib) if result["runs"][1:] else memory.rise_mib
-    return results
-
-
-def within(context: Callable[[], contextlib.AbstractContextManager], run: Callable[[], Any]) -> Callable[[], Any]:
-    """`run`, called inside a fresh `context()` each time."""
-
-    def wrapped():
-        with context():
-            return run()
-
-    return wrapped
-
-
-@contextlib.contextmanager
-def without_savings() -> Iterator[None]:
-    """The guided step as it would be without the pipeline's savings: autograd recording weight gradients (diffusers
-    loads models with `requires_grad=True`) and the layers after the last block the LGP reads."""
-    saved = guidance_module.frozen_parameters, guidance_module.autograd_until
-    guidance_module.frozen_parameters = guidance_module.autograd_until = lambda *args: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        guidance_module.frozen_parameters, guidance_module.autograd_until = saved
-
-
-@contextlib.contextmanager
-def guided_step_mode(pipe, mode: str) -> Iterator[None]:
-    """The pipeline's guided steps run their two classifier-free guidance branches `mode`'s way inside the context."""
-    previous = pipe.guided_step_mode
-    pipe.guided_step_mode = mode
-    try:
-        yield
-    finally:
-        pipe.guided_step_mode = previous
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(unet: UNet2DConditionModel) -> Iterator[None]:
-    unet.enable_gradient_checkpointing()
-    try:
-        yield
-    finally:
-        unet.disable_gradient_checkpointing()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,17 @@ cost of a step does not depend on the weights, and nothing is downloaded.
 
 from __future__ import annotations
 
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from pipeline_sketch_guided import cli
+from pipeline_sketch_guided.lgp import LGPModel
+from pipeline_sketch_guided.pipeline import SketchGuidedStableDiffusionPipeline
+from pipeline_sketch_guided.pipeline_xl import SketchGuidedStableDiffusionXLPipeline
+from pipeline_sketch_guided.testing import tiny_random_pipeline, tiny_random_sdxl_pipeline, tiny_tokenizer
+from pipeline_sketch_guided.utils import dtype_kwargs
+
 # Stable Diffusion 1.5's published component configurations (UNet, VAE, CLIP ViT-L/14 text encoder).
 SD15_UNET = {
     "sample_size": 64,
@@ -75,3 +86,67 @@ SDXL_TEXT_2 = {
     "hidden_act": "gelu",
     "projection_dim": 1280,
 }
+
+
+def build_pipeline(model: str, lgp: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The pipeline to measure: `tiny`, `tiny-sdxl`, `sd15-random`, `sdxl-random`, `demo`, or a Hub id / folder of a
+    Stable Diffusion (XL) model.
+
+    Without `lgp`, a model other than the demo gets a randomly initialised LGP reading the sketch2img blocks (the cost
+    of guidance does not depend on the LGP's weights). Random models are built on `device` (SDXL's 3.5 billion
+    parameters initialise in seconds on a GPU, in minutes on a CPU).
+    """
+    if model == "tiny":
+        pipe = tiny_random_pipeline()
+    elif model == "tiny-sdxl":
+        pipe = tiny_random_sdxl_pipeline()
+    elif model == "sdxl-random":
+        torch.manual_seed(0)
+        with torch.device(device):
+            unet = UNet2DConditionModel(**SDXL_UNET).to(dtype)
+            vae = AutoencoderKL(**SDXL_VAE).to(dtype)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).to(dtype)
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)).to(dtype)
+            lgp_model = LGPModel.from_unet(unet).eval().to(dtype)
+        tokenizer = tiny_tokenizer(model_max_length=SD15_TEXT["max_position_embeddings"])
+        pipe = SketchGuidedStableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**SD15_SCHEDULER, timestep_spacing="leading", steps_offset=1),
+            add_watermarker=False,
+            lgp=lgp_model,
+        )
+    elif model == "sd15-random":
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
+        scheduler = DDIMScheduler(**SD15_SCHEDULER, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        tokenizer = tiny_tokenizer(model_max_length=SD15_TEXT["max_position_embeddings"])
+        pipe = SketchGuidedStableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            lgp=LGPModel.from_unet(unet).eval(),
+        )
+    else:
+        kwargs = {"safety_checker": None, "requires_safety_checker": False}
+        pipe = cli.load_pipeline(None if model == "demo" else model, None, torch_dtype=dtype, **kwargs)
+    if lgp is not None:
+        pipe.lgp = LGPModel.from_pretrained(lgp, **dtype_kwargs(dtype))
+    elif pipe.lgp is None:
+        torch.manual_seed(0)
+        pipe.lgp = LGPModel.from_unet(pipe.unet).eval()
+    pipe.set_progress_bar_config(disable=True)
+    # Every timed generation pays the sketch's VAE encode, as a first call does (the cache would hide it after one).
+    pipe.sketch_cache_size = 0
+    return pipe if pipe.unet.dtype == dtype else pipe.to(dtype=dtype)

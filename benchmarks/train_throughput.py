@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from benchmarks.guided_sampling import build_pipeline
+from benchmarks.models import build_pipeline
 from pipeline_sketch_guided import LGPModel
 from pipeline_sketch_guided.cli import pipeline_class_for
 from pipeline_sketch_guided.training.train_lgp import encode_captions, encode_latents, last_block_to_run, lgp_loss

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import draw_square
 
-from benchmarks import guided_sampling
+from benchmarks import guided_sampling, measuring
 
 PROMPT = "a red star on the grey background"
 
@@ -118,7 +118,7 @@ def test_gradient_checkpointing_gives_the_same_latents(pipe):
 def test_the_pipelines_savings_change_no_result(pipe):
     # Weights frozen and no graph after the last block the LGP reads: the same gradient, so the same latents.
     exact = generate_latents(pipe, sketch=draw_square())
-    with guided_sampling.without_savings():
+    with measuring.without_savings():
         unsaved = generate_latents(pipe, sketch=draw_square())
     torch.testing.assert_close(exact, unsaved, rtol=0, atol=1e-6)
 
