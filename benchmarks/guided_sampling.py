@@ -259,6 +259,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = build_pipeline(args.model, args.lgp, dtype, args.device).to(device)
+    pipe.sketch_gradient_reuse = not args.no_gradient_reuse
     if isinstance(pipe, SketchGuidedStableDiffusionXLPipeline) and "parts" in args.phases:
         raise SystemExit(f"--phases parts times the SD 1.x/2.x step; for {args.model} use --phases generation.")
     if args.scheduler:
@@ -548,6 +549,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="`sketch_guidance_end` (start is 0); default: the pipeline's.",
     )
     parser.add_argument("--intervals", type=int, nargs="*", default=[], help="Also guide every k-th step, each k.")
+    parser.add_argument(
+        "--no_gradient_reuse",
+        action="store_true",
+        help="With --intervals: the plain interval mode (no guidance between computed gradients).",
+    )
     parser.add_argument(
         "--checkpointing", action="store_true", help="Also a guided generation with gradient checkpointing."
     )

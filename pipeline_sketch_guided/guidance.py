@@ -195,22 +195,29 @@ class GuidedCall:
         self.original_unet_forward, self.original_scheduler_step = unet_forward, scheduler_step
         self.step_index = 0
         self.guided_steps: set[int] | None = None
+        self.reused_steps: set[int] = set()  # steps between guided ones that reuse the last gradient
         self.gradient: torch.Tensor | None = None
+        self.last_gradient: torch.Tensor | None = None
         self.edge_latents: torch.Tensor | None = None
 
     def unet_forward(self, sample: torch.Tensor, timestep: torch.Tensor, *args, **kwargs):
         if self.guided_steps is None:  # the loop's length is known once it runs (SDXL's denoising_end shortens it)
             num_steps = self.pipe.num_timesteps
             self.guided_steps = set(guided_step_indices(num_steps, self.start, self.end, self.interval))
+            if self.pipe.sketch_gradient_reuse:
+                in_range = guided_step_indices(num_steps, self.start, self.end, 1)
+                self.reused_steps = {i for i in in_range if i > min(self.guided_steps)} - self.guided_steps
         step_index, self.step_index = self.step_index, self.step_index + 1
         if step_index not in self.guided_steps:
+            if step_index in self.reused_steps and self.last_gradient is not None:
+                self.gradient = self.last_gradient  # applied by scheduler_step, scaled to this step's size
             return self.original_unet_forward(sample, timestep, *args, **kwargs)
 
         return_dict = kwargs.pop("return_dict", True)
         encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
         if args:  # encoder_hidden_states given by position
             encoder_hidden_states, *args = args
-        noise_pred, self.gradient, self.edge_latents = self.pipe.noise_and_sketch_gradient(
+        noise_pred, self.last_gradient, self.edge_latents = self.pipe.noise_and_sketch_gradient(
             sample,
             timestep,
             encoder_hidden_states,
@@ -219,6 +226,7 @@ class GuidedCall:
             self.sketch_mask,
             forward=self.original_unet_forward,
         )
+        self.gradient = self.last_gradient
         return UNet2DConditionOutput(sample=noise_pred) if return_dict else (noise_pred,)
 
     def scheduler_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *args, **kwargs):
@@ -241,6 +249,11 @@ class SketchGuidanceMixin:
 
     # None: the measured default for the device (DEFAULT_GUIDED_STEP_MODES); or one of GUIDED_STEP_MODES.
     guided_step_mode: str | None = None
+    # With `sketch_guidance_interval` > 1, the steps of the guided range between two computed gradients take a guidance
+    # step along the last one (sized by their own denoising step) instead of none. On the demo model, guiding half the
+    # steps with every 2nd gradient computed: IoU 0.756 with reuse, 0.658 without, 0.773 with every gradient computed
+    # (README, "Cost"). False gives the plain interval mode.
+    sketch_gradient_reuse: bool = True
     # Encoded sketches kept for the next calls (trying seeds or prompts with one sketch pays its VAE encode once: 2-3 s
     # at 256x256 on a CPU); 0 keeps none. Each is one latent image (64 KiB at 512x512 in float32).
     sketch_cache_size: int = 16

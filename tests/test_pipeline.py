@@ -353,3 +353,24 @@ def test_an_encoded_sketch_is_reused_for_the_next_calls(pipe, monkeypatch):
     pipe.vae = pipe.vae
     assert torch.equal(generate(pipe, sketch=draw_square(), output_type="latent", seed=0).images, first)
     assert len(encoded) == 3
+
+
+def test_gradient_reuse_guides_the_steps_between_computed_ones_at_no_extra_gradient(pipe, monkeypatch):
+    computed = []
+    compute = pipe.noise_and_sketch_gradient
+
+    def counting(*args, **kwargs):
+        computed.append(1)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "noise_and_sketch_gradient", counting)
+    kwargs = {"sketch": draw_square(), "output_type": "latent", "sketch_guidance_end": 1.0, "num_inference_steps": 6}
+    pipe.sketch_gradient_reuse = False
+    every_2 = generate(pipe, sketch_guidance_interval=2, **kwargs).images
+    assert len(computed) == 3
+    pipe.sketch_gradient_reuse = True  # the default
+    reused = generate(pipe, sketch_guidance_interval=2, **kwargs).images
+    assert len(computed) == 6  # the same three gradients computed
+    assert not torch.allclose(reused, every_2)  # and three more guidance steps taken along them
+    # With every step computed there is nothing to reuse: the exact method.
+    assert torch.equal(generate(pipe, **kwargs).images, generate(pipe, sketch_guidance_interval=1, **kwargs).images)
