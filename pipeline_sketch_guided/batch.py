@@ -207,13 +207,22 @@ class BatchSummary:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+def process_state():
+    """accelerate's state of this process: one of several under `accelerate launch` (on GPUs, or on CPUs when the
+    launcher sets ACCELERATE_USE_CPU, which `PartialState` reads only when told), else the only one."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def save_png(image: PIL.Image.Image, path: Path, settings: dict[str, Any]) -> None:
     """Write `image` to `path` with `settings` in its PNG metadata, through a temporary name (no half-written image)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text(METADATA_KEY, json.dumps(settings))
-    temporary = path.with_name(f"{path.name}.tmp.png")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp.png")  # unique per process
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(temporary, pnginfo=info)
     os.replace(temporary, path)
@@ -253,10 +262,14 @@ def run_rows(
     process takes its share of the rows (`PartialState.split_between_processes`) and writes `results.<rank>.jsonl`;
     the main process merges them into `results.jsonl` once all have finished.
     """
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    state, context = PartialState(), context or {}
+    state, context = process_state(), context or {}
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:  # each process would make every row, and they would overwrite each other
+        raise RuntimeError(
+            f"accelerate launched {launched} processes but this one sees {state.num_processes}: they did not connect."
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [parse_row(i, raw, Path(base_dir), out_dir, defaults or {}) for i, raw in enumerate(raw_rows)]

@@ -574,16 +574,14 @@ def add_batch_parser(subparsers) -> None:
 def run_batch(args: argparse.Namespace) -> int:
     import json
 
-    from accelerate import PartialState
-
-    from .batch import METADATA_KEY, contact_sheet, read_manifest, run_manifest
+    from .batch import METADATA_KEY, contact_sheet, process_state, read_manifest, run_manifest
 
     read_manifest(args.manifest)  # a manifest that cannot be read at all fails now, before a model is loaded
     check_model_source(args.model, "--model", "model's")
     check_model_source(args.lgp, "--lgp", "LGP's")
     if args.contact_sheet:
         check_output_path(args.contact_sheet, "--contact-sheet")
-    state = PartialState()
+    state = process_state()
     device = resolve_device(args.device) if args.device or state.num_processes == 1 else str(state.device)
     dtype = resolve_dtype(args.dtype, device, guided=True)
     set_threads(args, device)
@@ -594,7 +592,7 @@ def run_batch(args: argparse.Namespace) -> int:
         # The row's settings for resuming, and the `parameters` text other tools read.
         info = png_metadata(settings)
         info.add_text(METADATA_KEY, json.dumps(settings))
-        temporary = path.with_name(f"{path.name}.tmp.png")
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp.png")  # unique per process
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(temporary, pnginfo=info)
         os.replace(temporary, path)
