@@ -182,9 +182,10 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
             sketch_guidance_end (`float`, *optional*, defaults to 0.3):
                 Fraction of the steps after which guidance stops. Guiding late makes the strokes appear literally.
             sketch_guidance_interval (`int`, *optional*, defaults to 1):
-                Guide every this many steps of the guided part (its first step, then every k-th): a faster
-                approximation, since each guided step adds a backward through the UNet. 1 is the exact method. Each
-                guidance step keeps its size (`sketch_guidance_scale`), so fewer guided steps steer less.
+                Compute the sketch gradient every this many steps of the guided part (its first step, then every
+                k-th): a faster approximation, since each gradient costs a backward through the UNet. 1 is the exact
+                method. The steps between take a guidance step along the last gradient, sized by their own denoising
+                step (`pipe.sketch_gradient_reuse = False` leaves them unguided).
             return_edge_maps (`bool`, *optional*, defaults to `False`):
                 Also return the LGP's predicted edge maps at the last guided step (`edge_maps` of the output; the last
                 element of the tuple when `return_dict=False`).
