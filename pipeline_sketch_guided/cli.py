@@ -230,7 +230,8 @@ def add_generate_parser(subparsers) -> None:
         "--sketch-guidance-interval",
         type=positive_int,
         default=1,
-        help="guide every k-th step of the guided part: faster, approximate (default 1, the exact method)",
+        help="compute the sketch gradient every k-th step of the guided part, reusing it between: faster, approximate"
+        " (default 1, the exact method)",
     )
     parser.add_argument("--height", type=positive_int, help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=positive_int, help="image width in pixels (default: the model's)")
