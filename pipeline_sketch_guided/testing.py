@@ -56,20 +56,42 @@ def tiny_tokenizer(words: list[str] = WORDS, model_max_length: int = 16) -> CLIP
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=model_max_length)
 
 
-def tiny_components() -> dict:
+def tiny_unet(**overrides) -> UNet2DConditionModel:
+    """A two-level UNet for 16x16 latents (seeded), SD 1.x-like unless `overrides` say otherwise."""
+    config = {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "cross_attention_dim": 32,
+        "norm_num_groups": 16,
+        "attention_head_dim": 8,
+    }
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=16,
-        attention_head_dim=8,
-    )
+    return UNet2DConditionModel(**{**config, **overrides})
+
+
+def tiny_text_config(tokenizer: CLIPTokenizer, **overrides) -> CLIPTextConfig:
+    """A two-layer CLIP text encoder's config over `tokenizer`'s vocabulary, unless `overrides` say otherwise."""
+    config = {
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": tokenizer.model_max_length,
+    }
+    return CLIPTextConfig(**{**config, **overrides})
+
+
+def tiny_components() -> dict:
+    unet = tiny_unet()
     torch.manual_seed(0)
     vae = AutoencoderKL(
         block_out_channels=[32, 32],
@@ -82,19 +104,7 @@ def tiny_components() -> dict:
     )
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=16,
-        )
-    )
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -131,15 +141,7 @@ def tiny_random_pipeline(seed: int = 0) -> SketchGuidedStableDiffusionPipeline:
 def tiny_sdxl_components() -> dict:
     """A tiny SDXL: two text encoders (the second with a projection, whose pooled output and the size and crop
     conditioning make the UNet's `text_time` embedding), a UNet with linear projections in its transformers."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = tiny_unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -147,22 +149,10 @@ def tiny_sdxl_components() -> dict:
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=8 * 6 + 32,  # 6 size / crop numbers embedded, + the pooled text
         cross_attention_dim=64,  # both encoders' hidden states, concatenated
-        norm_num_groups=16,
     )
     components = tiny_components()
     tokenizer = components["tokenizer"]
-    text_config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=32,
-    )
+    text_config = tiny_text_config(tokenizer, projection_dim=32)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(0)

@@ -166,39 +166,18 @@ def test_a_stable_diffusion_2_model_is_guided_and_unguided_equal():
     """SD 2.x's differences from 1.x: linear projections in the transformers, 1024-wide text embeddings (OpenCLIP
     ViT-H), v-prediction. A tiny model with all three: without a sketch exactly StableDiffusionPipeline, with one the
     LGP's loss falls."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
 
     from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline
-    from pipeline_sketch_guided.testing import random_lgp, tiny_components
+    from pipeline_sketch_guided.testing import random_lgp, tiny_components, tiny_text_config, tiny_unet
 
     components = tiny_components()
-    torch.manual_seed(0)
-    components["unet"] = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=1024,
-        use_linear_projection=True,
-        attention_head_dim=(2, 4),
-        norm_num_groups=16,
+    components["unet"] = tiny_unet(cross_attention_dim=1024, use_linear_projection=True, attention_head_dim=(2, 4))
+    config = tiny_text_config(
+        components["tokenizer"], hidden_size=1024, intermediate_size=64, num_attention_heads=8, num_hidden_layers=1
     )
-    tokenizer = components["tokenizer"]
-    components["text_encoder"] = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=1024,
-            intermediate_size=64,
-            num_attention_heads=8,
-            num_hidden_layers=1,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=tokenizer.model_max_length,
-        )
-    )
+    components["text_encoder"] = CLIPTextModel(config)
     components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config, prediction_type="v_prediction")
     reference = StableDiffusionPipeline(**components)
     pipe = SketchGuidedStableDiffusionPipeline(**components, lgp=random_lgp(components["unet"]))
