@@ -217,31 +217,18 @@ def process_state():
 
 
 def save_png(image: PIL.Image.Image, path: Path, settings: dict[str, Any]) -> None:
-    """Write `image` to `path` with `settings` in its PNG metadata, through a temporary name (no half-written image)."""
-    from PIL.PngImagePlugin import PngInfo
+    """Write `image` to `path` atomically (`cli.save_image`), with `settings` in its PNG metadata: the generators'
+    `parameters` text, and the row under `METADATA_KEY` for resuming."""
+    from .cli import save_image
 
-    info = PngInfo()
-    info.add_text(METADATA_KEY, json.dumps(settings))
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp.png")  # unique per process
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(temporary, pnginfo=info)
-    os.replace(temporary, path)
+    save_image(image, str(path), settings, {METADATA_KEY: json.dumps(settings)})
 
 
-def run_manifest(
-    pipe,
-    manifest: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    save: Callable[[PIL.Image.Image, Path, dict], None] = save_png,
-    batch_size: int = 4,
-    defaults: dict[str, Any] | None = None,
-    context: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> BatchSummary:
-    """Generate every row of `manifest` into `out_dir` (see the module's docstring); returns the counts and rows."""
-    raw_rows = read_manifest(manifest)
-    base_dir = Path(manifest).resolve().parent
-    return run_rows(pipe, raw_rows, base_dir, out_dir, save, batch_size, defaults, context, progress)
+def run_manifest(pipe, manifest: str | os.PathLike, out_dir: str | os.PathLike, **options) -> BatchSummary:
+    """Generate every row of `manifest` into `out_dir` (see the module's docstring); returns the counts and rows.
+    `options` are those of `run_rows`."""
+    return run_rows(pipe, read_manifest(manifest), Path(manifest).resolve().parent, out_dir, **options)
 
 
 def run_rows(

@@ -440,11 +440,17 @@ def png_metadata(settings: dict):
     return info
 
 
-def save_image(image, path: str, settings: dict | None = None) -> None:
-    """Write through a temporary file and rename, so that an interrupted write leaves no half image."""
+def save_image(image, path: str, settings: dict | None = None, extra_text: dict[str, str] | None = None) -> None:
+    """Write through a temporary file (one per process) and rename, so that an interrupted write leaves no half image.
+    A PNG gets `settings` (`png_metadata`) and `extra_text` in its text chunks."""
     extension = os.path.splitext(path)[1]
-    temporary = f"{path}.tmp{extension}"
-    kwargs = {"pnginfo": png_metadata(settings)} if settings and extension.lower() == ".png" else {}
+    temporary = f"{path}.{os.getpid()}.tmp{extension}"
+    kwargs = {}
+    if settings and extension.lower() == ".png":
+        info = png_metadata(settings)
+        for key, value in (extra_text or {}).items():
+            info.add_text(key, value)
+        kwargs["pnginfo"] = info
     image.save(temporary, **kwargs)
     os.replace(temporary, path)
 
@@ -573,9 +579,7 @@ def add_batch_parser(subparsers) -> None:
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    import json
-
-    from .batch import METADATA_KEY, contact_sheet, process_state, read_manifest, run_manifest
+    from .batch import contact_sheet, process_state, read_manifest, run_manifest
 
     read_manifest(args.manifest)  # a manifest that cannot be read at all fails now, before a model is loaded
     check_model_source(args.model, "--model", "model's")
@@ -588,22 +592,11 @@ def run_batch(args: argparse.Namespace) -> int:
     set_threads(args, device)
     pipe = load_pipeline(args.model, args.lgp, device, dtype)
     pipe.set_progress_bar_config(disable=True)
-
-    def save(image, path, settings):
-        # The row's settings for resuming, and the `parameters` text other tools read.
-        info = png_metadata(settings)
-        info.add_text(METADATA_KEY, json.dumps(settings))
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp.png")  # unique per process
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(temporary, pnginfo=info)
-        os.replace(temporary, path)
-
     context = {"model": args.model or "pipeline_sketch_guided demo model", "lgp": args.lgp, "dtype": str(dtype)}
     summary = run_manifest(
         pipe,
         args.manifest,
         args.out,
-        save,
         batch_size=args.batch_size,
         defaults={"num_inference_steps": args.steps},
         context=context,
