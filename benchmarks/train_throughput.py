@@ -28,9 +28,14 @@ from diffusers import DDPMScheduler
 
 from benchmarks.models import build_pipeline
 from pipeline_sketch_guided import LGPModel
-from pipeline_sketch_guided.cli import pipeline_class_for
-from pipeline_sketch_guided.training.train_lgp import encode_captions, encode_latents, last_block_to_run, lgp_loss
-from pipeline_sketch_guided.utils import dtype_kwargs
+from pipeline_sketch_guided.training.train_lgp import (
+    encode_captions,
+    encode_latents,
+    freeze,
+    last_block_to_run,
+    lgp_loss,
+    load_base,
+)
 
 # Every step encodes this caption for each image of the batch, as the trainer encodes its captions.
 CAPTION = "a red square and a blue circle on a grey background"
@@ -39,15 +44,11 @@ CAPTION = "a red square and a blue circle on a grey background"
 def build_base(model: str, dtype: torch.dtype, device: torch.device):
     """The frozen base pipeline (SD or SDXL, no LGP) for a benchmark model or a pretrained one, on `device`."""
     if model in ("tiny", "tiny-sdxl", "sd15-random", "sdxl-random"):
-        base = build_pipeline(model, dtype=dtype, device=str(device))
+        base = freeze(build_pipeline(model, dtype=dtype, device=str(device)))
         base.lgp = None
     else:
-        base = pipeline_class_for(model).from_pretrained(model, lgp=None, **dtype_kwargs(dtype))
-    for module in base.components.values():
-        if isinstance(module, torch.nn.Module):
-            # Always to `dtype`: a saved model may be stored in another (the demo model is float16).
-            module.requires_grad_(False).eval().to(device=device, dtype=dtype)
-    return base
+        base = load_base(model, dtype)  # as the trainer loads it
+    return base.to(device, dtype)
 
 
 def peak_memory_mib(device: torch.device) -> tuple[float, str]:

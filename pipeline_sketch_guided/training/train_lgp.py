@@ -543,6 +543,28 @@ class TrainingResult:
     losses: list[float] = field(default_factory=list)  # the mean loss of each step this run took
 
 
+def freeze(base):
+    """`base` with every model in eval mode and no parameter requiring a gradient: only the LGP learns."""
+    for module in base.components.values():
+        if isinstance(module, nn.Module):
+            module.requires_grad_(False)
+            module.eval()
+    return base
+
+
+def load_base(pretrained: str, dtype: torch.dtype, revision: str | None = None, variant: str | None = None):
+    """The frozen base model, as the sketch-guided pipeline of its kind (SD or SDXL, by its model_index.json) without
+    an LGP: the same encoding of images and captions as when sampling, and no notice about components it lacks."""
+    pipeline_class = pipeline_class_for(pretrained, revision=revision)
+    is_sdxl = "XL" in pipeline_class.__name__
+    extra = {} if is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    base = pipeline_class.from_pretrained(
+        pretrained, revision=revision, variant=variant, lgp=None, **dtype_kwargs(dtype), **extra
+    )
+    base.set_progress_bar_config(disable=True)
+    return freeze(base)
+
+
 def check_output_dir(args: argparse.Namespace) -> None:
     """A new run goes into an empty folder: one that holds another run would mix their checkpoints."""
     if args.resume_from_checkpoint is None and not args.overwrite_output_dir and os.path.isdir(args.output_dir):
@@ -585,25 +607,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
 
     # The frozen base model, in half precision where mixed precision is asked for.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    pipeline_class = pipeline_class_for(args.pretrained_model_name_or_path, revision=args.revision)
-    # Loaded as the sketch-guided pipeline (SD or SDXL, by the model's model_index.json) without an LGP: the same
-    # encoding of images and captions as when sampling, and no notice about components that the base lacks.
-    is_sdxl = "XL" in pipeline_class.__name__
-    extra = {} if is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
-    base = pipeline_class.from_pretrained(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        variant=args.variant,
-        lgp=None,
-        **dtype_kwargs(weight_dtype),
-        **extra,
-    )
-    base.set_progress_bar_config(disable=True)
+    base = load_base(args.pretrained_model_name_or_path, weight_dtype, args.revision, args.variant)
     base.to(accelerator.device)
-    for module in base.components.values():
-        if isinstance(module, nn.Module):
-            module.requires_grad_(False)
-            module.eval()
     unet = base.unet
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
