@@ -24,7 +24,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from .sketch import prepare_sketch, prepare_sketch_mask
+from .sketch import prepare_map, prepare_sketch_mask
 
 # Every field a manifest row may have; `prompt` is the only one it must have.
 MANIFEST_FIELDS = {
@@ -152,12 +152,16 @@ def recorded_settings(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def check_row_inputs(row: Row, vae_scale_factor: int, default_size: tuple[int, int]) -> None:
-    """Read the row's sketch and mask now, so that a bad one fails its row, not the batch it would have joined."""
+def check_row_inputs(row: Row, vae_scale_factor: int, default_size: tuple[int, int], lgp_config=None) -> None:
+    """Read the row's sketch (or other guidance map, prepared as the LGP's config says) and mask now, so that a bad
+    one fails its row, not the batch it would have joined."""
     height, width = row.settings.get("height", default_size[0]), row.settings.get("width", default_size[1])
+    options = (
+        () if lgp_config is None else (lgp_config.map_kind, lgp_config.sketch_polarity, lgp_config.map_normalization)
+    )
     try:
         if "sketch" in row.settings:
-            prepare_sketch(row.settings["sketch"], height, width)
+            prepare_map(row.settings["sketch"], height, width, *options)
         if "sketch_mask" in row.settings:
             prepare_sketch_mask(row.settings["sketch_mask"], height // vae_scale_factor, width // vae_scale_factor)
     except (ValueError, TypeError, OSError) as error:
@@ -275,7 +279,8 @@ def run_rows(
             if row.status == "pending" and recorded_settings(row.output) == {**row.settings, **context}:
                 row.status = "skipped"
             elif row.status == "pending":
-                check_row_inputs(row, pipe.vae_scale_factor, default_size)
+                lgp_config = None if getattr(pipe, "lgp", None) is None else pipe.lgp.config
+                check_row_inputs(row, pipe.vae_scale_factor, default_size, lgp_config)
         todo = [row for row in mine if row.status == "pending"]
         with tqdm(total=len(todo), unit="image", desc="sketch-guided batch", disable=not progress) as bar:
             for group in batches(todo, batch_size):

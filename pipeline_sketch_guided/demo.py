@@ -16,10 +16,14 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from .lgp import LGPModel
 from .pipeline import SketchGuidedStableDiffusionPipeline
 from .utils import dtype_kwargs
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
+# The demo LGPs, by the map each was trained on, and their folders in DEMO_MODEL_DIR: the edge LGP is the pipeline's
+# own `lgp` component; the silhouette LGP (filled shapes, white on black) ships beside it.
+DEMO_LGP_FOLDERS = {"edges": "lgp", "silhouette": "lgp_silhouette"}
 DEMO_IMAGE_SIZE = 64
 SHAPES = ("circle", "square", "triangle", "star")
 # The demo model was trained on captions "a <colour> <shape> [and a <colour> <shape>] on a <background> background";
@@ -34,18 +38,27 @@ VOCABULARY_HELP = (
 )
 
 
-def load_demo_pipeline(torch_dtype: torch.dtype = torch.float32) -> SketchGuidedStableDiffusionPipeline:
-    """The demo `SketchGuidedStableDiffusionPipeline` (64x64 images of shapes), with its LGP, on the CPU.
+def load_demo_pipeline(
+    torch_dtype: torch.dtype = torch.float32, map: str = "edges"
+) -> SketchGuidedStableDiffusionPipeline:
+    """The demo `SketchGuidedStableDiffusionPipeline` (64x64 images of shapes), with an LGP, on the CPU.
 
-    The weights are stored in float16 to keep the package small and loaded in `torch_dtype` (float32 by default,
-    since the CPU does not run float16 well).
+    `map` picks the LGP, by the map it was trained on: `"edges"` (the default: sketches, outlines of either polarity)
+    or `"silhouette"` (filled shapes, white on black: "put a red thing here, this big"), whose guidance map is passed
+    as `sketch` like any other. The weights are stored in float16 to keep the package small and loaded in
+    `torch_dtype` (float32 by default, since the CPU does not run float16 well).
     """
-    if not (DEMO_MODEL_DIR / "model_index.json").is_file():
+    if map not in DEMO_LGP_FOLDERS:
+        raise ValueError(f"The demo has no LGP for the map {map!r}; choose one of {list(DEMO_LGP_FOLDERS)}.")
+    lgp_dir = DEMO_MODEL_DIR / DEMO_LGP_FOLDERS[map]
+    if not (DEMO_MODEL_DIR / "model_index.json").is_file() or not (lgp_dir / "config.json").is_file():
         raise FileNotFoundError(
-            f"The demo model is missing from {DEMO_MODEL_DIR}. Reinstall the package, or train it with"
-            " `python -m pipeline_sketch_guided.training.train_demo_model` (see the README)."
+            f"The demo model (or its {map} LGP) is missing from {DEMO_MODEL_DIR}. Reinstall the package, or train it"
+            " with `python -m pipeline_sketch_guided.training.train_demo_model` (see the README)."
         )
-    pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(DEMO_MODEL_DIR, **dtype_kwargs(torch_dtype))
+    # Another map's LGP replaces the pipeline's own (which is then never loaded).
+    extra = {} if map == "edges" else {"lgp": LGPModel.from_pretrained(lgp_dir, **dtype_kwargs(torch_dtype))}
+    pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(DEMO_MODEL_DIR, **dtype_kwargs(torch_dtype), **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -30,7 +30,7 @@ from diffusers.utils import logging
 
 from .capture import capture_activations, resolve_blocks
 from .lgp import noise_level_map
-from .sketch import SKETCH_POLARITIES, SketchInput, prepare_sketch, prepare_sketch_mask, sketch_list
+from .sketch import SKETCH_POLARITIES, SketchInput, prepare_map, prepare_sketch_mask, sketch_list
 
 logger = logging.get_logger(__name__)
 
@@ -364,13 +364,13 @@ class SketchGuidanceMixin:
     def prepare_sketch_latents(
         self, sketch: SketchInput | list[SketchInput], num_images: int, height: int, width: int, device
     ) -> torch.Tensor:
-        """The guidance target E(s): each sketch normalised to the LGP's convention and encoded by the VAE (its mean,
-        or the latents of VAEs without a distribution, such as `AutoencoderTiny`)."""
+        """The guidance target E(s): each sketch (or other map) prepared as the LGP's config says (`map_kind`: an edge
+        map's polarity, a depth map's normalisation, a colour map's channels, see `prepare_map`) and encoded by the VAE
+        (its mean, or the latents of VAEs without a distribution, such as `AutoencoderTiny`)."""
         sketches = sketch_list(sketch)
-        polarity = self.lgp.config.sketch_polarity
-        latents = torch.cat(
-            [self._encoded_sketch(prepare_sketch(s, height, width, polarity), device) for s in sketches]
-        )
+        config = self.lgp.config
+        options = (config.map_kind, config.sketch_polarity, config.map_normalization)
+        latents = torch.cat([self._encoded_sketch(prepare_map(s, height, width, *options), device) for s in sketches])
         # One sketch for all images, or one per prompt (repeated for its images), or one per image.
         return latents.repeat_interleave(num_images // len(sketches), dim=0)
 
@@ -457,7 +457,8 @@ class SketchGuidanceMixin:
     ) -> tuple[Any, Any]:
         """The parent pipeline's `__call__` (`parent_call`, with `parent_kwargs`), guided by the sketch arguments in
         `guidance` (`sketch`, `sketch_mask`, `sketch_guidance_scale`, `..._start`, `..._end`, `..._interval`,
-        `return_edge_maps`): checked and prepared first, then the parent's own loop with `sketch_guidance`.
+        `return_edge_maps`, and `guidance_map`, another name for `sketch`): checked and prepared first, then the
+        parent's own loop with `sketch_guidance`.
 
         Returns:
             (the parent's output, as with `return_dict=True`; the decoded edge maps, or `None`)
@@ -472,6 +473,10 @@ class SketchGuidanceMixin:
         num_images = batch_size * (parent_kwargs.get("num_images_per_prompt") or 1)
         self._guidance_scale = parent_kwargs["guidance_scale"]  # do_classifier_free_guidance, for the checks
         sketch, sketch_mask, scale = guidance["sketch"], guidance["sketch_mask"], guidance["sketch_guidance_scale"]
+        if guidance.get("guidance_map") is not None:
+            if sketch is not None:
+                raise ValueError("Pass the map as `sketch` or as `guidance_map` (the same argument), not both.")
+            sketch = guidance["guidance_map"]
         start, end = guidance["sketch_guidance_start"], guidance["sketch_guidance_end"]
         interval, return_edge_maps = guidance["sketch_guidance_interval"], guidance["return_edge_maps"]
         self.check_sketch_inputs(

@@ -1,4 +1,5 @@
-"""The Latent Guidance Predictor (LGP): a per-pixel MLP from UNet activations to the VAE latent of an edge map."""
+"""The Latent Guidance Predictor (LGP): a per-pixel MLP from UNet activations to the VAE latent of a spatial map (an
+edge map by default; any map it was trained on: silhouettes, depth, colour maps)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .capture import block_output_channels, resolve_blocks
-from .sketch import SKETCH_POLARITIES
+from .sketch import MAP_KINDS, MAP_NORMALIZATIONS, SKETCH_POLARITIES
 
 FEATURE_BRANCHES = ("conditional", "unconditional")
 
@@ -105,7 +106,15 @@ class LGPModel(ModelMixin, ConfigMixin):
         hidden_dims (`list[int]`, defaults to `[512, 256, 128, 64]`): widths of the hidden layers.
         out_channels (`int`, defaults to 4): channels of the predicted edge latent (the VAE's latent channels).
         sketch_polarity (`str`, defaults to `"light_on_dark"`): how the edge maps it was trained on look: light
-            strokes on a dark background (edge detectors' output) or dark on light.
+            strokes on a dark background (edge detectors' output) or dark on light. Read for edge maps only.
+        map_kind (`str`, defaults to `"edges"`): the kind of map it predicts, which says how a user's map is prepared
+            (`pipeline_sketch_guided.sketch.prepare_map`): `"edges"` (strokes of either polarity, turned into
+            `sketch_polarity`; a blank sketch is an error), `"silhouette"` and `"depth"` (one grey channel, taken as
+            they are: no polarity flip), or `"color"` (three channels kept, for segmentation colour maps, normal
+            maps and other RGB maps). Configs written before maps had kinds load as `"edges"`.
+        map_normalization (`str`, defaults to `"none"`): how each training map was normalised, and so how a user's
+            map is: `"none"` (as drawn) or `"minmax"` (stretched to the full 0..1 range, as `prepare_data --map depth`
+            writes depth maps). Edge maps take `"none"`.
     """
 
     @register_to_config
@@ -120,6 +129,8 @@ class LGPModel(ModelMixin, ConfigMixin):
         hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
         out_channels: int = 4,
         sketch_polarity: str = "light_on_dark",
+        map_kind: str = "edges",
+        map_normalization: str = "none",
     ):
         super().__init__()
         if len(blocks) == 0 or len(blocks) != len(block_channels):
@@ -131,6 +142,12 @@ class LGPModel(ModelMixin, ConfigMixin):
             raise ValueError(f"`feature_branch` must be one of {FEATURE_BRANCHES}, got {feature_branch!r}.")
         if sketch_polarity not in SKETCH_POLARITIES:
             raise ValueError(f"`sketch_polarity` must be one of {SKETCH_POLARITIES}, got {sketch_polarity!r}.")
+        if map_kind not in MAP_KINDS:
+            raise ValueError(f"`map_kind` must be one of {MAP_KINDS}, got {map_kind!r}.")
+        if map_normalization not in MAP_NORMALIZATIONS:
+            raise ValueError(f"`map_normalization` must be one of {MAP_NORMALIZATIONS}, got {map_normalization!r}.")
+        if map_kind == "edges" and map_normalization != "none":
+            raise ValueError(f"Edge maps take `map_normalization='none'`, got {map_normalization!r}.")
         if len(hidden_dims) == 0:
             raise ValueError("`hidden_dims` must name at least one hidden width.")
 

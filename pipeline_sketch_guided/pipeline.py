@@ -157,6 +157,7 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
         sketch_guidance_end: float = DEFAULT_SKETCH_GUIDANCE_END,
         sketch_guidance_interval: int = 1,
         return_edge_maps: bool = False,
+        guidance_map: SketchInput | list[SketchInput] | None = None,
         **kwargs,
     ):
         r"""
@@ -170,6 +171,12 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
                 `(B, C, H, W)` for several): any size (fitted to `height` x `width`, never stretched), dark strokes on
                 light paper or light on dark, modes 1, L, RGB or RGBA (transparency is paper). One sketch for all
                 images, one per prompt, or one per image. `None` generates exactly as `StableDiffusionPipeline` does.
+                For an LGP trained on another kind of map (its config's `map_kind`), that map: a silhouette (white
+                shapes on black) or depth map (light is near), taken as it is, with no polarity flip (a depth map
+                stretched to the full range, as in training), or a colour map (segmentation colours, normals) with
+                its three channels kept; transparency and padding are black there.
+            guidance_map (same types as `sketch`, *optional*):
+                Another name for `sketch`, which reads better for maps that are not sketches; pass one or the other.
             sketch_mask (same types as `sketch`, *optional*):
                 Where the sketch applies: white where its strokes and its blank paper are instructions, black where the
                 prompt alone decides (grey between). By default all of it. One for all images, per prompt or per image.
@@ -229,6 +236,7 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
             "sketch_guidance_end": sketch_guidance_end,
             "sketch_guidance_interval": sketch_guidance_interval,
             "return_edge_maps": return_edge_maps,
+            "guidance_map": guidance_map,
         }
         output, edge_maps = self.generate_with_sketch(super().__call__, parent_kwargs, guidance)
         if not return_dict:

@@ -159,6 +159,7 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
         sketch_guidance_end: float = DEFAULT_SKETCH_GUIDANCE_END,
         sketch_guidance_interval: int = 1,
         return_edge_maps: bool = False,
+        guidance_map: SketchInput | list[SketchInput] | None = None,
         **kwargs,
     ):
         r"""
@@ -171,6 +172,10 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
             sketch (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str` path, or a list of them, *optional*):
                 The drawing to follow, either polarity, any size (fitted to the output, never stretched); one for all
                 images, one per prompt, or one per image. `None` generates exactly as `StableDiffusionXLPipeline`.
+                For an LGP trained on another kind of map (silhouettes, depth, colour maps), that map, prepared as the
+                LGP's config says (see [`SketchGuidedStableDiffusionPipeline.__call__`]).
+            guidance_map (same types as `sketch`, *optional*):
+                Another name for `sketch`, which reads better for maps that are not sketches; pass one or the other.
             sketch_mask (same types as `sketch`, *optional*):
                 Where the sketch applies: white where it is an instruction, black where the prompt alone decides.
             sketch_guidance_scale (`float`, *optional*, defaults to 2.5):
@@ -236,6 +241,7 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
             "sketch_guidance_end": sketch_guidance_end,
             "sketch_guidance_interval": sketch_guidance_interval,
             "return_edge_maps": return_edge_maps,
+            "guidance_map": guidance_map,
         }
         output, edge_maps = self.generate_with_sketch(super().__call__, parent_kwargs, guidance)
         if not return_dict:

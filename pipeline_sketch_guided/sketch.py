@@ -1,4 +1,5 @@
-"""Turn a user's sketch (any format, either polarity) into the image the LGP's training edge maps looked like."""
+"""Turn a user's sketch (any format, either polarity), or any other spatial map an LGP was trained on (silhouettes,
+depth, colour maps), into the image the LGP's training maps looked like."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ SketchInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 
 # How strokes look against the paper; an LGP's config names the one its training edge maps had.
 SKETCH_POLARITIES = ("light_on_dark", "dark_on_light")
+# The kinds of map an LGP can predict (its config's `map_kind`): edge maps (sketches), one-channel continuous maps
+# (filled silhouettes, depth) and three-channel colour maps (segmentation colours, normals, any RGB map).
+MAP_KINDS = ("edges", "silhouette", "depth", "color")
+GREY_MAP_KINDS = ("edges", "silhouette", "depth")
+# How a map was normalised in training (config `map_normalization`): as drawn, or stretched to the full 0..1 range.
+MAP_NORMALIZATIONS = ("none", "minmax")
 
 # A sketch whose darkest and lightest pixels differ by less than this (in [0, 1]) has no strokes to follow.
 MIN_STROKE_CONTRAST = 0.05
@@ -33,7 +40,8 @@ def sketch_list(sketch: SketchInput | list[SketchInput]) -> list[SketchInput]:
     return [sketch]
 
 
-def _to_grayscale_image(sketch: SketchInput) -> PIL.Image.Image:
+def _to_image(sketch: SketchInput, paper: int = 255) -> PIL.Image.Image:
+    """Any accepted input as a PIL image in mode L or RGB; transparent pixels are composited on `paper`."""
     if isinstance(sketch, (str, os.PathLike)):
         if not os.path.isfile(sketch):
             raise ValueError(f"The sketch file {os.fspath(sketch)!r} does not exist.")
@@ -73,18 +81,22 @@ def _to_grayscale_image(sketch: SketchInput) -> PIL.Image.Image:
             f" {type(sketch).__name__}."
         )
     if sketch.mode in ("RGBA", "LA", "PA") or (sketch.mode == "P" and "transparency" in sketch.info):
-        # Transparent pixels are paper: composite on white.
+        # Transparent pixels are paper: composite on white (sketches) or black (other maps' background).
         rgba = sketch.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background = PIL.Image.new("RGBA", rgba.size, (paper, paper, paper, 255))
         sketch = PIL.Image.alpha_composite(background, rgba)
-    return sketch.convert("L")
+    return sketch.convert("L" if sketch.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+
+
+def _to_grayscale_image(sketch: SketchInput, paper: int = 255) -> PIL.Image.Image:
+    return _to_image(sketch, paper).convert("L")
 
 
 def fit_to_size(
     image: PIL.Image.Image, height: int, width: int, fill: int | None = None, what: str = "sketch"
 ) -> PIL.Image.Image:
-    """`image` (grayscale) resized to `width` x `height`; one of another aspect is fitted inside, centred, and padded
-    with `fill` (by default its paper, its median tone), never stretched, with a warning that says so."""
+    """`image` (grayscale or RGB) resized to `width` x `height`; one of another aspect is fitted inside, centred, and
+    padded with `fill` (by default its paper, its median tone), never stretched, with a warning that says so."""
     # BOX averages every source pixel into the result, so thin strokes fade instead of vanishing when shrunk.
     box = PIL.Image.Resampling.BOX
     if abs(image.width * height / (image.height * width) - 1) <= ASPECT_TOLERANCE:
@@ -92,7 +104,7 @@ def fit_to_size(
     scale = min(width / image.width, height / image.height)
     fitted = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample=box)
     paper = int(np.median(np.asarray(image))) if fill is None else fill
-    canvas = PIL.Image.new("L", (width, height), paper)
+    canvas = PIL.Image.new(image.mode, (width, height), paper if image.mode == "L" else (paper,) * 3)
     canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
     logger.warning(
         f"The {what} ({image.width}x{image.height}) has another aspect than the output ({width}x{height}): it was"
@@ -129,6 +141,53 @@ def prepare_sketch(sketch: SketchInput, height: int, width: int, polarity: str =
         gray = 1.0 - gray
     tensor = torch.from_numpy(gray)[None, None].expand(1, 3, height, width)
     return tensor * 2.0 - 1.0
+
+
+def prepare_map(
+    guidance_map: SketchInput,
+    height: int,
+    width: int,
+    map_kind: str = "edges",
+    polarity: str = "light_on_dark",
+    normalization: str = "none",
+) -> torch.Tensor:
+    """Load and prepare a guidance map for an LGP trained on maps of `map_kind`: a `(1, 3, height, width)` tensor in
+    [-1, 1], ready for the VAE. Accepts every input `prepare_sketch` does.
+
+    - `"edges"`: `prepare_sketch` (either polarity, turned into `polarity`; a blank sketch is an error).
+    - `"silhouette"`, `"depth"`: read as one grey channel and taken as they are (no polarity flip: light is the
+      shape, or near), stretched to the full 0..1 range first where `normalization` is `"minmax"` (as in training).
+      Transparent pixels and the padding of another aspect are black, the background.
+    - `"color"`: the three channels kept as they are (segmentation colour maps, normal maps); padding is black.
+
+    Raises:
+        ValueError: for an unknown kind or normalisation, an unreadable input, or a map that `"minmax"` cannot
+            normalise (one flat tone).
+    """
+    if map_kind not in MAP_KINDS:
+        raise ValueError(f"`map_kind` must be one of {MAP_KINDS}, got {map_kind!r}.")
+    if normalization not in MAP_NORMALIZATIONS:
+        raise ValueError(f"`normalization` must be one of {MAP_NORMALIZATIONS}, got {normalization!r}.")
+    if map_kind == "edges":
+        return prepare_sketch(guidance_map, height, width, polarity)
+    image = _to_image(guidance_map, paper=0)
+    image = image.convert("L" if map_kind in GREY_MAP_KINDS else "RGB")
+    if normalization == "minmax":
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        if high - low < MIN_STROKE_CONTRAST * 255:
+            raise ValueError(
+                f"The {map_kind} map is one flat tone, so it cannot be normalised to the range this LGP was trained"
+                " on; pass a map with some variation, or `sketch=None` to generate without guidance."
+            )
+        image = PIL.Image.fromarray(((values - low) * (255.0 / (high - low))).round().astype(np.uint8), image.mode)
+    image = fit_to_size(image, height, width, fill=0, what=f"{map_kind} map")
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    if array.max() - array.min() < MIN_STROKE_CONTRAST:
+        logger.warning(f"The {map_kind} map is one flat tone: it asks for the same value everywhere.")
+    tensor = torch.from_numpy(array)
+    tensor = tensor[None, None].expand(1, 3, height, width) if tensor.ndim == 2 else tensor.permute(2, 0, 1)[None]
+    return tensor.contiguous() * 2.0 - 1.0
 
 
 def prepare_sketch_mask(mask: SketchInput, height: int, width: int) -> torch.Tensor:

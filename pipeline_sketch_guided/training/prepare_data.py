@@ -1,4 +1,4 @@
-"""Prepare an LGP training set: (image, caption, edge map) triplets at one resolution, written to a folder.
+"""Prepare an LGP training set: (image, caption, map) triplets at one resolution, written to a folder.
 
 Sources:
 - a folder of images with captions, in the diffusers ImageFolder convention: a `metadata.jsonl` whose lines hold
@@ -6,19 +6,33 @@ Sources:
   each image;
 - a Hugging Face `datasets` dataset (`--dataset_name`) with an image column and a text column.
 
-Every image, whatever its mode and size, is resized and centre-cropped to `--resolution`; its edge map comes from
-Canny (OpenCV, offline, the default) or from a learned detector (`hed` or `pidinet`, through `controlnet_aux`, whose
-weights are downloaded from the Hub). Edge maps are saved as light strokes on a dark background, the convention of
-edge detectors and the LGP's default `sketch_polarity`. A file that cannot be read is skipped, counted and named in
-`report.json`; it never stops the run.
+Every image, whatever its mode and size, is resized and centre-cropped to `--resolution`. Its map (`--map`, the kind
+of spatial map the LGP will learn to predict and users will guide with) is one of:
+- `canny` (the default): Canny edges (OpenCV, offline);
+- `hed`, `pidinet`: a learned edge detector through `controlnet_aux`, whose weights are downloaded from the Hub;
+- `depth`: a monocular depth estimate from transformers' `pipeline("depth-estimation")` with the model
+  `--map_model` (a Hub id such as depth-anything/Depth-Anything-V2-Small-hf or Intel/dpt-hybrid-midas, or a folder),
+  stretched to the full 0..255 range per image (light is near);
+- `folder:DIR`: the user's own maps, one per image, found in DIR by file name (the image's path inside `--input_dir`
+  without its extension, or its bare name): segmentation colour maps, normal maps, silhouettes, anything
+  image-shaped, cropped exactly as the image is. `--map_kind` says what they are (`color` keeps their three channels,
+  the default; `silhouette` and `depth` read one grey channel, `depth` stretched to the full range; `edges`).
+Edge maps are saved as light strokes on a dark background, the convention of edge detectors and the LGP's default
+`sketch_polarity`. A file that cannot be read, or an image without a map, is skipped, counted and named in
+`report.json`; it never stops the run. The report's `map_kind` and `map_normalization` become the trained LGP's config.
 
 Output folder:
     images/000000.png ...   the resized RGB images
-    edges/000000.png ...    their edge maps (grayscale, white edges on black)
+    edges/000000.png ...    their maps (the folder keeps its historical name whatever the map: edge maps as white
+                            edges on black, grey maps in mode L, colour maps in RGB)
     metadata.jsonl          {"file_name", "edge_file_name", "text", "source"} per example
     report.json             counts, settings, and every skipped file with the reason
 
     python -m pipeline_sketch_guided.training.prepare_data --input_dir my_photos --output_dir data/lgp --resolution 512
+    python -m pipeline_sketch_guided.training.prepare_data --input_dir my_photos --output_dir data/lgp-depth \
+        --map depth --map_model depth-anything/Depth-Anything-V2-Small-hf
+    python -m pipeline_sketch_guided.training.prepare_data --input_dir my_photos --output_dir data/lgp-seg \
+        --map folder:my_segmentations --map_kind color
 """
 
 from __future__ import annotations
@@ -44,6 +58,14 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 METADATA_FILE = "metadata.jsonl"
 REPORT_FILE = "report.json"
 EDGE_DETECTORS = ("canny", "hed", "pidinet")
+MAPS = (*EDGE_DETECTORS, "depth", "folder:DIR")
+FOLDER_MAP_PREFIX = "folder:"
+# The map kinds (`LGPModel`'s `map_kind`) and how each kind's maps are normalised (`map_normalization`).
+MAP_NORMALIZATION_OF_KIND = {"edges": "none", "silhouette": "none", "depth": "minmax", "color": "none"}
+# A small, well-kept depth estimator; `--map_model` names another (any transformers depth-estimation model).
+DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+# Maps of a user's folder whose aspect differs from their image's by more than this (relative) do not belong to it.
+MAP_ASPECT_TOLERANCE = 0.02
 # What PIL raises for a file it cannot decode: OSError for truncated data, UnidentifiedImageError (an OSError) for
 # non-images, SyntaxError and ValueError for some malformed headers, DecompressionBombError for absurd sizes.
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
@@ -68,6 +90,14 @@ class Skipped:
     reason: str
 
 
+class MissingMap(Exception):
+    """Raised by a map maker for an image that has no map (a `folder:` map that is not there or does not fit)."""
+
+
+# A map maker: (the resized image, the original image, its source example) -> its map at the resized image's size.
+MapMaker = Callable[[PIL.Image.Image, PIL.Image.Image, SourceExample], PIL.Image.Image]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -81,7 +111,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output_dir", type=str, required=True, help="Where the prepared training set is written.")
     parser.add_argument("--resolution", type=int, default=512, help="Side of the square training images.")
-    parser.add_argument("--edge_detector", type=str, default="canny", choices=EDGE_DETECTORS)
+    parser.add_argument(
+        "--map",
+        type=str,
+        default=None,
+        help=f"The map to train on: {', '.join(MAPS)} (default canny; see the module's help).",
+    )
+    parser.add_argument(
+        "--edge_detector", type=str, default=None, choices=EDGE_DETECTORS, help="The same as --map for edge maps."
+    )
+    parser.add_argument(
+        "--map_model",
+        type=str,
+        default=DEFAULT_DEPTH_MODEL,
+        help="Hub id or folder of the transformers depth-estimation model, for --map depth.",
+    )
+    parser.add_argument(
+        "--map_kind",
+        type=str,
+        default="color",
+        choices=sorted(MAP_NORMALIZATION_OF_KIND),
+        help="What the maps of --map folder:DIR are: color (three channels kept, the default), silhouette or depth"
+        " (one grey channel; depth stretched to the full range), or edges.",
+    )
     parser.add_argument("--canny_low", type=int, default=DEFAULT_CANNY_LOW, help="Canny's lower threshold (0-255).")
     parser.add_argument("--canny_high", type=int, default=DEFAULT_CANNY_HIGH, help="Canny's upper threshold (0-255).")
     parser.add_argument(
@@ -100,6 +152,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if args.input_dir is not None and not os.path.isdir(args.input_dir):
         raise ValueError(f"`--input_dir` {args.input_dir!r} is not a folder.")
+    if args.map is not None and args.edge_detector is not None and args.map != args.edge_detector:
+        raise ValueError(f"`--map {args.map}` and `--edge_detector {args.edge_detector}` disagree; pass only --map.")
+    args.map = args.map or args.edge_detector or "canny"
+    if args.map.startswith(FOLDER_MAP_PREFIX):
+        folder = args.map[len(FOLDER_MAP_PREFIX) :]
+        if not os.path.isdir(folder):
+            raise ValueError(f"`--map {args.map}`: {folder!r} is not a folder; name the folder that holds your maps.")
+        if args.input_dir is None:
+            raise ValueError("`--map folder:DIR` pairs maps with image files by name, so it needs `--input_dir`.")
+    elif args.map not in (*EDGE_DETECTORS, "depth"):
+        raise ValueError(f"Unknown `--map {args.map}`; choose one of {', '.join(MAPS)} (DIR: your folder of maps).")
     if args.resolution < 8 or args.resolution % 8 != 0:
         raise ValueError(f"`--resolution` must be a positive multiple of 8 (the VAE's factor), got {args.resolution}.")
     if not 0 <= args.canny_low <= args.canny_high <= 255:
@@ -265,6 +328,113 @@ def make_edge_detector(
     return detect
 
 
+def make_depth_estimator(model: str) -> MapMaker:
+    """Depth maps from transformers' depth-estimation pipeline with `model`: grey, stretched to 0..255 per image (the
+    LGP's `map_normalization="minmax"`), light where the model's output is high (near, for relative-depth models)."""
+    import torch
+    from transformers import pipeline
+
+    try:
+        estimator = pipeline("depth-estimation", model=model, device=0 if torch.cuda.is_available() else -1)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Cannot load the depth estimator {model!r} for --map depth: {' '.join(str(error).split())[:300]}. Name a"
+            f" transformers depth-estimation model (Hub id or folder) with --map_model, e.g. {DEFAULT_DEPTH_MODEL}."
+        ) from error
+
+    def estimate(image: PIL.Image.Image, original: PIL.Image.Image, example: SourceExample) -> PIL.Image.Image:
+        with torch.no_grad():
+            depth = estimator(image)["predicted_depth"].float().reshape(-1, *image.size[::-1]).mean(0).cpu().numpy()
+        return PIL.Image.fromarray(normalize_to_uint8(depth, example.source))
+
+    return estimate
+
+
+def normalize_to_uint8(values: np.ndarray, source: str = "map") -> np.ndarray:
+    """`values` stretched to 0..255 (min-max); a flat map cannot be, and raises `MissingMap`."""
+    low, high = float(values.min()), float(values.max())
+    if not np.isfinite([low, high]).all() or high - low <= 1e-6 * max(abs(low), abs(high)):
+        raise MissingMap(f"the map of {source} is one flat value (or not finite), so it carries no spatial guidance")
+    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def make_folder_maps(map_dir: str, input_dir: str, map_kind: str, resolution: int) -> MapMaker:
+    """The user's maps in `map_dir`, one per image, found by the image's path inside `input_dir` without its extension
+    (`sub/cat.jpg` -> `map_dir/sub/cat.<any image extension>`), else by its bare name (`map_dir/cat.*`).
+
+    A map is turned the same way up and cropped to the same square as its image; `color` maps keep three channels
+    and are resized with nearest-neighbour sampling (segmentation colours stay exact), grey kinds are read as one
+    channel (`depth` stretched to 0..255 per map). A map of another aspect than its image, or none, is `MissingMap`.
+    """
+    by_relative: dict[str, Path] = {}
+    by_name: dict[str, list[Path]] = {}
+    for path in _image_files(Path(map_dir)):
+        by_relative[path.relative_to(map_dir).with_suffix("").as_posix()] = path
+        by_name.setdefault(path.stem, []).append(path)
+    mode = "RGB" if map_kind == "color" else "L"
+    resample = PIL.Image.Resampling.NEAREST if map_kind == "color" else PIL.Image.Resampling.BICUBIC
+
+    def find(source: str) -> Path:
+        try:
+            relative = Path(source).relative_to(input_dir).with_suffix("").as_posix()
+        except ValueError:
+            relative = Path(source).stem
+        if relative in by_relative:
+            return by_relative[relative]
+        candidates = by_name.get(Path(source).stem, [])
+        if len(candidates) == 1:
+            return candidates[0]
+        if candidates:
+            raise MissingMap(
+                f"{len(candidates)} maps in {map_dir} are named {Path(source).stem}.*; which one is meant?"
+            )
+        raise MissingMap(f"no map for it in {map_dir} (looked for {relative}.* and {Path(source).stem}.*)")
+
+    def load(image: PIL.Image.Image, original: PIL.Image.Image, example: SourceExample) -> PIL.Image.Image:
+        path = find(example.source)
+        try:
+            guidance_map = PIL.ImageOps.exif_transpose(_open_image(path))
+        except UNREADABLE_IMAGE_ERRORS as error:
+            raise MissingMap(f"its map {path} is unreadable ({type(error).__name__}: {error})") from error
+        width, height = PIL.ImageOps.exif_transpose(original).size
+        if abs(guidance_map.width * height / (guidance_map.height * width) - 1) > MAP_ASPECT_TOLERANCE:
+            raise MissingMap(
+                f"its map {path} is {guidance_map.width}x{guidance_map.height}, another aspect than the image's"
+                f" {width}x{height}, so the two cannot be cropped alike"
+            )
+        if guidance_map.mode in ("RGBA", "LA", "PA") or "transparency" in guidance_map.info:
+            rgba = guidance_map.convert("RGBA")  # transparent is background: black
+            guidance_map = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+        guidance_map = guidance_map.convert(mode).resize((width, height), resample=resample)
+        guidance_map = PIL.ImageOps.fit(guidance_map, (resolution, resolution), method=resample, centering=(0.5, 0.5))
+        if map_kind == "depth":
+            return PIL.Image.fromarray(normalize_to_uint8(np.asarray(guidance_map, dtype=np.float32), str(path)))
+        return guidance_map
+
+    return load
+
+
+def make_map_maker(args: argparse.Namespace) -> tuple[MapMaker, dict[str, Any]]:
+    """The map maker that `args.map` names, and the settings it adds to the report (`map`, `map_kind`,
+    `map_normalization`, and the detector's own)."""
+    if args.map.startswith(FOLDER_MAP_PREFIX):
+        map_dir = args.map[len(FOLDER_MAP_PREFIX) :]
+        maker = make_folder_maps(map_dir, args.input_dir, args.map_kind, args.resolution)
+        return maker, {
+            "map": args.map,
+            "map_kind": args.map_kind,
+            "map_normalization": MAP_NORMALIZATION_OF_KIND[args.map_kind],
+        }
+    if args.map == "depth":
+        settings = {"map": "depth", "map_kind": "depth", "map_normalization": "minmax", "map_model": args.map_model}
+        return make_depth_estimator(args.map_model), settings
+    detector = make_edge_detector(args.map, args.resolution, args.canny_low, args.canny_high, args.annotator_repo)
+    settings = {"map": args.map, "map_kind": "edges", "map_normalization": "none", "edge_detector": args.map}
+    if args.map == "canny":
+        settings.update(canny_low=args.canny_low, canny_high=args.canny_high)
+    return (lambda image, original, example: detector(image)), settings
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The prepared set
 
@@ -273,7 +443,7 @@ def prepare_dataset(
     examples: list[SourceExample],
     output_dir: str,
     resolution: int,
-    edge_detector: Callable[[PIL.Image.Image], PIL.Image.Image],
+    map_maker: MapMaker,
     skipped: list[Skipped] | None = None,
     max_samples: int | None = None,
     settings: dict[str, Any] | None = None,
@@ -281,8 +451,9 @@ def prepare_dataset(
 ) -> dict[str, Any]:
     """Write the training set to `output_dir` and return the report (also written to `report.json`).
 
-    The metadata is written to a temporary file and renamed at the end, so a folder with a `metadata.jsonl` is always
-    a complete prepared set.
+    `map_maker` makes each image's map (`make_map_maker`); an image it has none for (`MissingMap`) is skipped and
+    counted in the report's `without_map`. The metadata is written to a temporary file and renamed at the end, so a
+    folder with a `metadata.jsonl` is always a complete prepared set.
     """
     from tqdm.auto import tqdm
 
@@ -294,7 +465,7 @@ def prepare_dataset(
     (out / METADATA_FILE).unlink(missing_ok=True)
     temporary_metadata = out / (METADATA_FILE + ".tmp")
 
-    written = 0
+    written = without_map = 0
     with open(temporary_metadata, "w", encoding="utf-8") as metadata:
         for example in tqdm(examples, desc="Preparing", unit="image", disable=not progress):
             if max_samples is not None and written >= max_samples:
@@ -318,8 +489,14 @@ def prepare_dataset(
                 # some malformed headers, DecompressionBombError for absurd sizes.
                 skipped.append(Skipped(example.source, f"unreadable image ({type(e).__name__}: {e})"))
                 continue
-            image = resize_and_center_crop(image, resolution)
-            edges = edge_detector(image)
+            resized = resize_and_center_crop(image, resolution)
+            try:
+                edges = map_maker(resized, image, example)
+            except MissingMap as missing:
+                skipped.append(Skipped(example.source, f"no map: {missing}"))
+                without_map += 1
+                continue
+            image = resized
             name = f"{written:06d}.png"
             image.save(out / "images" / name)
             edges.save(out / "edges" / name)
@@ -336,6 +513,7 @@ def prepare_dataset(
     report = {
         "written": written,
         "skipped": len(skipped),
+        "without_map": without_map,
         "resolution": resolution,
         **(settings or {}),
         "skipped_files": [{"source": s.source, "reason": s.reason} for s in skipped],
@@ -384,7 +562,8 @@ def load_prepared_dataset(folder: str) -> list[PreparedExample]:
 
 
 def iter_report_lines(report: dict[str, Any], max_listed: int = 20) -> Iterator[str]:
-    yield f"Wrote {report['written']} examples; skipped {report['skipped']}."
+    without_map = f" ({report['without_map']} of them without a map)" if report.get("without_map") else ""
+    yield f"Wrote {report['written']} examples; skipped {report['skipped']}{without_map}."
     for entry in report["skipped_files"][:max_listed]:
         yield f"  skipped {entry['source']}: {entry['reason']}"
     if report["skipped"] > max_listed:
@@ -401,14 +580,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.dataset_name, args.dataset_config_name, args.split, args.image_column, args.caption_column
         )
         skipped = []
-    detector = make_edge_detector(
-        args.edge_detector, args.resolution, args.canny_low, args.canny_high, args.annotator_repo
-    )
-    settings = {"edge_detector": args.edge_detector, "source": args.input_dir or args.dataset_name}
-    if args.edge_detector == "canny":
-        settings.update(canny_low=args.canny_low, canny_high=args.canny_high)
+    map_maker, map_settings = make_map_maker(args)
+    settings = {**map_settings, "source": args.input_dir or args.dataset_name}
     report = prepare_dataset(
-        examples, args.output_dir, args.resolution, detector, skipped, args.max_samples, settings=settings
+        examples, args.output_dir, args.resolution, map_maker, skipped, args.max_samples, settings=settings
     )
     for line in iter_report_lines(report):
         logger.info(line)

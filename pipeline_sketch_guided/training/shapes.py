@@ -1,7 +1,8 @@
 """A procedural dataset of 64x64 images of filled shapes with captions that name them, for the demo model.
 
 Seeded and reproducible: `render_sample(seed)` always draws the same picture. Each sample also carries the shapes'
-masks, which the efficacy benchmark uses to score where a shape was drawn.
+masks, which the efficacy benchmark uses to score where a shape was drawn, and `render_silhouette` draws them as a
+map (white shapes on black): the training maps of the demo silhouette LGP (`--silhouettes_dir`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,17 @@ def render(shapes: list[Shape], background: str, style: str, rng: random.Random)
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), PIL.Image.Resampling.BOX)
 
 
+def render_silhouette(shapes: list[Shape]) -> PIL.Image.Image:
+    """The filled shapes, white on black, anti-aliased as `render` draws them: a 64x64 grey silhouette map."""
+    big = IMAGE_SIZE * SUPERSAMPLE
+    image = PIL.Image.new("L", (big, big), 0)
+    draw = PIL.ImageDraw.Draw(image)
+    for shape in shapes:
+        center = (shape.center[0] * SUPERSAMPLE, shape.center[1] * SUPERSAMPLE)
+        draw.polygon(shape_polygon(shape.kind, center, shape.radius * SUPERSAMPLE, shape.rotation), fill=255)
+    return image.resize((IMAGE_SIZE, IMAGE_SIZE), PIL.Image.Resampling.BOX)
+
+
 def render_sample(seed: int) -> tuple[PIL.Image.Image, str, list[Shape]]:
     """The image, caption and shapes of sample `seed`."""
     rng = random.Random(seed)
@@ -115,13 +127,20 @@ def render_sample(seed: int) -> tuple[PIL.Image.Image, str, list[Shape]]:
     return render(shapes, background, style, rng), caption(shapes, background), shapes
 
 
-def write_image_folder(output_dir: Path, num_images: int, first_seed: int = 0) -> None:
-    """Write samples first_seed .. first_seed + num_images - 1 as an ImageFolder (PNGs and metadata.jsonl)."""
+def write_image_folder(
+    output_dir: Path, num_images: int, first_seed: int = 0, silhouettes_dir: Path | None = None
+) -> None:
+    """Write samples first_seed .. first_seed + num_images - 1 as an ImageFolder (PNGs and metadata.jsonl), and each
+    one's silhouette map under the same file name in `silhouettes_dir` (for `prepare_data --map folder:...`)."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    if silhouettes_dir is not None:
+        silhouettes_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "metadata.jsonl", "w") as metadata:
         for seed in range(first_seed, first_seed + num_images):
-            image, text, _ = render_sample(seed)
+            image, text, shapes = render_sample(seed)
             image.save(output_dir / f"{seed:07d}.png")
+            if silhouettes_dir is not None:
+                render_silhouette(shapes).save(silhouettes_dir / f"{seed:07d}.png")
             metadata.write(json.dumps({"file_name": f"{seed:07d}.png", "text": text}) + "\n")
 
 
@@ -132,9 +151,16 @@ def main(argv=None) -> None:
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--num_images", type=int, default=3000)
     parser.add_argument("--first_seed", type=int, default=0)
+    parser.add_argument(
+        "--silhouettes_dir",
+        type=Path,
+        default=None,
+        help="Also write each image's silhouette map (same file name) here.",
+    )
     args = parser.parse_args(argv)
-    write_image_folder(args.output_dir, args.num_images, args.first_seed)
-    print(f"Wrote {args.num_images} images with captions to {args.output_dir}.")
+    write_image_folder(args.output_dir, args.num_images, args.first_seed, args.silhouettes_dir)
+    silhouettes = f" and their silhouettes to {args.silhouettes_dir}" if args.silhouettes_dir else ""
+    print(f"Wrote {args.num_images} images with captions to {args.output_dir}{silhouettes}.")
 
 
 if __name__ == "__main__":

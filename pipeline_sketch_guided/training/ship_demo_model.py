@@ -1,8 +1,11 @@
-"""Put the trained demo model and its LGP inside the package, in float16, as one diffusers pipeline folder.
+"""Put the trained demo model and its LGP inside the package, in float16, as one diffusers pipeline folder; or put
+another demo LGP (one trained on another kind of map) beside it.
 
     python -m pipeline_sketch_guided.training.ship_demo_model --model outputs/demo-sd/pipeline --lgp outputs/demo-lgp
+    python -m pipeline_sketch_guided.training.ship_demo_model --lgp outputs/demo-lgp-silhouette --map silhouette
 
-`pipeline_sketch_guided.load_demo_pipeline()` loads the result (and upcasts it to float32 for the CPU).
+`pipeline_sketch_guided.load_demo_pipeline()` loads the result (and upcasts it to float32 for the CPU);
+`load_demo_pipeline(map="silhouette")` the pipeline with the LGP shipped for that map.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline
-from pipeline_sketch_guided.demo import DEMO_MODEL_DIR
+from pipeline_sketch_guided.demo import DEMO_LGP_FOLDERS, DEMO_MODEL_DIR
 from pipeline_sketch_guided.training.train_demo_model import atomic_save
 
 MAX_SHIPPED_BYTES = 25 * 2**20  # the package must stay small: the whole demo, weights and all, under 25 MiB
@@ -30,6 +33,9 @@ def ship(model: Path, lgp: Path, target: Path = DEMO_MODEL_DIR, notes: dict | No
 
     def write(folder: Path) -> None:
         pipe.save_pretrained(folder)
+        for extra in DEMO_LGP_FOLDERS.values():  # the other maps' demo LGPs stay beside the new model
+            if extra != "lgp" and (target / extra).is_dir():
+                shutil.copytree(target / extra, folder / extra)
         if notes:
             (folder / "training.json").write_text(json.dumps(notes, indent=2) + "\n")
         size = folder_size(folder)
@@ -42,17 +48,58 @@ def ship(model: Path, lgp: Path, target: Path = DEMO_MODEL_DIR, notes: dict | No
     return folder_size(target)
 
 
+def ship_lgp(lgp: Path, map_name: str, target: Path = DEMO_MODEL_DIR, notes: dict | None = None) -> int:
+    """Write the float16 LGP of demo map `map_name` to its folder in `target` (`DEMO_LGP_FOLDERS`), beside the shipped
+    model it was trained for; return the whole demo's size in bytes."""
+    if map_name not in DEMO_LGP_FOLDERS or DEMO_LGP_FOLDERS[map_name] == "lgp":
+        others = sorted(name for name, folder in DEMO_LGP_FOLDERS.items() if folder != "lgp")
+        raise ValueError(f"`--map {map_name}` is not another demo map; choose one of {others}.")
+    if not (target / "model_index.json").is_file():
+        raise ValueError(f"No demo model in {target} to put the LGP beside; ship the model first (--model, --lgp).")
+    model = LGPModel.from_pretrained(lgp).to(torch.float16)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if notes:
+            (folder / "training.json").write_text(json.dumps(notes, indent=2) + "\n")
+
+    atomic_save(write, target / DEMO_LGP_FOLDERS[map_name])
+    size = folder_size(target)
+    if size > MAX_SHIPPED_BYTES:
+        shutil.rmtree(target / DEMO_LGP_FOLDERS[map_name])
+        raise ValueError(
+            f"The demo would be {size / 2**20:.1f} MiB, over the {MAX_SHIPPED_BYTES / 2**20:.0f} MiB limit."
+        )
+    return size
+
+
 def folder_size(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="the trained StableDiffusionPipeline folder")
+    parser.add_argument("--model", type=Path, default=None, help="the trained StableDiffusionPipeline folder")
     parser.add_argument("--lgp", type=Path, required=True, help="the trained LGP folder")
+    parser.add_argument(
+        "--map",
+        type=str,
+        default="edges",
+        choices=sorted(DEMO_LGP_FOLDERS),
+        help="the map the LGP was trained on: edges (with --model, the whole demo) or another, shipped beside it",
+    )
     parser.add_argument("--notes", type=Path, nargs="*", default=[], help="JSON reports to keep beside the weights")
     args = parser.parse_args(argv)
     notes = {path.stem: json.loads(path.read_text()) for path in args.notes}
+    if args.map != "edges":
+        if args.model is not None:
+            parser.error("--model ships the whole demo with its edge LGP; leave it out with --map " + args.map)
+        size = ship_lgp(args.lgp, args.map, notes=notes)
+        folder = DEMO_MODEL_DIR / DEMO_LGP_FOLDERS[args.map]
+        print(f"Shipped the {args.map} LGP to {folder} (the demo is now {size / 2**20:.1f} MiB).")
+        return
+    if args.model is None:
+        parser.error("--model is needed to ship the demo model with its edge LGP")
     size = ship(args.model, args.lgp, notes=notes)
     print(f"Shipped {DEMO_MODEL_DIR} ({size / 2**20:.1f} MiB).")
 

@@ -48,6 +48,7 @@ from pipeline_sketch_guided import BLOCK_PRESETS, LGPModel, capture_activations
 from pipeline_sketch_guided.capture import resolve_blocks
 from pipeline_sketch_guided.cli import pipeline_class_for
 from pipeline_sketch_guided.lgp import FEATURE_BRANCHES, SKETCH_POLARITIES, noise_level_map
+from pipeline_sketch_guided.sketch import MAP_KINDS, MAP_NORMALIZATIONS
 from pipeline_sketch_guided.utils import dtype_kwargs
 
 from .prepare_data import REPORT_FILE, PreparedExample, load_prepared_dataset, resize_and_center_crop
@@ -90,6 +91,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden_dims", type=int, nargs="+", default=[512, 256, 128, 64], help="LGP hidden widths.")
     parser.add_argument("--feature_branch", type=str, default="conditional", choices=FEATURE_BRANCHES)
     parser.add_argument("--sketch_polarity", type=str, default="light_on_dark", choices=SKETCH_POLARITIES)
+    parser.add_argument(
+        "--map_kind",
+        type=str,
+        default=None,
+        choices=MAP_KINDS,
+        help="The kind of map the LGP predicts (its config's map_kind); default: the training set's report.json"
+        " (prepare_data --map), else edges.",
+    )
+    parser.add_argument(
+        "--map_normalization",
+        type=str,
+        default=None,
+        choices=MAP_NORMALIZATIONS,
+        help="How the maps were normalised (minmax for depth); default: the training set's report.json, else none.",
+    )
     parser.add_argument(
         "--min_timestep", type=int, default=0, help="Lowest training timestep (inclusive), out of the base model's."
     )
@@ -210,12 +226,20 @@ def image_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
 
 
 class EdgeDataset(Dataset):
-    """The prepared (image, edge map, caption) triplets as tensors in [-1, 1], edge maps in `sketch_polarity`."""
+    """The prepared (image, map, caption) triplets as tensors in [-1, 1]: edge maps in `sketch_polarity`, other maps
+    (`map_kind`) as prepared (grey maps repeated on three channels, colour maps in their own)."""
 
-    def __init__(self, examples: list[PreparedExample], resolution: int, sketch_polarity: str = "light_on_dark"):
+    def __init__(
+        self,
+        examples: list[PreparedExample],
+        resolution: int,
+        sketch_polarity: str = "light_on_dark",
+        map_kind: str = "edges",
+    ):
         self.examples = examples
         self.resolution = resolution
-        self.invert_edges = sketch_polarity == "dark_on_light"  # prepared edge maps are light on dark
+        # Prepared edge maps are light on dark; no other kind of map has a polarity to turn.
+        self.invert_edges = map_kind == "edges" and sketch_polarity == "dark_on_light"
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -565,6 +589,19 @@ def load_base(pretrained: str, dtype: torch.dtype, revision: str | None = None, 
     return freeze(base)
 
 
+def training_map_kind(args: argparse.Namespace) -> tuple[str, str]:
+    """(map_kind, map_normalization) of the LGP: the arguments where given, else what `prepare_data` recorded in the
+    training set's report.json, else an edge LGP."""
+    report_file = Path(args.train_data_dir, REPORT_FILE)
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    map_kind = args.map_kind or report.get("map_kind", "edges")
+    if map_kind not in MAP_KINDS:
+        raise ValueError(f"{report_file} names the map kind {map_kind!r}; pass --map_kind, one of {MAP_KINDS}.")
+    default_normalization = report.get("map_normalization", "none") if map_kind == report.get("map_kind") else None
+    map_normalization = args.map_normalization or default_normalization or ("minmax" if map_kind == "depth" else "none")
+    return map_kind, map_normalization
+
+
 def check_output_dir(args: argparse.Namespace) -> None:
     """A new run goes into an empty folder: one that holds another run would mix their checkpoints."""
     if args.resume_from_checkpoint is None and not args.overwrite_output_dir and os.path.isdir(args.output_dir):
@@ -629,7 +666,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
             f"The training set has {len(examples)} examples, fewer than one step needs ({args.train_batch_size} per"
             f" process x {accelerator.num_processes} processes); lower --train_batch_size or add data."
         )
-    dataset = EdgeDataset(examples, args.resolution, args.sketch_polarity)
+    map_kind, map_normalization = training_map_kind(args)
+    dataset = EdgeDataset(examples, args.resolution, args.sketch_polarity, map_kind)
 
     set_seed(args.seed)  # the LGP's initialisation: the same on every process
     lgp = LGPModel.from_unet(
@@ -639,6 +677,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         hidden_dims=args.hidden_dims,
         feature_branch=args.feature_branch,
         sketch_polarity=args.sketch_polarity,
+        map_kind=map_kind,
+        map_normalization=map_normalization,
     )
     lgp_config = lgp.config
     lgp.train()
@@ -817,6 +857,7 @@ def push_lgp_to_hub(model: LGPModel, args: argparse.Namespace, result: TrainingR
         f"{report.get('written', 'A set of')} captioned images"
         + (f" from {report['source']}" if report.get("source") else "")
         + (f", {report['edge_detector']} edge maps" if report.get("edge_detector") else "")
+        + (f", {report['map']} maps" if report.get("map") and not report.get("edge_detector") else "")
         + f", at {args.resolution}x{args.resolution}; timesteps {args.min_timestep} to"
         + f" {args.max_timestep if args.max_timestep is not None else 'the last'}."
     )

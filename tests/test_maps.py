@@ -1,0 +1,323 @@
+"""Any spatial map, not only sketches: LGPs that know their map (edges, silhouettes, depth, colour maps), training
+data for each (`prepare_data --map`), and the pipelines guided by them. Offline: the depth estimator is a tiny model
+built from a config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import draw_square
+from diffusers import StableDiffusionPipeline
+
+from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline, prepare_sketch
+from pipeline_sketch_guided.batch import Row, check_row_inputs
+from pipeline_sketch_guided.demo import DEMO_MODEL_DIR
+from pipeline_sketch_guided.sketch import prepare_map
+from pipeline_sketch_guided.testing import random_lgp, tiny_components
+from pipeline_sketch_guided.training import prepare_data, train_lgp
+
+PROMPT = "a red circle on the grey background"
+
+
+def blob(size: int = 32, light_on_dark: bool = True) -> PIL.Image.Image:
+    """A filled disc, off centre: a silhouette map."""
+    ys, xs = np.mgrid[0:size, 0:size]
+    inside = (xs - size * 0.35) ** 2 + (ys - size * 0.6) ** 2 < (size * 0.25) ** 2
+    return PIL.Image.fromarray(((inside == light_on_dark) * 255).astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The LGP knows its map; old configs are edge LGPs
+
+
+def old_edge_config(**overrides) -> dict:
+    """An LGP config.json as written before maps had kinds: the shipped demo LGP's, which has no `map_kind`."""
+    config = json.loads((DEMO_MODEL_DIR / "lgp" / "config.json").read_text())
+    assert "map_kind" not in config and "map_normalization" not in config
+    return {**config, **overrides}
+
+
+def test_a_config_from_before_map_kinds_loads_as_an_edge_lgp_and_behaves_identically(tmp_path, components):
+    unet = components["unet"]
+    reference = random_lgp(unet)  # today's edge LGP, saved, then its config rewritten as an old one
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    # Exactly the keys of the shipped old file, with this LGP's values.
+    old = {key: config.get(key, value) for key, value in old_edge_config().items()}
+    assert set(config) - set(old) == {"map_kind", "map_normalization"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    lgp = LGPModel.from_pretrained(tmp_path)
+    assert (lgp.config.map_kind, lgp.config.map_normalization) == ("edges", "none")
+
+    pipe = SketchGuidedStableDiffusionPipeline(**components, lgp=lgp.eval())
+    pipe.set_progress_bar_config(disable=True)
+    reference_pipe = SketchGuidedStableDiffusionPipeline(**tiny_components(), lgp=reference)
+    reference_pipe.set_progress_bar_config(disable=True)
+    # Edge handling is today's: dark strokes on light paper are turned into the LGP's polarity, light on dark kept...
+    for sketch in (draw_square(), draw_square(dark_on_light=False)):
+        target = pipe.prepare_sketch_latents(sketch, 1, 32, 32, "cpu")
+        expected = pipe.encode_to_latents(prepare_sketch(sketch, 32, 32, "light_on_dark"))
+        assert torch.equal(target, expected)
+    kwargs = {"num_inference_steps": 4, "output_type": "np", "sketch": draw_square(), "sketch_guidance_end": 1.0}
+    images = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+    expected = reference_pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.array_equal(images, expected)
+    # ... and a blank sketch is still refused.
+    with pytest.raises(ValueError, match="blank"):
+        pipe(PROMPT, sketch=PIL.Image.new("L", (32, 32), 255), num_inference_steps=2)
+
+
+def test_the_shipped_demo_lgp_config_is_an_edge_lgp():
+    lgp = LGPModel.from_pretrained(DEMO_MODEL_DIR / "lgp")
+    assert (lgp.config.map_kind, lgp.config.map_normalization, lgp.config.sketch_polarity) == (
+        "edges",
+        "none",
+        "light_on_dark",
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"map_kind": "normals"}, "map_kind"),
+        ({"map_normalization": "zscore"}, "map_normalization"),
+        ({"map_kind": "edges", "map_normalization": "minmax"}, "Edge maps"),
+    ],
+)
+def test_bad_map_settings_are_refused(components, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LGPModel.from_unet(components["unet"], hidden_dims=[8], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preparing a user's map for the LGP's kind
+
+
+def test_silhouettes_are_taken_as_they_are_without_a_polarity_flip():
+    light = prepare_map(blob(), 32, 32, "silhouette")
+    dark = prepare_map(blob(light_on_dark=False), 32, 32, "silhouette")
+    expected = torch.from_numpy(np.asarray(blob(), dtype=np.float32) / 127.5 - 1)
+    assert (
+        light.shape == (1, 3, 32, 32)
+        and torch.allclose(light[0, 0], expected)
+        and torch.equal(light[0, 0], light[0, 2])
+    )
+    assert torch.allclose(dark, -light)  # a dark blob on light stays one: no flip, unlike an edge sketch
+    assert torch.allclose(prepare_map(blob(light_on_dark=False), 32, 32, "edges"), light)
+    # An empty silhouette map is an instruction (nothing here), not an error; a transparent one is background.
+    assert (prepare_map(PIL.Image.new("L", (32, 32), 0), 32, 32, "silhouette") == -1).all()
+    assert (prepare_map(PIL.Image.new("RGBA", (32, 32), (255, 255, 255, 0)), 32, 32, "silhouette") == -1).all()
+
+
+def test_depth_maps_are_normalised_as_in_training():
+    ramp = np.tile(np.linspace(60, 140, 32, dtype=np.float32), (32, 1)).round().astype(np.uint8)
+    prepared = prepare_map(PIL.Image.fromarray(ramp), 32, 32, "depth", normalization="minmax")
+    assert prepared.min() == -1 and prepared.max() == 1
+    assert (prepared[0, 0].diff(dim=1) >= 0).all()  # near stays light, far dark: no flip
+    unnormalised = prepare_map(PIL.Image.fromarray(ramp), 32, 32, "depth", normalization="none")
+    assert unnormalised.min() > -0.6 and unnormalised.max() < 0.2
+    with pytest.raises(ValueError, match="flat"):
+        prepare_map(PIL.Image.new("L", (32, 32), 90), 32, 32, "depth", normalization="minmax")
+
+
+def test_colour_maps_keep_their_channels_and_are_padded_black():
+    array = np.zeros((32, 64, 3), dtype=np.uint8)
+    array[:, :32] = (255, 0, 0)
+    array[:, 32:] = (0, 0, 255)
+    prepared = prepare_map(PIL.Image.fromarray(array), 32, 32, "color")
+    assert prepared.shape == (1, 3, 32, 32)
+    assert prepared[0, :, 16, 4].tolist() == [1.0, -1.0, -1.0]  # red, left
+    assert prepared[0, :, 16, 28].tolist() == [-1.0, -1.0, 1.0]  # blue, right
+    assert (prepared[0, :, 0] == -1).all()  # another aspect: fitted inside, padded with black
+
+
+def test_a_silhouette_lgp_guides_the_pipeline_and_its_loss_falls(components):
+    lgp = random_lgp(components["unet"], map_kind="silhouette")
+    pipe = SketchGuidedStableDiffusionPipeline(**components, lgp=lgp)
+    pipe.set_progress_bar_config(disable=True)
+    target_map = blob()
+    target = pipe.prepare_sketch_latents(target_map, 1, 32, 32, "cpu")
+    assert torch.equal(target, pipe.encode_to_latents(prepare_map(target_map, 32, 32, "silhouette")))
+
+    def loss(latents: torch.Tensor) -> float:
+        prompt_embeds = torch.cat(pipe.encode_prompt(PROMPT, "cpu", 1, True)[::-1])
+        pipe._guidance_scale = 7.5
+        unet_kwargs = {"timestep_cond": None, "cross_attention_kwargs": None, "added_cond_kwargs": None}
+        *_, predicted = pipe.noise_and_sketch_gradient(
+            torch.cat([latents] * 2), torch.tensor(50), prompt_embeds, {**unet_kwargs, "return_dict": False}, target
+        )
+        return float((predicted - target).detach().square().sum())
+
+    kwargs = {"num_inference_steps": 8, "output_type": "latent", "sketch_guidance_end": 1.0}
+    unguided = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+    guided = pipe(
+        PROMPT, generator=torch.Generator().manual_seed(0), guidance_map=target_map, sketch_guidance_scale=1.0, **kwargs
+    ).images
+    assert loss(guided) < 0.8 * loss(unguided)
+    # `guidance_map` is `sketch` by another name.
+    by_sketch = pipe(
+        PROMPT, generator=torch.Generator().manual_seed(0), sketch=target_map, sketch_guidance_scale=1.0, **kwargs
+    )
+    assert torch.equal(by_sketch.images, guided)
+    with pytest.raises(ValueError, match="not both"):
+        pipe(PROMPT, sketch=target_map, guidance_map=target_map, num_inference_steps=2)
+
+
+def test_batch_checks_a_rows_map_as_its_lgp_reads_it(tmp_path):
+    empty = tmp_path / "empty.png"
+    PIL.Image.new("L", (32, 32), 0).save(empty)
+    for config, status in (
+        (None, "failed"),
+        (LGPModel.from_unet(tiny_components()["unet"], map_kind="silhouette").config, "pending"),
+    ):
+        row = Row(0, {"prompt": PROMPT, "sketch": str(empty)}, tmp_path / "out.png", status="pending")
+        check_row_inputs(row, 8, (32, 32), config)
+        assert row.status == status, row.error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training data for any map
+
+
+def write_images(folder: Path, count: int, size: tuple[int, int] = (48, 32)) -> list[np.ndarray]:
+    """`count` captioned images with a red square at a place that varies; returns each square's mask."""
+    folder.mkdir(parents=True, exist_ok=True)
+    masks = []
+    for index in range(count):
+        array = np.full((size[1], size[0], 3), 128, dtype=np.uint8)
+        mask = np.zeros(array.shape[:2], dtype=bool)
+        mask[4 + index : 16 + index, 8 + 2 * index : 20 + 2 * index] = True
+        array[mask] = (220, 30, 30)
+        PIL.Image.fromarray(array).save(folder / f"img_{index}.png")
+        (folder / f"img_{index}.txt").write_text("a red square on the grey background\n")
+        masks.append(mask)
+    return masks
+
+
+def test_folder_maps_are_paired_by_name_cropped_like_their_image_and_missing_ones_reported(tmp_path):
+    images, maps = tmp_path / "images", tmp_path / "maps"
+    masks = write_images(images, 5)
+    maps.mkdir()
+    for index, mask in enumerate(masks[:3]):  # no map for 3; a map of another aspect for 4
+        colour = np.zeros((*mask.shape, 3), dtype=np.uint8)
+        colour[mask] = (0, 255, 0)  # a segmentation colour
+        PIL.Image.fromarray(colour).save(maps / f"img_{index}.png")
+    PIL.Image.new("RGB", (32, 32)).save(maps / "img_4.png")
+    output = tmp_path / "prepared"
+    report = prepare_data.main(
+        ["--input_dir", str(images), "--output_dir", str(output), "--resolution", "16", "--map", f"folder:{maps}"]
+    )
+    assert report["written"] == 3 and report["without_map"] == 2 and report["skipped"] == 2
+    assert (report["map_kind"], report["map_normalization"]) == ("color", "none")
+    reasons = {Path(entry["source"]).name: entry["reason"] for entry in report["skipped_files"]}
+    assert set(reasons) == {"img_3.png", "img_4.png"}
+    assert "no map" in reasons["img_3.png"] and "img_3" in reasons["img_3.png"] and "aspect" in reasons["img_4.png"]
+
+    for example in prepare_data.load_prepared_dataset(str(output)):
+        with PIL.Image.open(example.image_path) as image, PIL.Image.open(example.edge_path) as guidance_map:
+            assert (guidance_map.mode, guidance_map.size) == ("RGB", (16, 16))
+            red = np.asarray(image)[..., 0] > 170
+            green = np.asarray(guidance_map)[..., 1] > 127
+        assert set(np.unique(np.asarray(guidance_map)).tolist()) <= {0, 255}  # colours kept exact (nearest)
+        assert (red == green).mean() > 0.95  # the map was cropped exactly as its image
+
+    with pytest.raises(ValueError, match="not a folder"):
+        prepare_data.parse_args(["--input_dir", str(images), "--output_dir", str(output), "--map", "folder:nowhere"])
+    with pytest.raises(ValueError, match="Unknown `--map"):
+        prepare_data.parse_args(["--input_dir", str(images), "--output_dir", str(output), "--map", "normals"])
+
+
+@pytest.fixture(scope="module")
+def tiny_depth_model(tmp_path_factory) -> str:
+    """A Depth Anything model with a four-layer 16-wide DINOv2 backbone, built from a config and saved with its image
+    processor, as `--map_model` takes one from the Hub."""
+    transformers = pytest.importorskip("transformers")
+    backbone = transformers.Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=28,
+        patch_size=7,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    config = transformers.DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=16,
+        patch_size=7,
+        neck_hidden_sizes=[8, 8, 8, 8],
+        fusion_hidden_size=8,
+        head_hidden_size=8,
+    )
+    torch.manual_seed(0)
+    model = transformers.DepthAnythingForDepthEstimation(config).eval()
+    processor = transformers.DPTImageProcessor(
+        size={"height": 28, "width": 28}, keep_aspect_ratio=False, ensure_multiple_of=7, do_pad=False
+    )
+    folder = tmp_path_factory.mktemp("tiny-depth")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def test_prepare_data_makes_depth_maps_with_a_transformers_depth_estimator(tmp_path, tiny_depth_model):
+    from transformers import pipeline
+
+    images = tmp_path / "images"
+    write_images(images, 3)
+    output = tmp_path / "prepared"
+    report = prepare_data.main(
+        ["--input_dir", str(images), "--output_dir", str(output), "--resolution", "16"]
+        + ["--map", "depth", "--map_model", tiny_depth_model]
+    )
+    assert report["written"] == 3 and report["without_map"] == 0
+    assert (report["map"], report["map_kind"], report["map_normalization"]) == ("depth", "depth", "minmax")
+    assert report["map_model"] == tiny_depth_model
+
+    estimator = pipeline("depth-estimation", model=tiny_depth_model)
+    for example in prepare_data.load_prepared_dataset(str(output)):
+        with PIL.Image.open(example.image_path) as image, PIL.Image.open(example.edge_path) as depth:
+            depth_values = np.asarray(depth)
+            expected = estimator(image.copy())["predicted_depth"].float().numpy()
+        assert depth.mode == "L" and depth.size == (16, 16)
+        assert depth_values.min() == 0 and depth_values.max() == 255  # stretched per image: "minmax"
+        expected = (expected - expected.min()) / (expected.max() - expected.min()) * 255
+        assert np.abs(depth_values - expected).max() <= 1
+
+    with pytest.raises(ValueError, match="--map_model"):
+        prepare_data.main(
+            ["--input_dir", str(images), "--output_dir", str(tmp_path / "x"), "--map", "depth"]
+            + ["--map_model", str(tmp_path / "no-such-model")]
+        )
+
+
+def test_the_trained_lgp_records_the_map_of_its_training_set(tmp_path):
+    images, maps = tmp_path / "images", tmp_path / "maps"
+    masks = write_images(images, 8, size=(32, 32))
+    maps.mkdir()
+    for index, mask in enumerate(masks):
+        PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(maps / f"img_{index}.png")
+    data = tmp_path / "prepared"
+    prepare_data.main(
+        ["--input_dir", str(images), "--output_dir", str(data), "--resolution", "32"]
+        + ["--map", f"folder:{maps}", "--map_kind", "silhouette"]
+    )
+    base = tmp_path / "base"
+    StableDiffusionPipeline(**tiny_components()).save_pretrained(base)
+    output = tmp_path / "lgp"
+    train_lgp.main(
+        ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--output_dir", str(output)]
+        + ["--hidden_dims", "16", "--train_batch_size", "4", "--max_train_steps", "2", "--report_to", "none"]
+        + ["--sketch_polarity", "dark_on_light"]  # an edge setting: silhouettes are never flipped
+    )
+    lgp = LGPModel.from_pretrained(output)
+    assert (lgp.config.map_kind, lgp.config.map_normalization) == ("silhouette", "none")
+    dataset = train_lgp.EdgeDataset(prepare_data.load_prepared_dataset(str(data)), 32, "dark_on_light", "silhouette")
+    expected = torch.from_numpy(masks[0].astype(np.float32) * 2 - 1)
+    assert torch.equal(dataset[0]["edge_values"][0], expected)
