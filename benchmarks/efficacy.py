@@ -20,6 +20,11 @@ the shapes are saturated colours, so a pixel belongs to a shape when its colour 
 image's border in the chromatic direction. The thresholds are checked on training renders whose true masks are known
 (`validate_segmentation`, reported with every run).
 
+With `--map silhouette` the guidance maps are hand-drawn-looking filled blobs instead (`freehand_blob`: the shape's
+outline bent in and out by random waves, filled white on black; smooth, wobbly and lumpy), for the demo silhouette LGP
+(`load_demo_pipeline(map="silhouette")`), which was trained on the renderer's exact silhouettes, never on blobs. The
+IoU is then measured against the blob itself (what the map asks for), and the edge scores against its outline.
+
 A sweep of the sketch guidance scale (beta) and the guided fraction (`sketch_guidance_end`) picks the defaults by a
 stated rule: the highest mean IoU whose colour agreement is at most `COLOUR_TOLERANCE` below the unguided one (and,
 with `--max_end`, that guides at most that fraction of the steps: a cost limit).
@@ -27,6 +32,7 @@ with `--max_end`, that guides at most that fraction of the steps: a cost limit).
     python -m benchmarks.efficacy                                      # the shipped demo model
     python -m benchmarks.efficacy --model outputs/demo-sd/pipeline --lgp outputs/demo-lgp   # a model being made
     python -m benchmarks.efficacy --model tiny --num_cases 2 --seeds 0 --num_inference_steps 2   # smoke run
+    python -m benchmarks.efficacy --map silhouette --output_dir outputs/efficacy-silhouette   # the silhouette LGP
 
 Writes `efficacy.json`, `efficacy.md` (the table) and `contact_sheet.png` to `--output_dir`.
 """
@@ -54,7 +60,9 @@ from pipeline_sketch_guided.demo import (
     DEMO_IMAGE_SIZE,
     SHAPES,
     filled_mask,
+    freehand_blob,
     freehand_sketch,
+    load_demo_pipeline,
     shape_polygon,
 )
 from pipeline_sketch_guided.training.evaluate import chamfer_distance, edge_agreement, edge_f_score, sketch_strokes
@@ -124,6 +132,16 @@ STYLES = (
 )
 
 
+# The held-out blobs of `--map silhouette`: how far each bends in and out, as a fraction of its radius.
+BLOB_STYLES = (
+    SketchStyle("smooth blob", wobble=0.06, line_width=0.0),
+    SketchStyle("wobbly blob", wobble=0.14, line_width=0.0),
+    SketchStyle("lumpy blob", wobble=0.24, line_width=0.0),
+)
+# The maps the benchmark draws held-out cases for: free-hand outlines for edge LGPs, blobs for silhouette LGPs.
+MAPS = ("edges", "silhouette")
+
+
 @dataclass
 class EfficacyCase:
     """One held-out (prompt, sketch, filled-sketch mask) case; geometry in the 64x64 frame of the demo model."""
@@ -139,12 +157,14 @@ class EfficacyCase:
     style: SketchStyle
     dark_on_light: bool
     sketch_seed: int
-    sketch: PIL.Image.Image = field(repr=False)
-    mask: np.ndarray = field(repr=False)  # boolean, image_size x image_size
+    sketch: PIL.Image.Image = field(repr=False)  # the guidance map: a sketch, or a blob for `map="silhouette"`
+    mask: np.ndarray = field(repr=False)  # boolean, image_size x image_size: the filled sketch, or the blob
+    map: str = "edges"
 
     def describe(self) -> dict[str, Any]:
         return {
             "index": self.index,
+            "map": self.map,
             "prompt": self.prompt,
             "kind": self.kind,
             "colour": self.colour,
@@ -163,7 +183,7 @@ def _article(word: str) -> str:
 
 
 def held_out_cases(
-    num_cases: int = DEFAULT_NUM_CASES, image_size: int = DEMO_IMAGE_SIZE, seed: int = 0
+    num_cases: int = DEFAULT_NUM_CASES, image_size: int = DEMO_IMAGE_SIZE, seed: int = 0, map: str = "edges"
 ) -> list[EfficacyCase]:
     """`num_cases` held-out cases, the same for the same arguments.
 
@@ -171,9 +191,14 @@ def held_out_cases(
     kinds cycle too and colours go round a shuffled cycle, so every kind and colour appears in a dozen cases. Position,
     size and rotation are random, within the training data's range for single shapes (radius 10 to 22) but kept a
     little inside the frame so that the whole sketch is visible.
+
+    With `map="silhouette"` the cases have the same prompts and geometry, but each guidance map is a filled blob
+    (`freehand_blob`, styles cycling through `BLOB_STYLES`, white on black) and the mask is the blob's.
     """
     if num_cases < 1:
         raise ValueError(f"`num_cases` must be at least 1, got {num_cases}.")
+    if map not in MAPS:
+        raise ValueError(f"The benchmark has held-out cases for the maps {MAPS}, not {map!r}.")
     rng = random.Random(HELD_OUT_SEED + seed)
     colours = list(COLOURS)
     rng.shuffle(colours)
@@ -190,20 +215,14 @@ def held_out_cases(
         center = (rng.uniform(margin, DEMO_IMAGE_SIZE - margin), rng.uniform(margin, DEMO_IMAGE_SIZE - margin))
         rotation = rng.uniform(0, 360)
         sketch_seed = HELD_OUT_SEED + 1000 * seed + index
-        sketch = freehand_sketch(
-            kind,
-            center,
-            radius,
-            rotation,
-            seed=sketch_seed,
-            wobble=style.wobble,
-            gaps=style.gaps,
-            overshoot=style.overshoot,
-            line_width=style.line_width,
-            dark_on_light=dark_on_light,
-            size=4 * image_size,
-        )
-        polygon = shape_polygon(kind, (center[0] * scale, center[1] * scale), radius * scale, rotation)
+        if map == "silhouette":
+            style, dark_on_light = BLOB_STYLES[index % len(BLOB_STYLES)], False
+            sketch, points = freehand_blob(
+                kind, center, radius, rotation, seed=sketch_seed, wobble=style.wobble, size=4 * image_size
+            )
+            mask = filled_mask([(x * scale, y * scale) for x, y in points], image_size)
+        else:
+            sketch, mask = _sketch_case(kind, center, radius, rotation, sketch_seed, style, dark_on_light, image_size)
         cases.append(
             EfficacyCase(
                 index=index,
@@ -218,10 +237,40 @@ def held_out_cases(
                 dark_on_light=dark_on_light,
                 sketch_seed=sketch_seed,
                 sketch=sketch,
-                mask=filled_mask(polygon, image_size),
+                mask=mask,
+                map=map,
             )
         )
     return cases
+
+
+def _sketch_case(
+    kind: str,
+    center: tuple[float, float],
+    radius: float,
+    rotation: float,
+    sketch_seed: int,
+    style: SketchStyle,
+    dark_on_light: bool,
+    image_size: int,
+) -> tuple[PIL.Image.Image, np.ndarray]:
+    """A free-hand sketch of the shape and the mask of the intended (unwobbled) filled shape."""
+    scale = image_size / DEMO_IMAGE_SIZE
+    sketch = freehand_sketch(
+        kind,
+        center,
+        radius,
+        rotation,
+        seed=sketch_seed,
+        wobble=style.wobble,
+        gaps=style.gaps,
+        overshoot=style.overshoot,
+        line_width=style.line_width,
+        dark_on_light=dark_on_light,
+        size=4 * image_size,
+    )
+    polygon = shape_polygon(kind, (center[0] * scale, center[1] * scale), radius * scale, rotation)
+    return sketch, filled_mask(polygon, image_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -351,6 +400,13 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~eroded.astype(bool)
 
 
+def case_strokes(case: EfficacyCase, image_size: int) -> np.ndarray:
+    """The lines an image's edges are scored against: a sketch's strokes, or a blob's outline."""
+    if case.map == "silhouette":
+        return outline(case.mask)
+    return sketch_strokes(case.sketch, image_size, image_size)
+
+
 def measure_image(
     image: PIL.Image.Image,
     case: EfficacyCase,
@@ -364,7 +420,7 @@ def measure_image(
     kind, _ = classify_shape(foreground)
     area_ok = MIN_AREA_FRACTION <= area <= MAX_AREA_FRACTION
     if strokes is None:
-        strokes = sketch_strokes(case.sketch, image.height, image.width)
+        strokes = case_strokes(case, image.height)
     edges = edge_agreement(image, strokes)
     boundary = outline(foreground)
     return {
@@ -472,15 +528,22 @@ def summarize(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # Generation
 
 
-def load_pipeline(model: str | None = None, lgp: str | None = None) -> SketchGuidedStableDiffusionPipeline:
-    """The pipeline to measure: the shipped demo model (`model=None`), the tiny random test pipeline (`"tiny"`), or a
-    saved Stable Diffusion folder or Hub id with the LGP at `lgp` (a saved sketch-guided pipeline brings its own)."""
+def load_pipeline(
+    model: str | None = None, lgp: str | None = None, map: str = "edges"
+) -> SketchGuidedStableDiffusionPipeline:
+    """The pipeline to measure: the shipped demo model with its LGP for `map` (`model=None`), the tiny random test
+    pipeline with a random LGP for `map` (`"tiny"`), or a saved Stable Diffusion folder or Hub id with the LGP at
+    `lgp` (a saved sketch-guided pipeline brings its own)."""
     if model is None and lgp is not None:
-        raise ValueError("`--lgp` needs `--model`: the demo model ships with its own LGP.")
-    if model == "tiny":
-        from pipeline_sketch_guided.testing import tiny_random_pipeline
+        raise ValueError("`--lgp` needs `--model`: the demo model ships with its own LGPs (pick one with --map).")
+    if model is None and map != "edges":
+        pipe = load_demo_pipeline(map=map)
+    elif model == "tiny":
+        from pipeline_sketch_guided.testing import random_lgp, tiny_random_pipeline
 
         pipe = tiny_random_pipeline()
+        if map != "edges":
+            pipe.lgp = random_lgp(pipe.unet, map_kind=map)
     else:
         pipe = cli.load_pipeline(model, lgp, safety_checker=None, requires_safety_checker=False)
         if pipe.lgp is None:
@@ -677,11 +740,16 @@ def run_benchmark(
     batch_size: int = 16,
     max_end: float | None = None,
     contact_rows: int = 8,
+    map: str = "edges",
     log=print,
 ) -> dict[str, Any]:
     """Generate every held-out case with every seed, unguided and at every (scale, end) of the sweep, measure, pick
     the defaults, time a guided generation, and write `efficacy.json`, `efficacy.md` and `contact_sheet.png` to
-    `output_dir`. Returns what `efficacy.json` holds."""
+    `output_dir`. Returns what `efficacy.json` holds. `map` picks the held-out cases (`held_out_cases`); it must be
+    the map the pipeline's LGP was trained on."""
+    lgp_map = pipe.lgp.config.map_kind
+    if lgp_map != map:
+        raise ValueError(f"The pipeline's LGP predicts {lgp_map} maps, but the cases are {map}: pass --map {lgp_map}.")
     if not seeds:
         raise ValueError("`seeds` must name at least one seed.")
     if not scales or not ends:
@@ -706,8 +774,8 @@ def run_benchmark(
                 f" shape kind {_percent(values['shape_accuracy'] or 0)}"
             )
 
-    cases = held_out_cases(num_cases, image_size)
-    strokes = [sketch_strokes(case.sketch, image_size, image_size) for case in cases]
+    cases = held_out_cases(num_cases, image_size, map=map)
+    strokes = [case_strokes(case, image_size) for case in cases]
     common = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "batch_size": batch_size}
 
     def measure_all(guidance: dict[str, float] | None) -> tuple[dict[tuple[int, int], dict[str, Any]], list]:
@@ -776,6 +844,7 @@ def run_benchmark(
     ]
     result = {
         "config": {
+            "map": map,
             "num_cases": num_cases,
             "seeds": list(seeds),
             "scales": list(scales),
@@ -822,6 +891,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Stable Diffusion folder or Hub id; 'tiny' for the tiny random test pipeline; default: the demo model.",
     )
     parser.add_argument("--lgp", type=str, default=None, help="LGP folder or Hub id for `--model`.")
+    parser.add_argument(
+        "--map",
+        type=str,
+        default="edges",
+        choices=MAPS,
+        help="the LGP's map: edges (free-hand sketches) or silhouette (hand-drawn filled blobs; the demo's silhouette"
+        " LGP without --model)",
+    )
     parser.add_argument("--output_dir", type=str, default="outputs/efficacy")
     parser.add_argument("--num_cases", type=int, default=DEFAULT_NUM_CASES)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
@@ -862,7 +939,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model, args.lgp)
+    pipe = load_pipeline(args.model, args.lgp, args.map)
     return run_benchmark(
         pipe,
         args.output_dir,
@@ -879,6 +956,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         validation_samples=args.validation_samples,
         batch_size=args.batch_size,
         max_end=args.max_end,
+        map=args.map,
     )
 
 

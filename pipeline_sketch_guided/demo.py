@@ -97,6 +97,51 @@ def filled_mask(points: list[tuple[float, float]], size: int = DEMO_IMAGE_SIZE) 
     return np.asarray(canvas) > 127
 
 
+def wobbly_outline(
+    kind: str, center: tuple[float, float], radius: float, rotation: float, wobble: float, rng: random.Random
+) -> list[tuple[float, float]]:
+    """The shape's outline resampled densely (so that wobble bends the strokes, not only the corners) and bent in and
+    out along the radius by up to `wobble` x `radius`, by three random waves: a hand's outline of the shape."""
+    outline = shape_polygon(kind, center, radius, rotation)
+    closed = [*outline, outline[0]]
+    dense = []
+    for (x0, y0), (x1, y1) in zip(closed, closed[1:], strict=False):
+        steps = max(2, int(math.dist((x0, y0), (x1, y1)) * 2))
+        dense += [(x0 + (x1 - x0) * s / steps, y0 + (y1 - y0) * s / steps) for s in range(steps)]
+    count = len(dense)
+    waves = [(rng.uniform(1, 4), rng.uniform(0, 2 * math.pi), rng.uniform(0.3, 1.0)) for _ in range(3)]
+    points = []
+    for index, (x, y) in enumerate(dense):
+        phase = 2 * math.pi * index / count
+        bend = wobble * radius * sum(a * math.sin(f * phase + p) for f, p, a in waves) / 3
+        dx, dy = x - center[0], y - center[1]
+        norm = math.hypot(dx, dy) or 1.0
+        points.append((x + bend * dx / norm, y + bend * dy / norm))
+    return points
+
+
+def freehand_blob(
+    kind: str,
+    center: tuple[float, float],
+    radius: float,
+    rotation: float = 0.0,
+    *,
+    seed: int = 0,
+    wobble: float = 0.15,
+    size: int = 256,
+) -> tuple[PIL.Image.Image, list[tuple[float, float]]]:
+    """A hand-drawn-looking filled blob of roughly the shape, white on black at `size` x `size` pixels: a silhouette
+    map as a person would paint one ("a thing here, this big"). Coordinates are in the 64x64 frame of the demo model.
+
+    Returns the image and the blob's outline in the 64x64 frame (`filled_mask` of it is what the blob asks for).
+    """
+    points = wobbly_outline(kind, center, radius, rotation, wobble, random.Random(seed))
+    scale = size / DEMO_IMAGE_SIZE
+    image = PIL.Image.new("L", (size, size), 0)
+    PIL.ImageDraw.Draw(image).polygon([(x * scale, y * scale) for x, y in points], fill=255)
+    return image, points
+
+
 def freehand_sketch(
     kind: str,
     center: tuple[float, float],
@@ -118,22 +163,8 @@ def freehand_sketch(
     fraction of the perimeter, and `line_width` is in 64x64 pixels.
     """
     rng = random.Random(seed)
-    outline = shape_polygon(kind, center, radius, rotation)
-    # Resample the closed outline densely, so that wobble bends the strokes and not only the corners.
-    closed = [*outline, outline[0]]
-    dense = []
-    for (x0, y0), (x1, y1) in zip(closed, closed[1:], strict=False):
-        steps = max(2, int(math.dist((x0, y0), (x1, y1)) * 2))
-        dense += [(x0 + (x1 - x0) * s / steps, y0 + (y1 - y0) * s / steps) for s in range(steps)]
-    count = len(dense)
-    waves = [(rng.uniform(1, 4), rng.uniform(0, 2 * math.pi), rng.uniform(0.3, 1.0)) for _ in range(3)]
-    points = []
-    for index, (x, y) in enumerate(dense):
-        phase = 2 * math.pi * index / count
-        bend = wobble * radius * sum(a * math.sin(f * phase + p) for f, p, a in waves) / 3
-        dx, dy = x - center[0], y - center[1]
-        norm = math.hypot(dx, dy) or 1.0
-        points.append((x + bend * dx / norm, y + bend * dy / norm))
+    points = wobbly_outline(kind, center, radius, rotation, wobble, rng)
+    count = len(points)
     points += points[: int(overshoot * count) + 1]  # close the loop, running past the start by `overshoot`
 
     # Break the stroke into pieces at `gaps` random places, each gap about 4% of the perimeter.

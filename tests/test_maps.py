@@ -321,3 +321,48 @@ def test_the_trained_lgp_records_the_map_of_its_training_set(tmp_path):
     dataset = train_lgp.EdgeDataset(prepare_data.load_prepared_dataset(str(data)), 32, "dark_on_light", "silhouette")
     expected = torch.from_numpy(masks[0].astype(np.float32) * 2 - 1)
     assert torch.equal(dataset[0]["edge_values"][0], expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The efficacy benchmark on hand-drawn blobs
+
+
+def test_held_out_blobs_are_filled_hand_drawn_shapes_scored_against_themselves():
+    from benchmarks.efficacy import BLOB_STYLES, held_out_cases
+    from pipeline_sketch_guided.demo import filled_mask, shape_polygon
+
+    blobs, sketches = held_out_cases(6, map="silhouette"), held_out_cases(6)
+    assert [c.describe() for c in blobs] == [c.describe() for c in held_out_cases(6, map="silhouette")]
+    assert {c.style.name for c in blobs} == {s.name for s in BLOB_STYLES}
+    for blob_case, sketch_case in zip(blobs, sketches, strict=True):
+        assert blob_case.prompt == sketch_case.prompt and blob_case.center == sketch_case.center
+        assert blob_case.map == "silhouette" and not blob_case.dark_on_light
+        drawn = np.asarray(blob_case.sketch.resize((64, 64), PIL.Image.Resampling.BOX)) > 127
+        assert np.median(np.asarray(blob_case.sketch)) == 0  # white blob on black
+        assert (drawn == blob_case.mask).mean() > 0.97  # the IoU's reference is the blob as drawn...
+        exact = filled_mask(shape_polygon(blob_case.kind, blob_case.center, blob_case.radius, blob_case.rotation))
+        assert not np.array_equal(blob_case.mask, exact)  # ... which is not the renderer's exact shape
+        assert 0.01 < blob_case.mask.mean() < 0.6
+    with pytest.raises(ValueError, match="maps"):
+        held_out_cases(2, map="depth")
+
+
+def test_the_efficacy_benchmark_runs_on_silhouettes(tmp_path):
+    from benchmarks.efficacy import load_pipeline, run_benchmark
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = load_pipeline("tiny", map="silhouette")
+        assert pipe.lgp.config.map_kind == "silhouette"
+        common = {"num_cases": 2, "seeds": [0], "scales": [1.0], "ends": [0.5], "num_inference_steps": 2}
+        common.update(timing_runs=0, validation_samples=0, log=lambda *_: None)
+        result = run_benchmark(pipe, tmp_path, map="silhouette", **common)
+        with pytest.raises(ValueError, match="--map silhouette"):
+            run_benchmark(pipe, tmp_path, **common)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["config"]["map"] == "silhouette" and result["cases"][0]["map"] == "silhouette"
+    for row in (result["unguided"], *result["sweep"]):
+        assert 0 <= row["iou"] <= 1 and 0 <= row["colour_agreement"] <= 1
+    assert (tmp_path / "contact_sheet.png").is_file()
