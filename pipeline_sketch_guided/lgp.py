@@ -86,9 +86,10 @@ class LGPModel(ModelMixin, ConfigMixin):
     Latent Guidance Predictor of "Sketch-Guided Text-to-Image Diffusion Models" (Voynov et al., 2023).
 
     For every latent pixel it maps the UNet's activations there (each captured block resized bilinearly to the latent
-    size, concatenated in `blocks` order), followed by a noise-level input, to the VAE latent of the edge map at that
-    pixel. The noise-level input is n = sqrt(1 - alphabar_t) * epsilon (`latent_channels` channels) and its encoding
-    sin(2 pi n 2^-l) for l = 0 .. `num_noise_frequencies` - 1 (ordered frequency-major).
+    size, concatenated in `blocks` order), followed by a noise-level input, to the VAE latent of the map it was trained
+    on (an edge map unless its `map_kind` says otherwise) at that pixel. The noise-level input is
+    n = sqrt(1 - alphabar_t) * epsilon (`latent_channels` channels) and its encoding sin(2 pi n 2^-l) for
+    l = 0 .. `num_noise_frequencies` - 1 (ordered frequency-major).
 
     The MLP is `layers`: Linear, then (ReLU, BatchNorm1d, Linear) for each hidden width, the state-dict layout of the
     published community LGPs. Its first layer is linear and so is bilinear resizing, so `forward` applies the first
@@ -104,7 +105,7 @@ class LGPModel(ModelMixin, ConfigMixin):
         latent_channels (`int`, defaults to 4): channels of the UNet's latents, the width of the noise-level map.
         num_noise_frequencies (`int`, defaults to 9): frequencies of the sinusoidal noise-level encoding.
         hidden_dims (`list[int]`, defaults to `[512, 256, 128, 64]`): widths of the hidden layers.
-        out_channels (`int`, defaults to 4): channels of the predicted edge latent (the VAE's latent channels).
+        out_channels (`int`, defaults to 4): channels of the predicted map latent (the VAE's latent channels).
         sketch_polarity (`str`, defaults to `"light_on_dark"`): how the edge maps it was trained on look: light
             strokes on a dark background (edge detectors' output) or dark on light. Read for edge maps only.
         map_kind (`str`, defaults to `"edges"`): the kind of map it predicts, which says how a user's map is prepared
@@ -251,7 +252,7 @@ class LGPModel(ModelMixin, ConfigMixin):
     def forward(
         self, features: Sequence[torch.Tensor] | Mapping[str, torch.Tensor], noise_level: torch.Tensor
     ) -> torch.Tensor:
-        """Predict the edge latent.
+        """Predict the latent of the map (the edge map, for an edge LGP).
 
         Args:
             features: the captured activations, `(B, C_i, H_i, W_i)` each, in `blocks` order (or a dict by block name,
