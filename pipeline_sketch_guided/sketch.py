@@ -170,17 +170,13 @@ def prepare_map(
         raise ValueError(f"`normalization` must be one of {MAP_NORMALIZATIONS}, got {normalization!r}.")
     if map_kind == "edges":
         return prepare_sketch(guidance_map, height, width, polarity)
-    image = _to_image(guidance_map, paper=0)
-    image = image.convert("L" if map_kind in GREY_MAP_KINDS else "RGB")
-    if normalization == "minmax":
-        values = np.asarray(image, dtype=np.float32)
-        low, high = float(values.min()), float(values.max())
-        if high - low < MIN_STROKE_CONTRAST * 255:
-            raise ValueError(
-                f"The {map_kind} map is one flat tone, so it cannot be normalised to the range this LGP was trained"
-                " on; pass a map with some variation, or `sketch=None` to generate without guidance."
-            )
-        image = PIL.Image.fromarray(((values - low) * (255.0 / (high - low))).round().astype(np.uint8), image.mode)
+    raw = _high_range_grey(guidance_map) if normalization == "minmax" and map_kind in GREY_MAP_KINDS else None
+    if raw is not None:  # raw depth (metres, disparities) or a 16-bit map: stretched from its own range
+        image = _stretch(raw, map_kind, min_range=0.0)
+    else:
+        image = _to_image(guidance_map, paper=0).convert("L" if map_kind in GREY_MAP_KINDS else "RGB")
+        if normalization == "minmax":
+            image = _stretch(np.asarray(image, dtype=np.float32), map_kind, min_range=MIN_STROKE_CONTRAST * 255)
     image = fit_to_size(image, height, width, fill=0, what=f"{map_kind} map")
     array = np.asarray(image, dtype=np.float32) / 255.0
     if array.max() - array.min() < MIN_STROKE_CONTRAST:
@@ -188,6 +184,37 @@ def prepare_map(
     tensor = torch.from_numpy(array)
     tensor = tensor[None, None].expand(1, 3, height, width) if tensor.ndim == 2 else tensor.permute(2, 0, 1)[None]
     return tensor.contiguous() * 2.0 - 1.0
+
+
+def _high_range_grey(guidance_map: SketchInput) -> np.ndarray | None:
+    """A one-channel map whose values are not 8-bit tones (a float or 16-bit array or tensor, a PIL image or file in
+    mode I or F: raw depth, say) as float32 `(H, W)`, for min-max normalisation from its own range; else `None`."""
+    value = guidance_map
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            with PIL.Image.open(value) as opened:
+                return np.asarray(opened, dtype=np.float32) if opened.mode.startswith(("I", "F")) else None
+        except (OSError, ValueError):
+            return None  # `_to_image` says what is wrong with the file
+    if isinstance(value, PIL.Image.Image):
+        return np.asarray(value, dtype=np.float32) if value.mode.startswith(("I", "F")) else None
+    if isinstance(value, torch.Tensor) and value.dtype not in (torch.uint8, torch.bool):
+        value = value.detach().cpu().float().numpy()
+    elif not isinstance(value, np.ndarray) or value.dtype in (np.uint8, np.bool_):
+        return None
+    squeezed = np.squeeze(value.astype(np.float32))
+    return squeezed if squeezed.ndim == 2 else None
+
+
+def _stretch(values: np.ndarray, map_kind: str, min_range: float) -> PIL.Image.Image:
+    """`values` ((H, W) or (H, W, 3)) stretched to the full 0..255 range, as `"minmax"` maps were in training."""
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    if not np.isfinite([low, high]).all() or high - low <= min_range or not np.isfinite(values).all():
+        raise ValueError(
+            f"The {map_kind} map is one flat tone (or not finite), so it cannot be normalised to the range this LGP was"
+            " trained on; pass a map with some variation, or `sketch=None` to generate without guidance."
+        )
+    return PIL.Image.fromarray(((values - low) * (255.0 / (high - low))).round().astype(np.uint8))
 
 
 def prepare_sketch_mask(mask: SketchInput, height: int, width: int) -> torch.Tensor:

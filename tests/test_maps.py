@@ -123,6 +123,14 @@ def test_depth_maps_are_normalised_as_in_training():
     assert unnormalised.min() > -0.6 and unnormalised.max() < 0.2
     with pytest.raises(ValueError, match="flat"):
         prepare_map(PIL.Image.new("L", (32, 32), 90), 32, 32, "depth", normalization="minmax")
+    # Raw depth of any range (metres as floats, a 16-bit image) is stretched from its own range, not clipped to 0..1.
+    metres = np.tile(np.linspace(2.0, 9.0, 32, dtype=np.float32), (32, 1))
+    assert torch.allclose(prepare_map(metres, 32, 32, "depth", normalization="minmax"), prepared, atol=0.025)
+    sixteen_bit = PIL.Image.fromarray((metres * 5000).astype(np.uint16))
+    assert torch.allclose(prepare_map(sixteen_bit, 32, 32, "depth", normalization="minmax"), prepared, atol=0.025)
+    assert torch.allclose(
+        prepare_map(torch.from_numpy(metres)[None], 32, 32, "depth", normalization="minmax"), prepared, atol=0.025
+    )
 
 
 def test_colour_maps_keep_their_channels_and_are_padded_black():
@@ -366,3 +374,52 @@ def test_the_efficacy_benchmark_runs_on_silhouettes(tmp_path):
     for row in (result["unguided"], *result["sweep"]):
         assert 0 <= row["iou"] <= 1 and 0 <= row["colour_agreement"] <= 1
     assert (tmp_path / "contact_sheet.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The demo's silhouette LGP
+
+
+@pytest.fixture(scope="module")
+def silhouette_demo():
+    from pipeline_sketch_guided.demo import load_demo_pipeline
+
+    return load_demo_pipeline(map="silhouette")
+
+
+def test_the_demo_ships_a_silhouette_lgp_beside_its_edge_lgp(silhouette_demo):
+    from pipeline_sketch_guided.demo import load_demo_pipeline
+
+    lgp = silhouette_demo.lgp
+    assert (lgp.config.map_kind, lgp.config.map_normalization) == ("silhouette", "none")
+    assert lgp.dtype == torch.float32 and silhouette_demo.unet.dtype == torch.float32
+    lgp.check_unet(silhouette_demo.unet)
+    folder = DEMO_MODEL_DIR / "lgp_silhouette"
+    assert (folder / "diffusion_pytorch_model.safetensors").stat().st_size < 4 * 2**20
+    assert "lgp" in json.loads((folder / "training.json").read_text())["silhouette_training_summary"]
+    assert load_demo_pipeline().lgp.config.map_kind == "edges"  # the default stays the edge LGP
+    with pytest.raises(ValueError, match=r"\['edges', 'silhouette'\]"):
+        load_demo_pipeline(map="depth")
+
+
+def test_the_silhouette_demo_puts_the_shape_in_the_blob(silhouette_demo):
+    from benchmarks.efficacy import generate, held_out_cases, measure_image
+
+    cases = held_out_cases(num_cases=4, map="silhouette")
+    unguided = generate(silhouette_demo, cases, seed=0, image_size=64, num_inference_steps=10)
+    guided = generate(silhouette_demo, cases, seed=0, image_size=64, num_inference_steps=10, guidance={})
+    iou_unguided = np.mean([measure_image(image, case)["iou"] for image, case in zip(unguided, cases, strict=True)])
+    iou_guided = np.mean([measure_image(image, case)["iou"] for image, case in zip(guided, cases, strict=True)])
+    assert iou_guided > iou_unguided + 0.1, (iou_guided, iou_unguided)
+
+
+def test_the_cli_guides_with_a_silhouette_through_the_lgp_option(tmp_path):
+    from pipeline_sketch_guided.cli import main as cli
+    from pipeline_sketch_guided.demo import freehand_blob
+
+    blob_file, out, predicted = tmp_path / "blob.png", tmp_path / "out.png", tmp_path / "predicted.png"
+    freehand_blob("circle", (24, 30), 14, seed=3)[0].save(blob_file)
+    args = ["generate", "--prompt", "a red circle on a white background", "--sketch", str(blob_file)]
+    args += ["--lgp", str(DEMO_MODEL_DIR / "lgp_silhouette"), "--steps", "4", "--out", str(out)]
+    cli([*args, "--edge-map-out", str(predicted)])
+    assert PIL.Image.open(out).size == (64, 64) and PIL.Image.open(predicted).size == (64, 64)
