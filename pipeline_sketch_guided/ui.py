@@ -1,0 +1,544 @@
+"""`sketch-guided ui`: a Gradio page to draw a sketch, type a prompt and see the sketch-guided image beside the
+unguided one.
+
+`build_app` makes the page around any loaded sketch-guided pipeline; `SketchGuidedApp` holds the pipeline, runs one
+generation at a time and writes only under its output folder. Needs the `ui` extra (`pip install
+"pipeline_sketch_guided[ui]"`).
+"""
+
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .guidance import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE, MAX_SKETCH_GUIDANCE_SCALE
+
+logger = logging.getLogger(__name__)
+
+# Uploads above this are refused by the server with a message (Gradio's `max_file_size`).
+DEFAULT_MAX_UPLOAD_MB = 10
+# A sketch with more pixels than this is refused before it is decoded into the pipeline (about 16 megapixels).
+MAX_SKETCH_PIXELS = 4096 * 4096
+MAX_STEPS = 500
+MAX_SEED = 2**32 - 1
+# Unguided images kept for the compare view, keyed by everything that decides them (not the sketch).
+UNGUIDED_CACHE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one generation was asked for; written into each PNG's metadata."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 30
+    guidance_scale: float = 7.5
+    sketch_guidance_scale: float = DEFAULT_SKETCH_GUIDANCE_SCALE
+    sketch_guidance_start: float = 0.0
+    sketch_guidance_end: float = DEFAULT_SKETCH_GUIDANCE_END
+    sketch_guidance_interval: int = 1
+
+    def checked(self) -> "Settings":
+        """These settings with whole numbers made whole; a ValueError saying which value is out of range otherwise.
+
+        The page's sliders keep to the ranges, but the API takes any number.
+        """
+        if not self.prompt or not self.prompt.strip():
+            raise ValueError("Type a prompt: it says what to draw; the sketch says where.")
+        for name, value, low, high in (
+            ("seed", self.seed, 0, MAX_SEED),
+            ("steps", self.steps, 1, MAX_STEPS),
+            ("sketch_guidance_interval", self.sketch_guidance_interval, 1, MAX_STEPS),
+        ):
+            if value is None or not float(value).is_integer() or not low <= value <= high:
+                raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value}.")
+        if not 0 <= self.guidance_scale <= 50:  # NaN fails too
+            raise ValueError(f"guidance_scale must be from 0 to 50, got {self.guidance_scale}.")
+        return Settings(
+            **{
+                **asdict(self),
+                "seed": int(self.seed),
+                "steps": int(self.steps),
+                "sketch_guidance_interval": int(self.sketch_guidance_interval),
+                "negative_prompt": self.negative_prompt or "",
+            }
+        )
+
+
+@dataclass
+class Result:
+    """The files one generation wrote (all under the app's output folder)."""
+
+    image: str
+    unguided: str | None
+    edge_map: str | None
+    sketch: str
+    settings: dict[str, Any]
+
+
+class Stopped(Exception):
+    """The user stopped the generation."""
+
+
+def sketch_from_canvas(value: Any) -> PIL.Image.Image:
+    """The drawing in a Gradio image editor's value, composited onto white paper, as an RGB image.
+
+    The editor gives RGBA layers whose transparent pixels hold arbitrary colours: only the alpha-weighted composite
+    is the drawing. An editor with nothing in it gives a white page (the pipeline then says the sketch is blank).
+    A plain image (an upload through the API) is taken the same way.
+    """
+    image = value
+    if isinstance(value, dict):
+        image = value.get("composite")
+        if image is None:
+            image = value.get("background")
+    if image is None:
+        return PIL.Image.new("RGB", (64, 64), "white")
+    if isinstance(image, (str, os.PathLike)):
+        with PIL.Image.open(image) as opened:
+            check_sketch_size(opened)
+            image = opened.copy()
+    elif isinstance(image, np.ndarray):
+        image = PIL.Image.fromarray(image)
+    check_sketch_size(image)
+    rgba = image.convert("RGBA")
+    paper = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return PIL.Image.alpha_composite(paper, rgba).convert("RGB")
+
+
+def check_sketch_size(image: PIL.Image.Image) -> None:
+    if image.width * image.height > MAX_SKETCH_PIXELS:
+        raise ValueError(
+            f"The sketch is {image.width}x{image.height} pixels, more than this page takes"
+            f" ({MAX_SKETCH_PIXELS // 1_000_000} megapixels); scale it down (it is resized to the model's size anyway)."
+        )
+
+
+def image_sha256(image: PIL.Image.Image) -> str:
+    return hashlib.sha256(image.tobytes() + repr((image.mode, image.size)).encode()).hexdigest()
+
+
+class SketchGuidedApp:
+    """A sketch-guided pipeline served to a page: one generation at a time, every file under `output_dir`.
+
+    Args:
+        pipe: a loaded `SketchGuidedStableDiffusionPipeline` or `SketchGuidedStableDiffusionXLPipeline`.
+        output_dir: where results, their sketches and their edge maps are written (created if needed).
+        model_name: what the PNG metadata names as the model.
+        lgp_name: what the PNG metadata names as the LGP (`None`: the one saved with the model).
+    """
+
+    def __init__(self, pipe, output_dir: str | os.PathLike, model_name: str, lgp_name: str | None = None):
+        self.pipe = pipe
+        self.output_dir = Path(output_dir).resolve()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.model_name = model_name
+        self.lgp_name = lgp_name
+        self.lock = threading.Lock()
+        self.unguided_cache: OrderedDict[tuple, str] = OrderedDict()
+        self._running_session: str | None = None
+        self._stop_requested = threading.Event()
+        self._count = 0
+
+    @property
+    def default_size(self) -> int:
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def stop(self, session: str | None) -> bool:
+        """Ask the generation of `session` to stop after its current step; False if it is not running one."""
+        if session is None or session != self._running_session:
+            return False
+        self._stop_requested.set()
+        return True
+
+    def generate(
+        self,
+        sketch: PIL.Image.Image,
+        settings: Settings,
+        compare: bool = True,
+        session: str | None = None,
+        progress: Callable[[int, int, str], None] | None = None,
+    ) -> Result:
+        """Draw `settings.prompt` following `sketch` (and, with `compare`, the unguided image of the same seed);
+        write the images and return their paths.
+
+        Raises:
+            ValueError: for settings or a sketch the pipeline cannot take, with the pipeline's message.
+            Stopped: when `stop(session)` was called during the generation.
+        """
+        settings = settings.checked()
+        with self.lock:
+            self._running_session = session
+            self._stop_requested.clear()
+            try:
+                return self._generate(sketch, settings, compare, progress or (lambda done, total, what: None))
+            finally:
+                self._running_session = None
+
+    def _generate(self, sketch, settings: Settings, compare: bool, progress) -> Result:
+        stem = self._new_stem(settings.seed)
+        unguided_key = (
+            settings.prompt,
+            settings.negative_prompt,
+            settings.seed,
+            settings.steps,
+            settings.guidance_scale,
+            type(self.pipe.scheduler).__name__,
+        )
+        unguided = self.unguided_cache.get(unguided_key) if compare else None
+        if unguided is not None and not os.path.isfile(unguided):
+            unguided = None
+        runs = 1 + (compare and unguided is None)
+        total = runs * settings.steps
+
+        sketch_path = str(self.output_dir / f"{stem}-sketch.png")
+        metadata = self._metadata(settings, sketch)
+        output = self._run(sketch, settings, progress, done=0, total=total, what="sketch-guided")
+        from .cli import save_image
+
+        save_image(sketch, sketch_path)
+        image_path = str(self.output_dir / f"{stem}.png")
+        save_image(output.images[0], image_path, {**metadata, "sketch_file": os.path.basename(sketch_path)})
+        edge_path = str(self.output_dir / f"{stem}-edges.png")
+        save_image(output.edge_maps[0], edge_path)
+
+        if compare and unguided is None:
+            unguided_output = self._run(None, settings, progress, done=settings.steps, total=total, what="unguided")
+            unguided = str(self.output_dir / f"{stem}-unguided.png")
+            unguided_metadata = {k: v for k, v in metadata.items() if not k.startswith("sketch")}
+            save_image(unguided_output.images[0], unguided, unguided_metadata)
+            self.unguided_cache[unguided_key] = unguided
+            while len(self.unguided_cache) > UNGUIDED_CACHE_SIZE:
+                self.unguided_cache.popitem(last=False)
+        elif unguided is not None:
+            self.unguided_cache.move_to_end(unguided_key)
+        return Result(image_path, unguided, edge_path, sketch_path, metadata)
+
+    def _run(self, sketch, settings: Settings, progress, done: int, total: int, what: str):
+        stopped_at = []
+
+        def on_step_end(pipe, step, timestep, tensors):
+            progress(done + step + 1, total, what)
+            if self._stop_requested.is_set() and not stopped_at:
+                stopped_at.append(step + 1)
+                pipe._interrupt = True  # diffusers' loops skip the remaining steps
+            return tensors
+
+        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        guidance = {}
+        if sketch is not None:
+            guidance = {
+                "sketch": sketch,
+                "sketch_guidance_scale": settings.sketch_guidance_scale,
+                "sketch_guidance_start": settings.sketch_guidance_start,
+                "sketch_guidance_end": settings.sketch_guidance_end,
+                "sketch_guidance_interval": settings.sketch_guidance_interval,
+                "return_edge_maps": True,
+            }
+        output = self.pipe(
+            settings.prompt,
+            negative_prompt=settings.negative_prompt or None,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generator,
+            callback_on_step_end=on_step_end,
+            **guidance,
+        )
+        if stopped_at:
+            raise Stopped(f"Stopped at step {stopped_at[0]} of {settings.steps} ({what}); nothing was saved.")
+        return output
+
+    def _new_stem(self, seed: int) -> str:
+        self._count += 1
+        return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{self._count:04d}-seed{seed}"
+
+    def _metadata(self, settings: Settings, sketch: PIL.Image.Image) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "prompt": settings.prompt,
+            "negative_prompt": settings.negative_prompt or None,
+            "seed": settings.seed,
+            "steps": settings.steps,
+            "sampler": type(self.pipe.scheduler).__name__,
+            "cfg_scale": settings.guidance_scale,
+            "model": self.model_name,
+            "lgp": self.lgp_name,
+            "sketch_sha256": image_sha256(sketch),
+            "sketch_guidance_scale": settings.sketch_guidance_scale,
+            "sketch_guidance_start": settings.sketch_guidance_start,
+            "sketch_guidance_end": settings.sketch_guidance_end,
+            "sketch_guidance_interval": settings.sketch_guidance_interval,
+            "generator": f"pipeline_sketch_guided {__version__} ui",
+        }
+
+    def write_examples(self) -> list[list[str]]:
+        """The demo model's built-in free-hand sketches as files under the output folder, with their prompts."""
+        from .demo import DEMO_SKETCHES, freehand_sketch
+
+        folder = self.output_dir / "examples"
+        folder.mkdir(exist_ok=True)
+        examples = []
+        for index, (prompt, kind, center, radius, rotation, style) in enumerate(DEMO_SKETCHES):
+            path = folder / f"{kind}.png"
+            if not path.is_file():
+                sketch = freehand_sketch(kind, center, radius, rotation, seed=index, size=512, **style)
+                from .cli import save_image
+
+                save_image(sketch, str(path))
+            examples.append([str(path), prompt])
+        return examples
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The page
+
+
+# Small model outputs (the demo's 64x64) are shown enlarged, with crisp pixels.
+PAGE_CSS = """
+#result img, #unguided img, #edge_map img { width: 100%; height: 100%; object-fit: contain; }
+#result img, #unguided img, #edge_map img, #gallery img { image-rendering: pixelated; }
+"""
+
+
+def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
+    """The Gradio page (a `gr.Blocks`) around `app`, with the named API endpoints `/generate` and `/stop`."""
+    import gradio as gr
+
+    from .demo import VOCABULARY_HELP
+
+    canvas_size = max(512, min(1024, app.default_size))
+    pen = max(2, canvas_size // 48)
+
+    def on_generate(
+        canvas,
+        prompt,
+        negative,
+        seed,
+        steps,
+        scale,
+        start,
+        end,
+        interval,
+        compare,
+        gallery,
+        request: gr.Request = None,
+        progress=gr.Progress(),  # noqa: B008 (Gradio finds its progress tracker by this default)
+    ):
+        session = request.session_hash if request is not None else None
+        settings = Settings(prompt, negative, seed, steps, 7.5, scale, start, end, interval)
+        result = run_for_page(canvas, settings, compare, session, progress)
+        gallery = [*(gallery or []), (result.image, f"seed {result.settings['seed']}: {result.settings['prompt']}")]
+        status = f"Seed {result.settings['seed']}, written to {os.path.basename(result.image)}."
+        return result.image, result.unguided, result.edge_map, gallery, gallery, status
+
+    def on_api_generate(
+        sketch,
+        prompt,
+        negative,
+        seed,
+        steps,
+        scale,
+        start,
+        end,
+        interval,
+        compare,
+        request: gr.Request = None,
+        progress=gr.Progress(),  # noqa: B008 (Gradio finds its progress tracker by this default)
+    ):
+        session = request.session_hash if request is not None else None
+        settings = Settings(prompt, negative, seed, steps, 7.5, scale, start, end, interval)
+        result = run_for_page(sketch, settings, compare, session, progress)
+        return result.image, result.unguided, result.edge_map, json.dumps(result.settings)
+
+    def run_for_page(canvas, settings, compare, session, progress) -> Result:
+        def report(done, total, what):
+            progress((done, total), desc=f"{what} steps", unit="steps")
+
+        try:
+            return app.generate(sketch_from_canvas(canvas), settings, bool(compare), session, report)
+        except Stopped as stopped:
+            raise gr.Error(str(stopped), title="Stopped", print_exception=False) from None
+        except (ValueError, TypeError) as error:
+            raise gr.Error(" ".join(str(error).split()), print_exception=False) from None
+        except Exception as error:  # anything else still reaches the page as a message, and the log with its trace
+            logger.exception("The generation failed")
+            raise gr.Error(f"The generation failed: {type(error).__name__}: {error}") from None
+
+    def on_stop(request: gr.Request):
+        if app.stop(request.session_hash if request is not None else None):
+            gr.Info("Stopping after the current step.")
+
+    with gr.Blocks(title="Sketch-guided diffusion") as page:
+        gr.Markdown(
+            "# Sketch-guided text-to-image\n"
+            "Draw where things go, say what they are. The Latent Guidance Predictor steers the diffusion model toward"
+            " your lines during the first steps (Voynov, Aberman & Cohen-Or, *Sketch-Guided Text-to-Image Diffusion"
+            f" Models*, 2023). Model: `{app.model_name}`." + (f"\n\n{VOCABULARY_HELP}" if examples else "")
+        )
+        gallery_state = gr.State([])
+        with gr.Row():
+            with gr.Column():
+                canvas = gr.Sketchpad(
+                    label="Sketch: draw, or upload a drawing",
+                    type="pil",
+                    image_mode="RGBA",
+                    sources=("upload", "clipboard"),
+                    canvas_size=(canvas_size, canvas_size),
+                    fixed_canvas=True,
+                    brush=gr.Brush(colors=["#000000"], default_color="#000000", color_mode="fixed", default_size=pen),
+                    eraser=gr.Eraser(default_size=3 * pen),
+                    layers=False,
+                    elem_id="sketch",
+                )
+                prompt = gr.Textbox(label="Prompt", placeholder="a red star on a white background", elem_id="prompt")
+                negative = gr.Textbox(value="", label="Negative prompt", placeholder="what to keep out of the image")
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED, scale=4)
+                    dice = gr.Button("Random seed", scale=1, min_width=80)
+                steps = gr.Slider(1, 150, value=30, step=1, label="Steps", info="denoising steps (default 30)")
+                scale = gr.Slider(
+                    0,
+                    min(10.0, MAX_SKETCH_GUIDANCE_SCALE),
+                    value=DEFAULT_SKETCH_GUIDANCE_SCALE,
+                    step=0.1,
+                    label="Sketch guidance scale",
+                    info=f"how strongly to follow the sketch: 0 ignores it, about 1 to 4 follows it"
+                    f" (default {DEFAULT_SKETCH_GUIDANCE_SCALE})",
+                )
+                with gr.Row():
+                    start = gr.Slider(
+                        0,
+                        0.95,
+                        value=0.0,
+                        step=0.05,
+                        label="Guidance start",
+                        info="fraction of the steps before guidance begins (default 0)",
+                    )
+                    end = gr.Slider(
+                        0.05,
+                        1,
+                        value=DEFAULT_SKETCH_GUIDANCE_END,
+                        step=0.05,
+                        label="Guidance end",
+                        info=f"fraction of the steps after which the prompt alone finishes the image: later follows"
+                        f" the lines more closely, costs more (default {DEFAULT_SKETCH_GUIDANCE_END})",
+                    )
+                interval = gr.Slider(
+                    1,
+                    5,
+                    value=1,
+                    step=1,
+                    label="Guidance interval",
+                    info="compute the sketch's gradient every k-th guided step and reuse it between: faster,"
+                    " approximate (default 1, the exact method)",
+                )
+                compare = gr.Checkbox(
+                    value=True,
+                    label="Compare",
+                    info="also draw the unguided image of the same seed, to see what the sketch did",
+                )
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Column():
+                with gr.Row():
+                    result = gr.Image(
+                        label="Sketch-guided", type="filepath", interactive=False, height=320, elem_id="result"
+                    )
+                    unguided = gr.Image(
+                        label="Unguided, same seed", type="filepath", interactive=False, height=320, elem_id="unguided"
+                    )
+                edge_map = gr.Image(
+                    label="The LGP's predicted edge map (last guided step)",
+                    type="filepath",
+                    interactive=False,
+                    height=240,
+                    elem_id="edge_map",
+                )
+                status = gr.Markdown(elem_id="status")
+                gallery = gr.Gallery(
+                    label="This session's results (PNG with prompt, seed and settings in its metadata)",
+                    type="filepath",
+                    columns=6,
+                    height=240,
+                    preview=False,
+                    buttons=["download"],
+                    interactive=False,
+                    elem_id="gallery",
+                )
+        if examples:
+            gr.Examples(examples=examples, inputs=[canvas, prompt], label="Examples: one click loads a sketch")
+
+        inputs = [prompt, negative, seed, steps, scale, start, end, interval, compare]
+        run = generate.click(
+            on_generate,
+            inputs=[canvas, *inputs, gallery_state],
+            outputs=[result, unguided, edge_map, gallery, gallery_state, status],
+            api_visibility="private",
+        )
+        submitted = prompt.submit(
+            on_generate,
+            inputs=[canvas, *inputs, gallery_state],
+            outputs=[result, unguided, edge_map, gallery, gallery_state, status],
+            api_visibility="private",
+        )
+        stop.click(on_stop, None, None, queue=False, api_name="stop", cancels=[run, submitted])
+        dice.click(lambda: random.randint(0, MAX_SEED), None, seed, queue=False, api_visibility="private")
+
+        # The pen is picked at once, so that a new user can draw without finding the tool first.
+        page.load(None, js="() => document.querySelector('#sketch button[aria-label=\"Brush\"]')?.click()")
+
+        # The API: a plain image instead of the editor's layers; the same settings and defaults.
+        with gr.Row(visible=False):
+            api_sketch = gr.Image(label="sketch", type="pil", image_mode="RGBA")
+            api_image = gr.Image(label="image", type="filepath")
+            api_unguided = gr.Image(label="unguided image", type="filepath")
+            api_edge_map = gr.Image(label="edge map", type="filepath")
+            api_settings = gr.Textbox(label="settings (JSON)")
+            api_button = gr.Button()
+        api_button.click(
+            on_api_generate,
+            inputs=[api_sketch, *inputs],
+            outputs=[api_image, api_unguided, api_edge_map, api_settings],
+            api_name="generate",
+        )
+    return page
+
+
+def launch(
+    app: SketchGuidedApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    share: bool = False,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    examples: list[list[str]] | None = None,
+    block: bool = True,
+):
+    """Serve the page: one generation at a time (others wait in a queue), uploads up to `max_upload_mb`."""
+    page = build_app(app, examples)
+    page.queue(default_concurrency_limit=1)
+    return page.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=int(max_upload_mb * 1024 * 1024),
+        allowed_paths=[str(app.output_dir)],
+        prevent_thread_lock=not block,
+        css=PAGE_CSS,
+        footer_links=["api"],
+        show_error=True,
+    )

@@ -1,0 +1,351 @@
+"""`sketch-guided ui`: the page's pieces in process, its API through gradio_client against a real server on the demo
+model, and the whole path in a real browser (headless Chromium from the system: `apt-get install chromium`)."""
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import pytest
+import torch
+
+pytest.importorskip("gradio", reason="the ui extra (pip install -e '.[ui]') is not installed")  # CI installs it
+
+from benchmarks.efficacy import foreground_colour, iou, named_colour, segment_foreground  # noqa: E402
+from pipeline_sketch_guided.demo import freehand_sketch, load_demo_pipeline  # noqa: E402
+from pipeline_sketch_guided.ui import Settings, SketchGuidedApp, Stopped, sketch_from_canvas  # noqa: E402
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+STAR_PROMPT = "a red star on a white background"
+# The upload limit of the test server: a small sketch passes, a big noisy PNG does not.
+MAX_UPLOAD_MB = 0.2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def star_points(center: tuple[float, float], outer: float, inner: float) -> list[tuple[float, float]]:
+    """A five-pointed star's outline, point up, closed (the last point is the first)."""
+    points = []
+    for k in range(11):
+        angle = -math.pi / 2 + k * math.pi / 5
+        radius = outer if k % 2 == 0 else inner
+        points.append((center[0] + radius * math.cos(angle), center[1] + radius * math.sin(angle)))
+    return points
+
+
+def filled(points: list[tuple[float, float]], size: int = 64) -> np.ndarray:
+    """The polygon (in fractions of the frame) filled, as a boolean `size` x `size` mask."""
+    canvas = PIL.Image.new("L", (size, size), 0)
+    PIL.ImageDraw.Draw(canvas).polygon([(x * size, y * size) for x, y in points], fill=255)
+    return np.asarray(canvas) > 127
+
+
+def enclosed_region(sketch: PIL.Image.Image, size: int = 64) -> np.ndarray:
+    """What a sketch's dark strokes enclose, strokes included, at `size` x `size`: the outer contours, filled."""
+    import cv2
+
+    strokes = (np.asarray(sketch.convert("L").resize((size, size), PIL.Image.Resampling.BOX)) < 192).astype(np.uint8)
+    contours, _ = cv2.findContours(strokes, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    region = np.zeros_like(strokes)
+    cv2.drawContours(region, contours, -1, 1, thickness=cv2.FILLED)
+    return region.astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In process
+
+
+def test_a_canvas_is_composited_onto_white_whatever_lies_under_its_transparent_pixels():
+    layer = np.zeros((32, 32, 4), dtype=np.uint8)
+    layer[..., :3] = (0, 255, 0)  # green under fully transparent pixels, as editors leave it
+    layer[8:24, 15:17] = (0, 0, 0, 255)  # one black stroke
+    value = {"background": None, "layers": [PIL.Image.fromarray(layer)], "composite": PIL.Image.fromarray(layer)}
+    sketch = np.asarray(sketch_from_canvas(value))
+    assert sketch.shape == (32, 32, 3)
+    assert (sketch[8:24, 15:17] == 0).all()
+    stroke = np.zeros((32, 32), dtype=bool)
+    stroke[8:24, 15:17] = True
+    assert (sketch[~stroke] == 255).all()  # paper, not green
+    # An empty editor is a white page, which the pipeline then calls blank.
+    assert (np.asarray(sketch_from_canvas(None)) == 255).all()
+    assert (np.asarray(sketch_from_canvas({"background": None, "layers": [], "composite": None})) == 255).all()
+
+
+def test_a_sketch_too_large_is_refused_before_it_is_used():
+    with pytest.raises(ValueError, match="megapixels"):
+        sketch_from_canvas(PIL.Image.new("L", (5000, 4000), 255))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prompt": "  "}, "Type a prompt"),
+        ({"steps": 0}, "steps must be a whole number from 1"),
+        ({"steps": 2.5}, "steps must be a whole number"),
+        ({"seed": -1}, "seed must be a whole number from 0"),
+        ({"sketch_guidance_interval": 0}, "sketch_guidance_interval"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be from 0 to 50"),
+    ],
+)
+def test_settings_out_of_range_say_which_and_the_range(change, message):
+    settings = Settings(**{"prompt": STAR_PROMPT, **change})
+    with pytest.raises(ValueError, match=message):
+        settings.checked()
+    # Whole numbers that arrive as floats (the API's JSON) are fine.
+    assert Settings(STAR_PROMPT, seed=3.0, steps=4.0).checked().steps == 4
+
+
+@pytest.fixture(scope="module")
+def demo_app(tmp_path_factory):
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    pipe = load_demo_pipeline()
+    return SketchGuidedApp(pipe, tmp_path_factory.mktemp("ui-out"), model_name="demo")
+
+
+def test_the_unguided_image_is_reused_for_a_new_sketch_and_matches_the_pipeline(demo_app):
+    star = freehand_sketch("star", (24, 30), 16, seed=1, size=256)
+    circle = freehand_sketch("circle", (40, 34), 14, seed=2, size=256)
+    settings = Settings("a blue circle on a grey background", seed=5, steps=6)
+    first = demo_app.generate(star, settings)
+    second = demo_app.generate(circle, settings)
+    assert second.unguided == first.unguided  # same prompt, seed and steps: the unguided image is not redrawn
+    assert second.image != first.image and os.path.isfile(second.image)
+    direct = demo_app.pipe(
+        settings.prompt, num_inference_steps=6, generator=torch.Generator("cpu").manual_seed(5), output_type="np"
+    ).images[0]
+    unguided = np.asarray(PIL.Image.open(first.unguided), dtype=np.float32) / 255
+    assert np.abs(unguided - direct).max() < 2 / 255
+    # Every file is in the output folder, and the PNG says how it was made.
+    for path in (first.image, first.unguided, first.edge_map, first.sketch):
+        assert Path(path).parent == demo_app.output_dir
+    text = PIL.Image.open(first.image).text
+    assert '"seed": 5' in text["sketch_guided"] and settings.prompt in text["parameters"]
+    # Another seed draws another unguided image.
+    third = demo_app.generate(circle, Settings(settings.prompt, seed=6, steps=6))
+    assert third.unguided != first.unguided
+
+
+def test_stop_interrupts_only_the_session_that_runs(demo_app):
+    star = freehand_sketch("star", (24, 30), 16, seed=1, size=256)
+    seen = []
+
+    def progress(done, total, what):
+        seen.append(done)
+        if done == 2:
+            assert not demo_app.stop("another-session")  # someone else's stop does nothing
+            assert demo_app.stop("mine")
+
+    with pytest.raises(Stopped, match="Stopped at step 2 of 20"):
+        demo_app.generate(star, Settings(STAR_PROMPT, steps=20), session="mine", progress=progress)
+    assert seen == [1, 2]  # diffusers' loop skipped the remaining steps ...
+    assert not demo_app.stop("mine")  # ... and nothing runs after it
+    # The next generation is not stopped by the old request.
+    result = demo_app.generate(star, Settings(STAR_PROMPT, steps=3), compare=False, session="mine")
+    assert result.unguided is None and os.path.isfile(result.image)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A real server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`sketch-guided ui` on the demo model on a free port, in a folder of its own with its own temporary folder."""
+    root = tmp_path_factory.mktemp("ui-server")
+    (root / "tmp").mkdir()
+    port = free_port()
+    env = {**os.environ, "TMPDIR": str(root / "tmp"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("GRADIO_TEMP_DIR", None)
+    command = [sys.executable, "-m", "pipeline_sketch_guided", "ui", "--port", str(port), "--output-dir", "out"]
+    command += ["--threads", "2", "--max-upload-mb", str(MAX_UPLOAD_MB)]
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the ui server did not start:\n{(root / 'server.log').read_text()}")
+            time.sleep(0.5)
+    yield url, root
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server[0], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def star_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sketches") / "star.png"
+    freehand_sketch("star", (30, 32), 20, seed=3, wobble=0.05, size=256).save(path)
+    return path
+
+
+def test_api_generates_from_a_sketch_file_with_the_unguided_image_beside_it(client, server, star_file):
+    from gradio_client import handle_file
+
+    image, unguided, edge_map, settings = client.predict(
+        handle_file(star_file), STAR_PROMPT, seed=1, steps=30, api_name="/generate"
+    )
+    guided_image, unguided_image = PIL.Image.open(image), PIL.Image.open(unguided)
+    assert guided_image.size == unguided_image.size == (64, 64)
+    assert PIL.Image.open(edge_map).size == (64, 64)
+    assert '"seed": 1' in settings and STAR_PROMPT in guided_image.text["parameters"]
+    truth = enclosed_region(PIL.Image.open(star_file))
+    guided_iou = iou(segment_foreground(guided_image), truth)
+    unguided_iou = iou(segment_foreground(unguided_image), truth)
+    assert guided_iou > max(0.5, 2 * unguided_iou), (guided_iou, unguided_iou)
+    # The server wrote the files into its output folder.
+    assert (server[1] / "out" / os.path.basename(image)).is_file()
+
+
+def test_api_results_are_reproducible_by_seed(client, star_file):
+    from gradio_client import handle_file
+
+    def draw(seed):
+        outputs = client.predict(
+            handle_file(star_file), STAR_PROMPT, seed=seed, steps=8, compare=False, api_name="/generate"
+        )
+        return np.asarray(PIL.Image.open(outputs[0]), dtype=np.int16)
+
+    first, again, other = draw(11), draw(11), draw(12)
+    assert np.abs(first - again).max() <= 1
+    assert np.abs(first - other).mean() > 5
+
+
+def test_api_a_blank_sketch_gets_the_pipelines_message(client, tmp_path):
+    from gradio_client import handle_file
+
+    blank = tmp_path / "blank.png"
+    PIL.Image.new("RGBA", (128, 128), (0, 0, 0, 0)).save(blank)  # an empty canvas: transparent
+    with pytest.raises(Exception, match="The sketch is blank"):
+        client.predict(handle_file(blank), STAR_PROMPT, steps=2, api_name="/generate")
+
+
+def test_api_an_upload_over_the_limit_is_refused(client, tmp_path):
+    from gradio_client import handle_file
+
+    noise = tmp_path / "noise.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(noise)
+    assert noise.stat().st_size > MAX_UPLOAD_MB * 1024 * 1024
+    with pytest.raises(Exception, match="(?i)(too large|maximum|exceeds|size)"):
+        client.predict(handle_file(noise), STAR_PROMPT, steps=2, api_name="/generate")
+
+
+def test_api_stop_ends_a_long_generation_with_a_message(client, star_file):
+    from gradio_client import handle_file
+
+    job = client.submit(handle_file(star_file), STAR_PROMPT, steps=150, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while not job.status().progress_data and time.monotonic() < deadline:  # until its steps have begun
+        time.sleep(0.1)
+    client.predict(api_name="/stop")
+    with pytest.raises(Exception, match=r"Stopped at step \d+ of 150") as stopped:
+        job.result(timeout=120)
+    step = int(str(stopped.value).split("Stopped at step ")[1].split()[0])
+    assert step < 150
+
+
+def test_the_server_writes_only_in_its_output_folder(client, server, star_file):
+    from gradio_client import handle_file
+
+    client.predict(handle_file(star_file), STAR_PROMPT, steps=2, compare=False, api_name="/generate")
+    root = server[1]
+    assert sorted(p.name for p in root.iterdir()) == ["out", "server.log", "tmp"]
+    assert not any((root / "tmp").iterdir()), list((root / "tmp").rglob("*"))
+    assert any((root / "out" / ".gradio").rglob("*.png"))  # the uploads went to the output folder
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A real browser
+
+
+def chromium_path() -> str:
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail(
+            "No Chromium for the browser test: apt-get install chromium (or set CHROMIUM to a Chromium binary)."
+        )
+    return path
+
+
+def test_in_a_browser_a_drawn_star_becomes_a_red_star_where_it_was_drawn(server):
+    from playwright.sync_api import sync_playwright
+
+    url, root = server
+    # The star, in fractions of the canvas: left of centre and high, so that "where it was drawn" is tested.
+    star = star_points((0.42, 0.45), outer=0.34, inner=0.15)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url)
+            canvas = page.locator("#sketch canvas").first
+            canvas.wait_for(timeout=60_000)
+            page.locator('#sketch button[aria-label="Brush"]').click()  # picked at load already; a click keeps it
+            page.wait_for_timeout(300)
+            # The editor shows its square paper centred in the canvas element, at the zoom it prints.
+            box = canvas.bounding_box()
+            zoom = float(page.locator("#sketch").get_by_text("%").first.inner_text().strip("%")) / 100
+            side = 512 * zoom
+            left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+            screen = [(left + x * side, top + y * side) for x, y in star]
+            page.mouse.move(*screen[0])
+            page.mouse.down()
+            for (x0, y0), (x1, y1) in zip(screen, screen[1:], strict=False):
+                for step in range(1, 9):
+                    page.mouse.move(x0 + (x1 - x0) * step / 8, y0 + (y1 - y0) * step / 8)
+            page.mouse.up()
+            page.locator("#prompt textarea").fill(STAR_PROMPT)
+            page.locator("#generate").click()
+            result = page.locator("#result img")
+            result.wait_for(timeout=180_000)
+            page.locator("#unguided img").wait_for(timeout=60_000)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+            guided = fetch_image(page, result.get_attribute("src"))
+            unguided = fetch_image(page, page.locator("#unguided img").get_attribute("src"))
+        finally:
+            browser.close()
+
+    # The strokes reached the app where they were drawn: the sketch it saved encloses the star drawn.
+    drawn = filled(star)
+    newest_sketch = max((root / "out").glob("*-sketch.png"), key=os.path.getmtime)
+    saved = enclosed_region(PIL.Image.open(newest_sketch))
+    assert iou(saved, drawn) > 0.7, iou(saved, drawn)
+    # The image has a red star there, and follows it far more than the unguided image of the same seed.
+    foreground = segment_foreground(guided)
+    guided_iou, unguided_iou = iou(foreground, drawn), iou(segment_foreground(unguided), drawn)
+    assert guided_iou > max(0.5, 2 * unguided_iou), (guided_iou, unguided_iou)
+    assert named_colour(foreground_colour(guided, foreground)) == "red"
+
+
+def fetch_image(page, src: str) -> PIL.Image.Image:
+    import io
+
+    response = page.request.get(src)
+    assert response.ok, src
+    return PIL.Image.open(io.BytesIO(response.body())).convert("RGB")
