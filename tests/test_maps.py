@@ -423,3 +423,27 @@ def test_the_cli_guides_with_a_silhouette_through_the_lgp_option(tmp_path):
     args += ["--lgp", str(DEMO_MODEL_DIR / "lgp_silhouette"), "--steps", "4", "--out", str(out)]
     cli([*args, "--edge-map-out", str(predicted)])
     assert PIL.Image.open(out).size == (64, 64) and PIL.Image.open(predicted).size == (64, 64)
+
+
+def test_shipping_another_maps_lgp_puts_it_beside_the_model_and_reshipping_the_model_keeps_it(tmp_path):
+    from pipeline_sketch_guided.training.ship_demo_model import ship, ship_lgp
+
+    components = tiny_components()
+    StableDiffusionPipeline(**components).save_pretrained(tmp_path / "model")
+    random_lgp(components["unet"]).save_pretrained(tmp_path / "edge-lgp")
+    random_lgp(components["unet"], seed=1, map_kind="silhouette").save_pretrained(tmp_path / "silhouette-lgp")
+    target = tmp_path / "demo"
+    with pytest.raises(ValueError, match="ship the model first"):
+        ship_lgp(tmp_path / "silhouette-lgp", "silhouette", target)
+    ship(tmp_path / "model", tmp_path / "edge-lgp", target)
+    ship_lgp(tmp_path / "silhouette-lgp", "silhouette", target, notes={"summary": {"steps": 2}})
+    with pytest.raises(ValueError, match="another demo map"):
+        ship_lgp(tmp_path / "silhouette-lgp", "edges", target)
+    ship(tmp_path / "model", tmp_path / "edge-lgp", target)  # the model again: the silhouette LGP stays beside it
+    from safetensors.torch import load_file
+
+    weights = load_file(target / "lgp_silhouette" / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for name, tensor in weights.items() if "num_batches" not in name} == {torch.float16}
+    assert LGPModel.from_pretrained(target / "lgp_silhouette").config.map_kind == "silhouette"
+    assert json.loads((target / "lgp_silhouette" / "training.json").read_text()) == {"summary": {"steps": 2}}
+    assert LGPModel.from_pretrained(target / "lgp").config.map_kind == "edges"

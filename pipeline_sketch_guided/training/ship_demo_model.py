@@ -21,6 +21,7 @@ from diffusers import StableDiffusionPipeline
 from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline
 from pipeline_sketch_guided.demo import DEMO_LGP_FOLDERS, DEMO_MODEL_DIR
 from pipeline_sketch_guided.training.train_demo_model import atomic_save
+from pipeline_sketch_guided.utils import dtype_kwargs
 
 MAX_SHIPPED_BYTES = 25 * 2**20  # the package must stay small: the whole demo, weights and all, under 25 MiB
 
@@ -56,7 +57,7 @@ def ship_lgp(lgp: Path, map_name: str, target: Path = DEMO_MODEL_DIR, notes: dic
         raise ValueError(f"`--map {map_name}` is not another demo map; choose one of {others}.")
     if not (target / "model_index.json").is_file():
         raise ValueError(f"No demo model in {target} to put the LGP beside; ship the model first (--model, --lgp).")
-    model = LGPModel.from_pretrained(lgp).to(torch.float16)
+    model = LGPModel.from_pretrained(lgp, **dtype_kwargs(torch.float16))
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
