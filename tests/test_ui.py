@@ -107,6 +107,27 @@ def test_settings_out_of_range_say_which_and_the_range(change, message):
     assert Settings(STAR_PROMPT, seed=3.0, steps=4.0).checked().steps == 4
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--port", "70000"], "--port 70000: must be from 1 to 65535"),
+        (["--max-upload-mb", "0"], "--max-upload-mb 0.0: must be more than 0"),
+        (["--output-dir", "{file}"], "a file, not a folder"),
+        (["--output-dir", "{missing}/out"], "does not exist"),
+        (["--model", "./no/such/model"], "no such folder"),
+    ],
+)
+def test_ui_arguments_that_cannot_work_are_one_line_before_loading(arguments, message, tmp_path, monkeypatch):
+    from pipeline_sketch_guided import cli
+
+    (tmp_path / "a_file").write_text("")
+    arguments = [a.format(file=tmp_path / "a_file", missing=tmp_path / "missing") for a in arguments]
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before checking"))
+    with pytest.raises(SystemExit, match=message) as error:
+        cli.main(["ui", "--output-dir", str(tmp_path / "out"), *arguments])
+    assert "\n" not in str(error.value)
+
+
 @pytest.fixture(scope="module")
 def demo_app(tmp_path_factory):
     torch.set_num_threads(min(2, torch.get_num_threads()))
