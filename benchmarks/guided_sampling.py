@@ -3,8 +3,9 @@
 Times, `--repeats` times each after `--warmup` untimed runs, and reports medians:
 
 - whole generations, from the prompt's text to a PIL image, as users run them: unguided (our pipeline without a
-  sketch, which is exactly `StableDiffusionPipeline`) and guided (the first `--guided_fraction` of the steps), plus
-  guided every k-th step for each `--intervals` k (the approximate mode, `sketch_guidance_interval`);
+  sketch, which is exactly `StableDiffusionPipeline`) and guided (the first `--guided_fraction` of the steps; several
+  fractions side by side), with split and batched guided steps (`--step_modes`), plus guided every k-th step for each
+  `--intervals` k (the approximate mode, `sketch_guidance_interval`, reusing the last gradient between);
 - the fixed costs around the loop (prompt encoding, sketch encoding, VAE decoding), so that the loop's own ratio can be
   read off too;
 - the parts of one step: an unguided classifier-free step and a guided one, and inside the guided step the UNet forward
@@ -20,6 +21,12 @@ for the backward (weights excluded), counted exactly.
     python -m benchmarks.guided_sampling --model tiny                                   # seconds, any machine
     python -m benchmarks.guided_sampling --model sd15-random --resolution 256 --steps 20 --repeats 3
     python -m benchmarks.guided_sampling --model demo --steps 30 --intervals 2 3 --efficacy   # + sketch agreement
+    python -m benchmarks.guided_sampling --model sd15-random --resolution 256 --steps 10 --guided_fraction 0.3 0.5 \
+        --intervals 2 --efficacy --phases generation        # every mode at two ranges: cost, and agreement on the demo
+
+With `--efficacy` the sketch agreement of each mode is measured on the demo model's held-out cases (on `--model` itself
+when it is a trained model with its LGP), and the report ends with the modes side by side: cost over unguided and
+agreement, for each guided fraction.
     python -m benchmarks.guided_sampling --model <Hub id or folder of an SD model> --lgp <LGP folder or Hub id>
 
 `sd15-random` is Stable Diffusion 1.5's architecture randomly initialised (nothing is downloaded: the cost of a step
@@ -278,7 +285,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "steps": args.steps,
             "scheduler": type(pipe.scheduler).__name__,
             "guidance_scale": args.guidance_scale,
-            "guided_fraction": args.guided_fraction,
+            "guided_fraction": args.guided_fractions[0],
+            "guided_fractions": args.guided_fractions,
+            "efficacy_steps": args.efficacy_steps or args.steps if args.efficacy else None,
             "guided_steps": None,
             "repeats": args.repeats,
             "warmup": args.warmup,
@@ -305,8 +314,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     def generate(**kwargs) -> None:
         pipe(PROMPT, generator=torch.Generator().manual_seed(0), **common, **kwargs)
 
-    guided = {"sketch": sketch, "sketch_guidance_scale": args.sketch_guidance_scale}
-    guided["sketch_guidance_end"] = args.guided_fraction
     # Once, so that the first timed phase does not pay for the kernels' first use (forward and backward).
     print("warming up ...", file=sys.stderr, flush=True)
     pipe(
@@ -317,18 +324,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         height=resolution,
         width=resolution,
     )
+    guided = guided_settings(args, args.guided_fractions[0], sketch)
 
     if "generation" in args.phases:
-        generations = {
-            "generation, unguided": generate,
-            "generation, guided": within(lambda: guided_step_mode(pipe, "split"), lambda: generate(**guided)),
-            "generation, guided, batched": within(
-                lambda: guided_step_mode(pipe, "batched"), lambda: generate(**guided)
-            ),
-        }
-        for interval in args.intervals:
-            every = {**guided, "sketch_guidance_interval": interval}
-            generations[f"generation, guided every {interval} steps"] = lambda every=every: generate(**every)
+        generations = {"generation, unguided": generate}
+        for fraction in args.guided_fractions:
+            for name, settings, mode in timed_modes(args, fraction, sketch):
+                generations[name] = within(
+                    lambda mode=mode: guided_step_mode(pipe, mode), lambda settings=settings: generate(**settings)
+                )
         if args.checkpointing:
             generations["generation, guided, gradient checkpointing"] = within(
                 lambda: gradient_checkpointing(pipe.unet), lambda: generate(**guided)
@@ -352,7 +356,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
 
-    guided_steps = sum(is_guided_step(i, args.steps, 0.0, args.guided_fraction) for i in range(args.steps))
+    guided_steps = sum(is_guided_step(i, args.steps, 0.0, args.guided_fractions[0]) for i in range(args.steps))
     record["config"]["guided_steps"] = guided_steps
     if "parts" in args.phases:
         # One step, taken apart.
@@ -397,8 +401,47 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if a in seconds and b in seconds
     }
     if args.efficacy:
-        record["efficacy"] = efficacy(pipe, args)
+        record["efficacy"] = efficacy(efficacy_pipeline(pipe, args), args)
+        record["side_by_side"] = side_by_side(record, args)
     return record
+
+
+def guided_settings(args: argparse.Namespace, fraction: float, sketch, interval: int = 1) -> dict[str, Any]:
+    settings = {"sketch": sketch, "sketch_guidance_scale": args.sketch_guidance_scale, "sketch_guidance_end": fraction}
+    if interval != 1:
+        settings["sketch_guidance_interval"] = interval
+    return settings
+
+
+def mode_suffix(args: argparse.Namespace, fraction: float) -> str:
+    """How a generation's name says its guided fraction: not at all when the run has one (the names stay those that
+    `benchmarks.gpu_check` reads)."""
+    return f" (end {fraction:g})" if len(args.guided_fractions) > 1 else ""
+
+
+def timed_modes(args: argparse.Namespace, fraction: float, sketch) -> list[tuple[str, dict[str, Any], str | None]]:
+    """(name, pipeline arguments, guided step mode) of each guided generation timed at `fraction`."""
+    suffix = mode_suffix(args, fraction)
+    modes = []
+    for step_mode in args.step_modes:
+        name = "generation, guided" + (", batched" if step_mode == "batched" else "") + suffix
+        modes.append((name, guided_settings(args, fraction, sketch), step_mode))
+    for interval in args.intervals:
+        name = f"generation, guided every {interval} steps{suffix}"
+        modes.append((name, guided_settings(args, fraction, sketch, interval), None))
+    return modes
+
+
+def efficacy_pipeline(pipe, args: argparse.Namespace):
+    """The pipeline whose sketch agreement is measured: `--model` when it is trained, else the demo model."""
+    from benchmarks.models import RANDOM_MODELS
+
+    if args.model not in RANDOM_MODELS:
+        return pipe
+    print(f"efficacy on the demo model ({args.model} has random weights) ...", file=sys.stderr, flush=True)
+    demo = build_pipeline("demo", None, torch.float32, "cpu")
+    demo.sketch_gradient_reuse = pipe.sketch_gradient_reuse
+    return demo
 
 
 def ratios(seconds: dict[str, dict[str, Any]], args: argparse.Namespace, guided_steps: int) -> dict[str, float]:
@@ -451,32 +494,93 @@ def ratios(seconds: dict[str, dict[str, Any]], args: argparse.Namespace, guided_
 
 
 def efficacy(pipe, args: argparse.Namespace) -> dict[str, Any]:
-    """Speed and sketch agreement of the exact mode and of each `--intervals` k, on the held-out cases of the demo
-    model's efficacy benchmark (`benchmarks.efficacy`), at `--sketch_guidance_scale`; each k also at k times that scale,
-    which gives back the summed size of the guidance steps that guiding every k-th step leaves out."""
+    """Speed and sketch agreement of each mode on the held-out cases of the demo model's efficacy benchmark
+    (`benchmarks.efficacy`), at `--sketch_guidance_scale` and each `--guided_fraction`: the exact method, and for each
+    `--intervals` k the gradient every k-th step reused between (the pipeline's interval mode) and, for comparison, with
+    nothing between, also at k times the scale (which gives back the summed size of the guidance steps left out)."""
     from benchmarks.efficacy import generate, held_out_cases, measure_image, native_image_size, summarize
     from pipeline_sketch_guided.training.evaluate import sketch_strokes
 
     image_size = native_image_size(pipe)
     cases = held_out_cases(args.efficacy_cases, image_size)
     strokes = [sketch_strokes(case.sketch, image_size, image_size) for case in cases]
-    modes: list[tuple[str, dict[str, Any] | None]] = [("unguided", None)]
-    for interval in [1, *args.intervals]:
-        for scale in sorted({args.sketch_guidance_scale, args.sketch_guidance_scale * interval}):
-            guidance = {"sketch_guidance_scale": scale, "sketch_guidance_end": args.guided_fraction}
-            if interval != 1:
-                guidance["sketch_guidance_interval"] = interval
-            modes.append((f"every {interval}, scale {scale:g}", guidance))
+    beta = args.sketch_guidance_scale
+    modes: list[tuple[str, dict[str, Any] | None, bool]] = [("unguided", None, True)]
+    for fraction in args.guided_fractions:
+        suffix = mode_suffix(args, fraction)
+        modes.append((f"exact, scale {beta:g}{suffix}", guided_settings(args, fraction, None), True))
+        for interval in args.intervals:
+            settings = guided_settings(args, fraction, None, interval)
+            modes.append((f"every {interval}, reused between, scale {beta:g}{suffix}", settings, True))
+            for scale in sorted({beta, beta * interval}):
+                plain = {**settings, "sketch_guidance_scale": scale}
+                modes.append((f"every {interval}, nothing between, scale {scale:g}{suffix}", plain, False))
 
     results = {}
-    for name, guidance in modes:
-        print(f"efficacy, {name} ...", file=sys.stderr, flush=True)
-        metrics, start = [], time.perf_counter()
-        for seed in args.efficacy_seeds:
-            images = generate(pipe, cases, seed, image_size, args.steps, args.guidance_scale, guidance)
-            metrics += [measure_image(image, case, s) for image, case, s in zip(images, cases, strokes, strict=True)]
-        results[name] = {**summarize(metrics), "seconds": time.perf_counter() - start}
+    reuse = pipe.sketch_gradient_reuse
+    try:
+        for name, guidance, gradient_reuse in modes:
+            print(f"efficacy, {name} ...", file=sys.stderr, flush=True)
+            pipe.sketch_gradient_reuse = gradient_reuse
+            if guidance is not None:
+                guidance = {key: value for key, value in guidance.items() if key != "sketch"}
+            metrics, start = [], time.perf_counter()
+            for seed in args.efficacy_seeds:
+                steps = args.efficacy_steps or args.steps
+                images = generate(pipe, cases, seed, image_size, steps, args.guidance_scale, guidance)
+                metrics += [measure_image(im, case, s) for im, case, s in zip(images, cases, strokes, strict=True)]
+            results[name] = {**summarize(metrics), "seconds": time.perf_counter() - start}
+    finally:
+        pipe.sketch_gradient_reuse = reuse
     return results
+
+
+def side_by_side(record: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each mode at each guided fraction: its cost over unguided (timed on `--model`) and its sketch agreement (on
+    the efficacy model), with the agreement as a fraction of the exact method's at the same range."""
+    seconds = {name: value["median"] for name, value in record["seconds"].items()}
+    scores = record["efficacy"]
+    beta = args.sketch_guidance_scale
+    unguided = seconds.get("generation, unguided")
+    rows = [{"fraction": 0.0, "mode": "unguided", "cost": 1.0 if unguided else None, **pick(scores["unguided"])}]
+    for fraction in args.guided_fractions:
+        suffix = mode_suffix(args, fraction)
+        exact = scores[f"exact, scale {beta:g}{suffix}"]
+        entries = [("exact", f"generation, guided{suffix}", f"exact, scale {beta:g}{suffix}")]
+        if "batched" in args.step_modes:
+            entries.append(("exact, batched", f"generation, guided, batched{suffix}", f"exact, scale {beta:g}{suffix}"))
+        for k in args.intervals:
+            entries.append(
+                (
+                    f"every {k}, reused",
+                    f"generation, guided every {k} steps{suffix}",
+                    f"every {k}, reused between, scale {beta:g}{suffix}",
+                )
+            )
+            entries.append(
+                (
+                    f"every {k}, nothing between",
+                    f"generation, guided every {k} steps{suffix}",
+                    f"every {k}, nothing between, scale {beta:g}{suffix}",
+                )
+            )
+        for mode, timing, score in entries:
+            cost = seconds[timing] / unguided if unguided and timing in seconds else None
+            values = pick(scores[score])
+            rows.append(
+                {
+                    "fraction": fraction,
+                    "mode": mode,
+                    "cost": cost,
+                    **values,
+                    "iou_of_exact": values["iou"] / exact["iou"],
+                }
+            )
+    return rows
+
+
+def pick(summary: dict[str, Any]) -> dict[str, float]:
+    return {key: summary[key] for key in ("iou", "outline_f_score", "colour_agreement")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -516,6 +620,16 @@ def format_table(record: dict[str, Any]) -> str:
                 f"  {mode:<44}{value['iou']:>10.3f}{value['outline_f_score']:>11.3f}"
                 f"{value['colour_agreement']:>8.2f}{value['seconds']:>9.1f}"
             )
+    if "side_by_side" in record:
+        lines += ["", "| guided fraction | mode | cost over unguided | IoU | of exact | outline F | colour |"]
+        lines.append("|---:|---|---:|---:|---:|---:|---:|")
+        for row in record["side_by_side"]:
+            cost = f"{row['cost']:.2f}x" if row["cost"] is not None else "-"
+            of_exact = f"{row['iou_of_exact']:.0%}" if "iou_of_exact" in row else ""
+            lines.append(
+                f"| {row['fraction']:g} | {row['mode']} | {cost} | {row['iou']:.3f} | {of_exact} |"
+                f" {row['outline_f_score']:.3f} | {row['colour_agreement']:.0%} |"
+            )
     return "\n".join(lines)
 
 
@@ -544,9 +658,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument(
         "--guided_fraction",
+        "--guided_fractions",
+        dest="guided_fractions",
         type=float,
-        default=DEFAULT_SKETCH_GUIDANCE_END,
-        help="`sketch_guidance_end` (start is 0); default: the pipeline's.",
+        nargs="+",
+        default=[DEFAULT_SKETCH_GUIDANCE_END],
+        help="`sketch_guidance_end` (start is 0), one or several side by side; default: the pipeline's.",
+    )
+    parser.add_argument(
+        "--step_modes",
+        nargs="+",
+        default=["split", "batched"],
+        choices=["split", "batched"],
+        help="Guided step modes to time for the exact method (`pipe.guided_step_mode`); default both.",
     )
     parser.add_argument("--intervals", type=int, nargs="*", default=[], help="Also guide every k-th step, each k.")
     parser.add_argument(
@@ -560,6 +684,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--efficacy", action="store_true", help="Sketch agreement of each mode (needs a trained LGP).")
     parser.add_argument("--efficacy_cases", type=int, default=12, help="Held-out cases for --efficacy.")
     parser.add_argument("--efficacy_seeds", type=int, nargs="+", default=[0, 1], help="Seeds for --efficacy.")
+    parser.add_argument("--efficacy_steps", type=int, default=None, help="Steps for --efficacy; default: --steps.")
     parser.add_argument(
         "--sketch_guidance_scale", type=float, default=DEFAULT_SKETCH_GUIDANCE_SCALE, help="Default: the pipeline's."
     )
@@ -579,8 +704,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.steps < 1:
         parser.error("--repeats and --steps must be at least 1, --warmup at least 0.")
-    if not 0 < args.guided_fraction <= 1:
-        parser.error(f"--guided_fraction must be in (0, 1], got {args.guided_fraction}.")
+    if not all(0 < fraction <= 1 for fraction in args.guided_fractions):
+        parser.error(f"--guided_fraction must be in (0, 1], got {args.guided_fractions}.")
     if any(k < 1 for k in args.intervals):
         parser.error("--intervals must be at least 1.")
     return args

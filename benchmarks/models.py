@@ -88,6 +88,10 @@ SDXL_TEXT_2 = {
 }
 
 
+# Models built with random weights: their cost is real, their images are not (sketch agreement is measured elsewhere).
+RANDOM_MODELS = ("tiny", "tiny-sdxl", "sd15-random", "sdxl-random")
+
+
 def build_pipeline(model: str, lgp: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """The pipeline to measure: `tiny`, `tiny-sdxl`, `sd15-random`, `sdxl-random`, `demo`, or a Hub id / folder of a
     Stable Diffusion (XL) model.

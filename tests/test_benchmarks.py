@@ -40,6 +40,37 @@ def guided_timesteps(pipe, **kwargs) -> list[int]:
     return calls
 
 
+def test_modes_side_by_side_at_several_guided_fractions_in_one_run(tmp_path):
+    argv = ["--model", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    argv += ["--guided_fraction", "0.5", "1.0", "--intervals", "2", "--step_modes", "split", "--phases", "generation"]
+    argv += ["--efficacy", "--efficacy_cases", "2", "--efficacy_seeds", "0", "--efficacy_steps", "3"]
+    argv += ["--sketch_guidance_scale", "2.5"]
+    record = guided_sampling.main(argv)
+    assert record["config"]["efficacy_steps"] == 3
+
+    assert record["config"]["guided_fractions"] == [0.5, 1.0]
+    for fraction in ("0.5", "1"):
+        assert f"generation, guided (end {fraction})" in record["seconds"]
+        assert f"generation, guided every 2 steps (end {fraction})" in record["seconds"]
+        assert f"generation, guided, batched (end {fraction})" not in record["seconds"]  # --step_modes split only
+    rows = {(row["fraction"], row["mode"]): row for row in record["side_by_side"]}
+    assert set(rows) == {
+        (0.0, "unguided"),
+        *((f, m) for f in (0.5, 1.0) for m in ("exact", "every 2, reused", "every 2, nothing between")),
+    }
+    for (fraction, mode), row in rows.items():
+        assert row["cost"] > 0 and 0 <= row["iou"] <= 1, (fraction, mode)
+        if mode == "exact":
+            assert row["iou_of_exact"] == 1
+    # Each row's agreement is its own mode's at the run's scale; the plain interval mode is also measured at k x beta.
+    efficacy = record["efficacy"]
+    assert (
+        rows[(1.0, "every 2, nothing between")]["iou"] == efficacy["every 2, nothing between, scale 2.5 (end 1)"]["iou"]
+    )
+    assert rows[(0.5, "every 2, reused")]["iou"] == efficacy["every 2, reused between, scale 2.5 (end 0.5)"]["iou"]
+    assert "every 2, nothing between, scale 5 (end 1)" in efficacy
+
+
 def test_benchmark_smoke_run_reports_every_figure(tmp_path):
     output = tmp_path / "guided_sampling.json"
     argv = ["--model", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
