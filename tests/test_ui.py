@@ -158,6 +158,20 @@ def test_the_unguided_image_is_reused_for_a_new_sketch_and_matches_the_pipeline(
     assert third.unguided != first.unguided
 
 
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_the_app_serves_any_sketch_guided_pipeline(kind, tmp_path):
+    from pipeline_sketch_guided.testing import tiny_random_pipeline, tiny_random_sdxl_pipeline
+
+    pipe = tiny_random_pipeline() if kind == "sd" else tiny_random_sdxl_pipeline()
+    app = SketchGuidedApp(pipe, tmp_path, model_name=f"tiny-{kind}")
+    sketch = freehand_sketch("circle", (32, 32), 20, size=128)
+    result = app.generate(sketch, Settings("a red circle", steps=2, sketch_guidance_end=1.0))
+    size = app.default_size
+    for path in (result.image, result.unguided, result.edge_map):
+        assert PIL.Image.open(path).size == (size, size)
+    assert f"tiny-{kind}" in PIL.Image.open(result.image).text["sketch_guided"]
+
+
 def test_stop_interrupts_only_the_session_that_runs(demo_app):
     star = freehand_sketch("star", (24, 30), 16, seed=1, size=256)
     seen = []
