@@ -22,6 +22,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .cli import save_image
 from .guidance import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE, MAX_SKETCH_GUIDANCE_SCALE
 
 logger = logging.getLogger(__name__)
@@ -203,19 +204,20 @@ class SketchGuidedApp:
         runs = 1 + (compare and unguided is None)
         total = runs * settings.steps
 
-        sketch_path = str(self.output_dir / f"{stem}-sketch.png")
-        metadata = self._metadata(settings, sketch)
         output = self._run(sketch, settings, progress, done=0, total=total, what="sketch-guided")
-        from .cli import save_image
+        unguided_output = None
+        if compare and unguided is None:
+            unguided_output = self._run(None, settings, progress, done=settings.steps, total=total, what="unguided")
 
+        # Written only once both are drawn, so that a stopped generation leaves no file.
+        metadata = self._metadata(settings, sketch)
+        sketch_path = str(self.output_dir / f"{stem}-sketch.png")
         save_image(sketch, sketch_path)
         image_path = str(self.output_dir / f"{stem}.png")
         save_image(output.images[0], image_path, {**metadata, "sketch_file": os.path.basename(sketch_path)})
         edge_path = str(self.output_dir / f"{stem}-edges.png")
         save_image(output.edge_maps[0], edge_path)
-
-        if compare and unguided is None:
-            unguided_output = self._run(None, settings, progress, done=settings.steps, total=total, what="unguided")
+        if unguided_output is not None:
             unguided = str(self.output_dir / f"{stem}-unguided.png")
             unguided_metadata = {k: v for k, v in metadata.items() if not k.startswith("sketch")}
             save_image(unguided_output.images[0], unguided, unguided_metadata)
@@ -295,8 +297,6 @@ class SketchGuidedApp:
             path = folder / f"{kind}.png"
             if not path.is_file():
                 sketch = freehand_sketch(kind, center, radius, rotation, seed=index, size=512, **style)
-                from .cli import save_image
-
                 save_image(sketch, str(path))
             examples.append([str(path), prompt])
         return examples

@@ -182,8 +182,10 @@ def test_stop_interrupts_only_the_session_that_runs(demo_app):
             assert not demo_app.stop("another-session")  # someone else's stop does nothing
             assert demo_app.stop("mine")
 
+    files = set(demo_app.output_dir.iterdir())
     with pytest.raises(Stopped, match="Stopped at step 2 of 20"):
         demo_app.generate(star, Settings(STAR_PROMPT, steps=20), session="mine", progress=progress)
+    assert set(demo_app.output_dir.iterdir()) == files  # a stopped generation leaves no file
     assert seen == [1, 2]  # diffusers' loop skipped the remaining steps ...
     assert not demo_app.stop("mine")  # ... and nothing runs after it
     # The next generation is not stopped by the old request.
