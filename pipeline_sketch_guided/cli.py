@@ -162,6 +162,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", help="base model: a Hub repo id or a folder (default: the shipped demo model, offline)"
     )
     parser.add_argument("--lgp", help="LGP: a Hub repo id or a folder (default: the one saved with --model, if any)")
+    parser.add_argument(
+        "--demo-map",
+        choices=["edges", "silhouette"],
+        help="without --model: which of the demo model's LGPs guides, by the map it reads: edges (sketches, the"
+        " default) or silhouette (filled shapes, white on black: 'put a red thing here, this big')",
+    )
     parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: cuda if available, else cpu)")
     parser.add_argument(
         "--dtype",
@@ -193,7 +199,9 @@ def add_generate_parser(subparsers) -> None:
     parser.add_argument("--prompt", required=True, help="what to draw")
     parser.add_argument("--negative-prompt", help="what to keep out of the image")
     parser.add_argument(
-        "--sketch", help="the drawing to follow (an image file, either polarity); without it, no sketch guidance"
+        "--sketch",
+        help="the drawing to follow (an image file, either polarity), or the map the LGP was trained on (a silhouette:"
+        " white shapes on black; a depth map: light is near; a colour map); without it, no guidance",
     )
     parser.add_argument(
         "--sketch-mask",
@@ -237,15 +245,24 @@ def add_generate_parser(subparsers) -> None:
     parser.add_argument("--width", type=positive_int, help="image width in pixels (default: the model's)")
     parser.add_argument(
         "--edge-map-out",
-        help="also write the LGP's predicted edge map at the last guided step (bright where it predicts strokes)",
+        help="also write the LGP's predicted map at the last guided step (for an edge LGP bright where it predicts"
+        " strokes; otherwise the kind of map it was trained on)",
     )
     add_model_arguments(parser)
     parser.set_defaults(func=run_generate)
 
 
-def load_pipeline(model: str | None, lgp: str | None, device: str | None = None, torch_dtype=None, **kwargs):
-    """The demo pipeline (`model=None`) or the Stable Diffusion model at `model` (a folder or Hub id, loaded with
-    `kwargs` as for `from_pretrained`), with the LGP at `lgp` when given, on `device`.
+def load_pipeline(
+    model: str | None,
+    lgp: str | None,
+    device: str | None = None,
+    torch_dtype=None,
+    demo_map: str | None = None,
+    **kwargs,
+):
+    """The demo pipeline (`model=None`, with its LGP for `demo_map`, edges by default) or the Stable Diffusion model at
+    `model` (a folder or Hub id, loaded with `kwargs` as for `from_pretrained`), with the LGP at `lgp` when given, on
+    `device`.
 
     `torch_dtype` defaults to float16 on a GPU and float32 on the CPU.
     """
@@ -258,7 +275,7 @@ def load_pipeline(model: str | None, lgp: str | None, device: str | None = None,
     if torch_dtype is None:
         torch_dtype = torch.float16 if device is not None and device.startswith("cuda") else torch.float32
     if model is None:
-        pipe = load_demo_pipeline(torch_dtype=torch_dtype)
+        pipe = load_demo_pipeline(torch_dtype=torch_dtype, map=demo_map or "edges")
     else:
         pipeline_class = pipeline_class_for(model, revision=kwargs.get("revision"))
         pipe = pipeline_class.from_pretrained(model, **dtype_kwargs(torch_dtype), **kwargs)
@@ -347,6 +364,16 @@ def check_image_file(path: str, option: str) -> None:
         raise UsageError(f"{option} {path}: not an image this can read ({error}).") from None
 
 
+def lgp_name(args: argparse.Namespace) -> str | None:
+    """What an image's metadata names as its LGP: `--lgp`, the demo's LGP for `--demo-map`, or None (the model's)."""
+    return args.lgp or (f"pipeline_sketch_guided demo {args.demo_map} LGP" if args.demo_map else None)
+
+
+def check_demo_map(args: argparse.Namespace) -> None:
+    if args.demo_map is not None and (args.model is not None or args.lgp is not None):
+        raise UsageError("--demo-map picks one of the demo model's LGPs: use it without --model and --lgp.")
+
+
 def check_model_source(source: str | None, option: str, what: str) -> None:
     """A folder that exists, or something that can be a Hub repo id; a path that does not exist is reported now
     instead of after the Hub's retries."""
@@ -415,6 +442,7 @@ def check_generate_args(args: argparse.Namespace) -> None:
     for size in (args.height, args.width):
         if size is not None and size % 8:
             raise UsageError(f"--height and --width must be multiples of 8, got {size}.")
+    check_demo_map(args)
     check_model_source(args.model, "--model", "model's")
     check_model_source(args.lgp, "--lgp", "LGP's")
 
@@ -494,7 +522,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.model is None and (unknown := unknown_words(f"{args.prompt} {args.negative_prompt or ''}")):
         logger.warning(f"The demo model does not know {', '.join(map(repr, unknown))}. {VOCABULARY_HELP}")
 
-    pipe = load_pipeline(args.model, args.lgp, device, dtype)
+    pipe = load_pipeline(args.model, args.lgp, device, dtype, demo_map=args.demo_map)
     if args.scheduler:
         import diffusers
 
@@ -527,7 +555,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "cfg_scale": args.guidance_scale,
         "size": f"{output.images[0].width}x{output.images[0].height}",
         "model": args.model or "pipeline_sketch_guided demo model",
-        "lgp": args.lgp,
+        "lgp": lgp_name(args),
         "sketch_sha256": file_sha256(args.sketch) if args.sketch else None,
         "sketch_mask_sha256": file_sha256(args.sketch_mask) if args.sketch_mask else None,
         "sketch_guidance_scale": args.sketch_guidance_scale if args.sketch else None,
@@ -582,6 +610,7 @@ def run_batch(args: argparse.Namespace) -> int:
     from .batch import contact_sheet, process_state, read_manifest, run_manifest
 
     read_manifest(args.manifest)  # a manifest that cannot be read at all fails now, before a model is loaded
+    check_demo_map(args)
     check_model_source(args.model, "--model", "model's")
     check_model_source(args.lgp, "--lgp", "LGP's")
     if args.contact_sheet:
@@ -590,9 +619,10 @@ def run_batch(args: argparse.Namespace) -> int:
     device = resolve_device(args.device) if args.device or state.num_processes == 1 else str(state.device)
     dtype = resolve_dtype(args.dtype, device, guided=True)
     set_threads(args, device)
-    pipe = load_pipeline(args.model, args.lgp, device, dtype)
+    pipe = load_pipeline(args.model, args.lgp, device, dtype, demo_map=args.demo_map)
     pipe.set_progress_bar_config(disable=True)
-    context = {"model": args.model or "pipeline_sketch_guided demo model", "lgp": args.lgp, "dtype": str(dtype)}
+    context = {"model": args.model or "pipeline_sketch_guided demo model", "lgp": lgp_name(args)}
+    context["dtype"] = str(dtype)
     summary = run_manifest(
         pipe,
         args.manifest,
@@ -727,6 +757,7 @@ def run_ui(args: argparse.Namespace) -> int:
         raise UsageError(f"--output-dir {args.output_dir}: a file, not a folder.")
     if not os.path.isdir(os.path.dirname(output_dir)):
         raise UsageError(f"--output-dir {args.output_dir}: the folder {os.path.dirname(output_dir)} does not exist.")
+    check_demo_map(args)
     check_model_source(args.model, "--model", "model's")
     check_model_source(args.lgp, "--lgp", "LGP's")
     device = resolve_device(args.device)
@@ -746,12 +777,12 @@ def run_ui(args: argparse.Namespace) -> int:
 
     from .ui import SketchGuidedApp, launch
 
-    pipe = load_pipeline(args.model, args.lgp, device, dtype)
+    pipe = load_pipeline(args.model, args.lgp, device, dtype, demo_map=args.demo_map)
     pipe.set_progress_bar_config(disable=True)
     app = SketchGuidedApp(
-        pipe, output_dir, model_name=args.model or "pipeline_sketch_guided demo model", lgp_name=args.lgp
+        pipe, output_dir, model_name=args.model or "pipeline_sketch_guided demo model", lgp_name=lgp_name(args)
     )
-    examples = app.write_examples() if args.model is None else None
+    examples = app.write_examples() if args.model is None and args.lgp is None else None
     launch(app, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb, examples=examples)
     return 0
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 from .cli import save_image
@@ -157,6 +158,31 @@ class SketchGuidedApp:
     def default_size(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
+    @property
+    def map_kind(self) -> str:
+        """The kind of map the pipeline's LGP reads (`LGPModel.config.map_kind`): edges, silhouette, depth, color."""
+        return getattr(self.pipe.lgp.config, "map_kind", "edges")
+
+    def guidance_map(self, drawing: PIL.Image.Image) -> PIL.Image.Image:
+        """The drawing as the LGP reads it. Edge maps go to the pipeline as drawn (it handles either polarity). A
+        silhouette LGP reads white shapes on black: shapes painted dark on the white page are turned round (an upload
+        already white on black is kept: the shapes are the minority tone). Other maps are passed as they are.
+
+        Raises:
+            ValueError: for an empty canvas, when the pipeline itself would not say so.
+        """
+        if self.map_kind == "edges":
+            return drawing
+        grey = np.asarray(drawing.convert("L"))
+        if grey.max() == grey.min():
+            raise ValueError(
+                f"The canvas is empty: this LGP reads {self.map_kind} maps, so paint the shapes where they go (filled)"
+                " or upload a map."
+            )
+        if self.map_kind == "silhouette" and np.median(grey) >= 128:
+            return PIL.ImageOps.invert(drawing.convert("RGB"))
+        return drawing
+
     def stop(self, session: str | None) -> bool:
         """Ask the generation of `session` to stop after its current step; False if it is not running one."""
         if session is None or session != self._running_session:
@@ -180,6 +206,7 @@ class SketchGuidedApp:
             Stopped: when `stop(session)` was called during the generation.
         """
         settings = settings.checked()
+        sketch = self.guidance_map(sketch)
         with self.lock:
             self._running_session = session
             self._stop_requested.clear()
@@ -287,17 +314,22 @@ class SketchGuidedApp:
         }
 
     def write_examples(self) -> list[list[str]]:
-        """The demo model's built-in free-hand sketches as files under the output folder, with their prompts."""
-        from .demo import DEMO_SKETCHES, freehand_sketch
+        """The demo model's built-in free-hand sketches (for its silhouette LGP: blobs, painted dark on the page as on
+        the canvas) as files under the output folder, with their prompts."""
+        from .demo import DEMO_SKETCHES, freehand_blob, freehand_sketch
 
         folder = self.output_dir / "examples"
         folder.mkdir(exist_ok=True)
         examples = []
         for index, (prompt, kind, center, radius, rotation, style) in enumerate(DEMO_SKETCHES):
-            path = folder / f"{kind}.png"
+            path = folder / f"{kind}-{self.map_kind}.png"
             if not path.is_file():
-                sketch = freehand_sketch(kind, center, radius, rotation, seed=index, size=512, **style)
-                save_image(sketch, str(path))
+                if self.map_kind == "silhouette":
+                    blob, _ = freehand_blob(kind, center, radius, rotation, seed=index, size=512)
+                    example = PIL.ImageOps.invert(blob.convert("L"))
+                else:
+                    example = freehand_sketch(kind, center, radius, rotation, seed=index, size=512, **style)
+                save_image(example, str(path))
             examples.append([str(path), prompt])
         return examples
 
@@ -320,7 +352,11 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
     from .demo import VOCABULARY_HELP
 
     canvas_size = max(512, min(1024, app.default_size))
-    pen = max(2, canvas_size // 48)
+    pen = max(2, canvas_size // 48) * (4 if app.map_kind == "silhouette" else 1)
+    what_to_draw = {
+        "edges": "Sketch: draw, or upload a drawing",
+        "silhouette": "Silhouettes: paint the shapes where they go, filled, or upload a map",
+    }.get(app.map_kind, f"The {app.map_kind} map to follow: upload it")
 
     def on_generate(
         canvas,
@@ -392,7 +428,7 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
         with gr.Row():
             with gr.Column():
                 canvas = gr.Sketchpad(
-                    label="Sketch: draw, or upload a drawing",
+                    label=what_to_draw,
                     type="pil",
                     image_mode="RGBA",
                     sources=("upload", "clipboard"),
@@ -462,7 +498,8 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
                         label="Unguided, same seed", type="filepath", interactive=False, height=320, elem_id="unguided"
                     )
                 edge_map = gr.Image(
-                    label="The LGP's predicted edge map (last guided step)",
+                    label=f"The LGP's predicted {'edge map' if app.map_kind == 'edges' else app.map_kind + ' map'}"
+                    " (last guided step)",
                     type="filepath",
                     interactive=False,
                     height=240,

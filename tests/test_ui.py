@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import PIL.ImageOps
 import pytest
 import torch
 
@@ -115,6 +116,7 @@ def test_settings_out_of_range_say_which_and_the_range(change, message):
         (["--output-dir", "{file}"], "a file, not a folder"),
         (["--output-dir", "{missing}/out"], "does not exist"),
         (["--model", "./no/such/model"], "no such folder"),
+        (["--demo-map", "silhouette", "--lgp", "some/lgp"], "--demo-map picks one of the demo model's LGPs"),
     ],
 )
 def test_ui_arguments_that_cannot_work_are_one_line_before_loading(arguments, message, tmp_path, monkeypatch):
@@ -156,6 +158,28 @@ def test_the_unguided_image_is_reused_for_a_new_sketch_and_matches_the_pipeline(
     # Another seed draws another unguided image.
     third = demo_app.generate(circle, Settings(settings.prompt, seed=6, steps=6))
     assert third.unguided != first.unguided
+
+
+def test_a_silhouette_lgp_reads_shapes_painted_on_the_page_or_uploaded_white_on_black(tmp_path):
+    from pipeline_sketch_guided.demo import freehand_blob
+
+    app = SketchGuidedApp(load_demo_pipeline(map="silhouette"), tmp_path, model_name="demo")
+    assert app.map_kind == "silhouette"
+    blob, _ = freehand_blob("circle", (24, 36), 15, seed=4, size=256)  # white on black, as the LGP reads it
+    painted = PIL.ImageOps.invert(blob.convert("RGB"))  # dark paint on the white page, as drawn on the canvas
+    assert np.array_equal(np.asarray(app.guidance_map(painted)), np.asarray(blob.convert("RGB")))
+    assert np.array_equal(np.asarray(app.guidance_map(blob.convert("RGB"))), np.asarray(blob.convert("RGB")))
+    with pytest.raises(ValueError, match="The canvas is empty"):
+        app.guidance_map(sketch_from_canvas(None))
+
+    result = app.generate(painted, Settings("a blue circle on a white background", seed=2))
+    truth = np.asarray(blob.convert("L").resize((64, 64), PIL.Image.Resampling.BOX)) > 127
+    guided_iou = iou(segment_foreground(PIL.Image.open(result.image)), truth)
+    unguided_iou = iou(segment_foreground(PIL.Image.open(result.unguided)), truth)
+    assert guided_iou > max(0.5, 2 * unguided_iou), (guided_iou, unguided_iou)
+    # The examples are blobs painted on the page, the way the canvas gives them.
+    example = PIL.Image.open(app.write_examples()[0][0]).convert("L")
+    assert np.median(np.asarray(example)) == 255 and np.asarray(example).min() == 0
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
