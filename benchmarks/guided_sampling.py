@@ -397,7 +397,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     # Repetition by repetition (each pair ran back to back), to show how far a changing load moved the ratio.
     record["ratio_runs"] = {
         f"{a} / {b}": [x / y for x, y in zip(seconds[a]["runs"], seconds[b]["runs"], strict=True)]
-        for a, b in [("generation, guided", "generation, unguided"), ("step, guided", "step, unguided")]
+        for a, b in [
+            *((name, "generation, unguided") for name in seconds if name.startswith("generation, guided")),
+            ("step, guided", "step, unguided"),
+        ]
         if a in seconds and b in seconds
     }
     if args.efficacy:
@@ -606,7 +609,8 @@ def format_table(record: dict[str, Any]) -> str:
         for name, value in record["saved_for_backward_mib"].items():
             after = value["after the last block read"]
             lines.append(f"  {name:<50}{value['total']:>10.1f}  ({after:.1f} after the last block read)")
-    lines += ["", "ratios:"]
+    if record["ratios"]:
+        lines += ["", "ratios:"]
     lines += [f"  {name:<50}{value:>10.3f}" for name, value in record["ratios"].items()]
     for name, values in record["ratio_runs"].items():
         lines.append(f"  {name + ', each run':<50}  {' '.join(f'{value:.3f}' for value in values)}")
