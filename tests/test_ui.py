@@ -1,6 +1,7 @@
 """`sketch-guided ui`: the page's pieces in process, its API through gradio_client against a real server on the demo
 model, and the whole path in a real browser (headless Chromium from the system: `apt-get install chromium`)."""
 
+import io
 import math
 import os
 import shutil
@@ -389,6 +390,9 @@ def test_in_a_browser_a_drawn_star_becomes_a_red_star_where_it_was_drawn(server)
             page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
             guided = fetch_image(page, result.get_attribute("src"))
             unguided = fetch_image(page, page.locator("#unguided img").get_attribute("src"))
+            edge_map = fetch_image(page, page.locator("#edge_map img").get_attribute("src"))
+            # The session's gallery holds the result as the PNG that was written, its settings in its metadata.
+            gallery_png = page.request.get(page.locator("#gallery img").first.get_attribute("src")).body()
         finally:
             browser.close()
 
@@ -402,11 +406,12 @@ def test_in_a_browser_a_drawn_star_becomes_a_red_star_where_it_was_drawn(server)
     guided_iou, unguided_iou = iou(foreground, drawn), iou(segment_foreground(unguided), drawn)
     assert guided_iou > max(0.5, 2 * unguided_iou), (guided_iou, unguided_iou)
     assert named_colour(foreground_colour(guided, foreground)) == "red"
+    assert edge_map.size == guided.size
+    settings = PIL.Image.open(io.BytesIO(gallery_png)).text["sketch_guided"]
+    assert STAR_PROMPT in settings and '"seed": 0' in settings
 
 
 def fetch_image(page, src: str) -> PIL.Image.Image:
-    import io
-
     response = page.request.get(src)
     assert response.ok, src
     return PIL.Image.open(io.BytesIO(response.body())).convert("RGB")
