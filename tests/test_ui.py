@@ -415,3 +415,32 @@ def fetch_image(page, src: str) -> PIL.Image.Image:
     response = page.request.get(src)
     assert response.ok, src
     return PIL.Image.open(io.BytesIO(response.body())).convert("RGB")
+
+
+def test_in_a_browser_an_example_loads_with_one_click_and_is_followed(server):
+    from playwright.sync_api import sync_playwright
+
+    from pipeline_sketch_guided.demo import DEMO_SKETCHES, shape_polygon
+
+    url, root = server
+    prompt, kind, center, radius, rotation, _ = DEMO_SKETCHES[0]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url)
+            page.get_by_text(prompt, exact=True).last.click()  # the example's row
+            page.wait_for_function(
+                "p => document.querySelector('#prompt textarea').value === p", arg=prompt, timeout=30_000
+            )
+            before = set((root / "out").glob("*-sketch.png"))
+            page.locator("#generate").click()
+            page.wait_for_function(
+                "() => document.querySelector('#status')?.innerText.includes('written to')", timeout=180_000
+            )
+        finally:
+            browser.close()
+    (sketch_file,) = set((root / "out").glob("*-sketch.png")) - before
+    # The sketch the app followed is the example's: the star it encloses is the example's star.
+    example_star = filled([(x / 64, y / 64) for x, y in shape_polygon(kind, center, radius, rotation)])
+    assert iou(enclosed_region(PIL.Image.open(sketch_file)), example_star) > 0.7
