@@ -143,6 +143,11 @@ class SketchGuidedApp:
     """
 
     def __init__(self, pipe, output_dir: str | os.PathLike, model_name: str, lgp_name: str | None = None):
+        if getattr(pipe, "lgp", None) is None:
+            raise ValueError(
+                f"{model_name} has no LGP to guide with: pass one (`--lgp`, a folder or Hub id of an LGP trained for"
+                " this base model; see the README's 'Train an LGP')."
+            )
         self.pipe = pipe
         self.output_dir = Path(output_dir).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -183,6 +183,15 @@ def test_a_silhouette_lgp_reads_shapes_painted_on_the_page_or_uploaded_white_on_
     assert np.median(np.asarray(example)) == 255 and np.asarray(example).min() == 0
 
 
+def test_a_model_without_an_lgp_is_refused_with_what_to_pass(tmp_path):
+    from pipeline_sketch_guided.testing import tiny_random_pipeline
+
+    pipe = tiny_random_pipeline()
+    pipe.lgp = None
+    with pytest.raises(ValueError, match="has no LGP to guide with: pass one"):
+        SketchGuidedApp(pipe, tmp_path, model_name="some/model")
+
+
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_the_app_serves_any_sketch_guided_pipeline(kind, tmp_path):
     from pipeline_sketch_guided.testing import tiny_random_pipeline, tiny_random_sdxl_pipeline
