@@ -118,6 +118,40 @@ def _is_hub_repo_id(name: str | None) -> bool:
     return True
 
 
+def card_map_text(config) -> dict[str, str]:
+    """How a model card names the LGP's map (`map_kind`: configs from before map kinds are edge LGPs) and tells a
+    user what to pass."""
+    kind = getattr(config, "map_kind", "edges")
+    normalization = getattr(config, "map_normalization", "none")
+    if kind == "edges":
+        return {
+            "title": "Sketch",
+            "task": "sketch-guided",
+            "name": "edge map",
+            "input": "sketch",
+            "argument": "sketch",
+            "file": "sketch.png",
+            "how": "The sketch may be dark strokes on light paper or light on dark, any size.",
+            "row": f"edges, trained as {config.sketch_polarity.replace('_', ' ')}",
+        }
+    stretched = " stretched to its full range (as in training)" if normalization == "minmax" else ""
+    how = {
+        "silhouette": 'The map is filled shapes, white on black ("a thing here, this big"), taken as it is, any size.',
+        "depth": f"The map is a depth map, light is near, any size, taken as it is{stretched}.",
+        "color": "The map is a colour map (segmentation colours, normals, any RGB map), its three channels kept.",
+    }[kind]
+    return {
+        "title": kind.capitalize() if kind != "color" else "Colour map",
+        "task": f"{kind}-guided" if kind != "color" else "colour-map-guided",
+        "name": f"{kind} map" if kind != "color" else "colour map",
+        "input": "map",
+        "argument": "guidance_map",
+        "file": f"{kind}.png",
+        "how": how,
+        "row": kind + (f" ({normalization} normalisation)" if normalization != "none" else ""),
+    }
+
+
 def build_model_card(
     lgp: LGPModel,
     repo_id: str,
@@ -176,6 +210,7 @@ def build_model_card(
         hidden_dims=list(config.hidden_dims),
         feature_branch=config.feature_branch,
         sketch_polarity=config.sketch_polarity,
+        map=card_map_text(config),
         num_noise_frequencies=config.num_noise_frequencies,
         num_parameters=sum(p.numel() for p in lgp.parameters()),
         training_data=training_data or (source.training_data if source else None),

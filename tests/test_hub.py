@@ -73,7 +73,8 @@ def test_card_has_the_metadata_and_a_working_snippet(tmp_path):
     text = card.text
     assert "| Block preset | sketch2img |" in text
     assert "| Classifier-free guidance branch | conditional |" in text
-    assert "| Edge maps it was trained on | dark on light |" in text
+    assert "| Map it predicts | edges, trained as dark on light |" in text
+    assert "# Sketch-guidance LGP for" in text and 'sketch="sketch.png"' in text
     assert "| Input width | 9320 =" in text
     assert "- `mid_block.attentions.0`: 1280" in text
     assert "3000 COCO images with Canny edges" in text and "20000 steps" in text
@@ -92,6 +93,20 @@ def test_card_has_the_metadata_and_a_working_snippet(tmp_path):
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     assert loaded.data.to_dict() == card.data.to_dict()
+
+
+def test_card_of_an_lgp_for_another_map_names_it_and_passes_guidance_map():
+    torch.manual_seed(0)
+    config = SKETCH2IMG_SD15.lgp_config(hidden_dims=[32, 16], out_channels=4)
+    lgp = LGPModel(**config, map_kind="depth", map_normalization="minmax").eval()
+    text = build_model_card(lgp, REPO_ID).text
+    assert "# Depth-guidance LGP for" in text and "depth-guided text-to-image" in text
+    assert "| Map it predicts | depth (minmax normalisation) |" in text
+    use_it = text.split("## Use it")[1].split("## What it reads")[0]
+    assert "light is near" in use_it and "sketch=" not in use_it and "dark strokes" not in use_it
+    for snippet in python_blocks(text):
+        ast.parse(snippet)
+        assert 'guidance_map="depth.png"' in snippet
 
 
 def test_card_of_converted_weights_credits_the_source():
