@@ -2,7 +2,9 @@
 
 Seeded and reproducible: `render_sample(seed)` always draws the same picture. Each sample also carries the shapes'
 masks, which the efficacy benchmark uses to score where a shape was drawn, and `render_silhouette` draws them as a
-map (white shapes on black): the training maps of the demo silhouette LGP (`--silhouettes_dir`).
+map (white shapes on black): the training maps of the demo silhouette LGP (`--silhouettes_dir`). `render_drawn_edges`
+draws each shape's outline as a hand might (bent, broken, overshooting strokes of any width), an alternative to the
+Canny edges of the renders for the edge LGP's training maps (`--drawn_edges_dir`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageChops
 import PIL.ImageDraw
 
 from pipeline_sketch_guided import demo
-from pipeline_sketch_guided.demo import SHAPES, filled_mask, shape_polygon
+from pipeline_sketch_guided.demo import SHAPES, filled_mask, freehand_sketch, shape_polygon
 
 IMAGE_SIZE = 64
 # Shapes are drawn this many times larger, then shrunk, so that their edges are anti-aliased.
@@ -118,6 +121,27 @@ def render_silhouette(shapes: list[Shape]) -> PIL.Image.Image:
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), PIL.Image.Resampling.BOX)
 
 
+def render_drawn_edges(shapes: list[Shape], seed: int) -> PIL.Image.Image:
+    """Each shape's outline drawn free-hand, light strokes on black (the edge LGP's training convention), 64x64: a
+    random stroke style per shape (wobble, breaks, overshoot, width from thin to thick), seeded by `seed`."""
+    rng = random.Random(seed)
+    size = IMAGE_SIZE * SUPERSAMPLE
+    image = PIL.Image.new("L", (size, size), 0)
+    for shape in shapes:
+        style = {
+            "wobble": rng.uniform(0.0, 0.15),
+            "gaps": rng.choice((0, 0, 1, 2, 3, 4)),
+            "overshoot": rng.choice((0.0, rng.uniform(0.02, 0.15))),
+            "line_width": rng.uniform(0.7, 3.5),
+        }
+        outline = freehand_sketch(
+            shape.kind, shape.center, shape.radius, shape.rotation, seed=rng.getrandbits(32), dark_on_light=False,
+            size=size, **style,
+        )  # fmt: skip
+        image = PIL.ImageChops.lighter(image, outline)
+    return image.resize((IMAGE_SIZE, IMAGE_SIZE), PIL.Image.Resampling.BOX)
+
+
 def render_sample(seed: int) -> tuple[PIL.Image.Image, str, list[Shape]]:
     """The image, caption and shapes of sample `seed`."""
     rng = random.Random(seed)
@@ -128,19 +152,27 @@ def render_sample(seed: int) -> tuple[PIL.Image.Image, str, list[Shape]]:
 
 
 def write_image_folder(
-    output_dir: Path, num_images: int, first_seed: int = 0, silhouettes_dir: Path | None = None
+    output_dir: Path,
+    num_images: int,
+    first_seed: int = 0,
+    silhouettes_dir: Path | None = None,
+    drawn_edges_dir: Path | None = None,
 ) -> None:
     """Write samples first_seed .. first_seed + num_images - 1 as an ImageFolder (PNGs and metadata.jsonl), and each
-    one's silhouette map under the same file name in `silhouettes_dir` (for `prepare_data --map folder:...`)."""
+    one's silhouette map in `silhouettes_dir` and free-hand edge map in `drawn_edges_dir`, under the same file name
+    (for `prepare_data --map folder:...`)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    if silhouettes_dir is not None:
-        silhouettes_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (silhouettes_dir, drawn_edges_dir):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "metadata.jsonl", "w") as metadata:
         for seed in range(first_seed, first_seed + num_images):
             image, text, shapes = render_sample(seed)
             image.save(output_dir / f"{seed:07d}.png")
             if silhouettes_dir is not None:
                 render_silhouette(shapes).save(silhouettes_dir / f"{seed:07d}.png")
+            if drawn_edges_dir is not None:
+                render_drawn_edges(shapes, seed).save(drawn_edges_dir / f"{seed:07d}.png")
             metadata.write(json.dumps({"file_name": f"{seed:07d}.png", "text": text}) + "\n")
 
 
@@ -157,8 +189,14 @@ def main(argv=None) -> None:
         default=None,
         help="Also write each image's silhouette map (same file name) here.",
     )
+    parser.add_argument(
+        "--drawn_edges_dir",
+        type=Path,
+        default=None,
+        help="Also write each image's outlines drawn free-hand (same file name, light on black) here.",
+    )
     args = parser.parse_args(argv)
-    write_image_folder(args.output_dir, args.num_images, args.first_seed, args.silhouettes_dir)
+    write_image_folder(args.output_dir, args.num_images, args.first_seed, args.silhouettes_dir, args.drawn_edges_dir)
     silhouettes = f" and their silhouettes to {args.silhouettes_dir}" if args.silhouettes_dir else ""
     print(f"Wrote {args.num_images} images with captions to {args.output_dir}{silhouettes}.")
 
