@@ -385,22 +385,31 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
         status = f"Seed {result.settings['seed']}, written to {os.path.basename(result.image)}."
         return result.image, result.unguided, result.edge_map, gallery, gallery, status
 
-    def on_api_generate(
+    def on_api_generate(  # its parameter names are the API's: the pipeline's own
         sketch,
         prompt,
-        negative,
+        negative_prompt,
         seed,
         steps,
-        scale,
-        start,
-        end,
-        interval,
+        sketch_guidance_scale,
+        sketch_guidance_start,
+        sketch_guidance_end,
+        sketch_guidance_interval,
         compare,
         request: gr.Request = None,
         progress=gr.Progress(),  # noqa: B008 (Gradio finds its progress tracker by this default)
     ):
         session = request.session_hash if request is not None else None
-        settings = Settings(prompt, negative, seed, steps, 7.5, scale, start, end, interval)
+        settings = Settings(
+            prompt,
+            negative_prompt,
+            seed,
+            steps,
+            sketch_guidance_scale=sketch_guidance_scale,
+            sketch_guidance_start=sketch_guidance_start,
+            sketch_guidance_end=sketch_guidance_end,
+            sketch_guidance_interval=sketch_guidance_interval,
+        )
         result = run_for_page(sketch, settings, compare, session, progress)
         return result.image, result.unguided, result.edge_map, json.dumps(result.settings)
 

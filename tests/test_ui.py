@@ -278,12 +278,13 @@ def test_api_generates_from_a_sketch_file_with_the_unguided_image_beside_it(clie
     from gradio_client import handle_file
 
     image, unguided, edge_map, settings = client.predict(
-        handle_file(star_file), STAR_PROMPT, seed=1, steps=30, api_name="/generate"
+        handle_file(star_file), STAR_PROMPT, seed=1, steps=30, sketch_guidance_scale=2.5, api_name="/generate"
     )
     guided_image, unguided_image = PIL.Image.open(image), PIL.Image.open(unguided)
     assert guided_image.size == unguided_image.size == (64, 64)
     assert PIL.Image.open(edge_map).size == (64, 64)
-    assert '"seed": 1' in settings and STAR_PROMPT in guided_image.text["parameters"]
+    assert '"seed": 1' in settings and '"sketch_guidance_scale": 2.5' in settings
+    assert STAR_PROMPT in guided_image.text["parameters"]
     truth = enclosed_region(PIL.Image.open(star_file))
     guided_iou = iou(segment_foreground(guided_image), truth)
     unguided_iou = iou(segment_foreground(unguided_image), truth)
