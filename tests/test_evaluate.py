@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import PIL.Image
+import PIL.ImageFilter
 import pytest
 from conftest import draw_square
 
@@ -15,6 +16,7 @@ from pipeline_sketch_guided.training.evaluate import (
     chamfer_distance,
     edge_f_score,
     evaluate_pairs,
+    map_edges,
     read_pairs,
     sketch_strokes,
 )
@@ -60,6 +62,25 @@ def test_sketch_strokes_accept_either_polarity():
     light = sketch_strokes(draw_square(32, dark_on_light=False), 32, 32)
     np.testing.assert_array_equal(dark, light)
     assert 0 < dark.mean() < 0.5  # the strokes, not the paper
+
+
+def test_an_lgp_of_another_map_is_scored_against_the_edges_of_its_map():
+    from types import SimpleNamespace
+
+    from pipeline_sketch_guided.demo import freehand_blob
+
+    blob, _ = freehand_blob("circle", (32, 32), 18, seed=1, size=64)  # white blob on black
+    filled = np.asarray(blob) > 127
+    config = SimpleNamespace(map_kind="silhouette", sketch_polarity="light_on_dark", map_normalization="none")
+    outline = map_edges(blob, 64, 64, config)
+    assert 0 < outline.sum() < 0.5 * filled.sum()  # the blob's outline, not its fill
+    inside, around = (
+        np.asarray(blob.filter(f(5))) > 127 for f in (PIL.ImageFilter.MinFilter, PIL.ImageFilter.MaxFilter)
+    )
+    boundary = around & ~inside  # two pixels either side of the blob's edge
+    assert (outline & ~boundary).sum() <= 0.1 * outline.sum()
+    # An edge LGP (or none) reads the same picture as a sketch: its light fill is the stroke.
+    assert map_edges(blob, 64, 64).sum() > filled.sum() * 0.9
 
 
 def test_evaluate_pairs_writes_guided_and_unguided_images_with_metrics(pipe, tmp_path):

@@ -1,7 +1,9 @@
 """Measure how well sketch-guided images follow their sketches.
 
 For each (sketch, prompt) pair the pipeline draws two images with the same seed, one guided by the sketch and one
-unguided (plain Stable Diffusion), and the edges of each (Canny, as in training) are compared with the sketch's strokes:
+unguided (plain Stable Diffusion), and the edges of each (Canny, as in training) are compared with the sketch's strokes
+(for an LGP trained on another map, `map_kind` in its config: with the Canny edges of the map as the LGP reads it, the
+outlines of a silhouette, the depth edges of a depth map):
 
 - chamfer distance: the mean distance in pixels from each edge pixel to the nearest stroke pixel and from each stroke
   pixel to the nearest edge pixel, averaged over the two directions (lower is better);
@@ -34,6 +36,7 @@ import torch
 
 from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline, prepare_sketch
 from pipeline_sketch_guided.batch import run_rows
+from pipeline_sketch_guided.sketch import prepare_map
 from pipeline_sketch_guided.utils import dtype_kwargs
 
 from .prepare_data import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, METADATA_FILE, canny_edges, load_prepared_dataset
@@ -88,6 +91,18 @@ def sketch_strokes(sketch, height: int, width: int) -> np.ndarray:
     """The strokes of a sketch (any format or polarity that the pipeline accepts) as a boolean map."""
     light_on_dark = prepare_sketch(sketch, height, width, polarity="light_on_dark")
     return light_on_dark[0, 0].numpy() > 0
+
+
+def map_edges(guidance_map, height: int, width: int, lgp_config=None) -> np.ndarray:
+    """What an image guided by `guidance_map` should have as edges, as a boolean map: a sketch's strokes
+    (`sketch_strokes`) for an edge LGP (or none given), and for an LGP of another `map_kind` the Canny edges of the map
+    prepared as that LGP reads it (`prepare_map`)."""
+    kind = getattr(lgp_config, "map_kind", "edges")
+    if kind == "edges":
+        return sketch_strokes(guidance_map, height, width)
+    prepared = prepare_map(guidance_map, height, width, kind, lgp_config.sketch_polarity, lgp_config.map_normalization)
+    pixels = ((prepared[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    return canny_edges(PIL.Image.fromarray(pixels)) > 0
 
 
 def edge_agreement(
@@ -180,7 +195,7 @@ def evaluate_pairs(
     rows, results = [], {}
     for index, pair in enumerate(pairs):
         try:
-            strokes = sketch_strokes(pair.sketch, height, width)
+            strokes = map_edges(pair.sketch, height, width, getattr(pipe.lgp, "config", None))
         except ValueError as error:  # a blank sketch has nothing to follow
             logger.warning(f"Skipping pair {index} ({pair.sketch}): {error}")
             continue
