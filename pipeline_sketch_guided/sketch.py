@@ -40,7 +40,7 @@ def sketch_list(sketch: SketchInput | list[SketchInput]) -> list[SketchInput]:
     return [sketch]
 
 
-def _to_image(sketch: SketchInput, paper: int = 255) -> PIL.Image.Image:
+def to_image(sketch: SketchInput, paper: int = 255) -> PIL.Image.Image:
     """Any accepted input as a PIL image in mode L or RGB; transparent pixels are composited on `paper`."""
     if isinstance(sketch, (str, os.PathLike)):
         if not os.path.isfile(sketch):
@@ -89,7 +89,7 @@ def _to_image(sketch: SketchInput, paper: int = 255) -> PIL.Image.Image:
 
 
 def _to_grayscale_image(sketch: SketchInput, paper: int = 255) -> PIL.Image.Image:
-    return _to_image(sketch, paper).convert("L")
+    return to_image(sketch, paper).convert("L")
 
 
 def fit_to_size(
@@ -174,7 +174,7 @@ def prepare_map(
     if raw is not None:  # raw depth (metres, disparities) or a 16-bit map: stretched from its own range
         image = _stretch(raw, map_kind, min_range=0.0)
     else:
-        image = _to_image(guidance_map, paper=0).convert("L" if map_kind in GREY_MAP_KINDS else "RGB")
+        image = to_image(guidance_map, paper=0).convert("L" if map_kind in GREY_MAP_KINDS else "RGB")
         if normalization == "minmax":
             image = _stretch(np.asarray(image, dtype=np.float32), map_kind, min_range=MIN_STROKE_CONTRAST * 255)
     image = fit_to_size(image, height, width, fill=0, what=f"{map_kind} map")
@@ -195,7 +195,7 @@ def _high_range_grey(guidance_map: SketchInput) -> np.ndarray | None:
             with PIL.Image.open(value) as opened:
                 return np.asarray(opened, dtype=np.float32) if opened.mode.startswith(("I", "F")) else None
         except (OSError, ValueError):
-            return None  # `_to_image` says what is wrong with the file
+            return None  # `to_image` says what is wrong with the file
     if isinstance(value, PIL.Image.Image):
         return np.asarray(value, dtype=np.float32) if value.mode.startswith(("I", "F")) else None
     if isinstance(value, torch.Tensor) and value.dtype not in (torch.uint8, torch.bool):

@@ -25,6 +25,7 @@ import torch
 
 from .cli import save_image
 from .guidance import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE, MAX_SKETCH_GUIDANCE_SCALE
+from .sketch import to_image
 
 logger = logging.getLogger(__name__)
 
@@ -108,16 +109,9 @@ def sketch_from_canvas(value: Any) -> PIL.Image.Image:
             image = value.get("background")
     if image is None:
         return PIL.Image.new("RGB", (64, 64), "white")
-    if isinstance(image, (str, os.PathLike)):
-        with PIL.Image.open(image) as opened:
-            check_sketch_size(opened)
-            image = opened.copy()
-    elif isinstance(image, np.ndarray):
-        image = PIL.Image.fromarray(image)
-    check_sketch_size(image)
-    rgba = image.convert("RGBA")
-    paper = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return PIL.Image.alpha_composite(paper, rgba).convert("RGB")
+    drawing = to_image(image, paper=255).convert("RGB")
+    check_sketch_size(drawing)
+    return drawing
 
 
 def check_sketch_size(image: PIL.Image.Image) -> None:
