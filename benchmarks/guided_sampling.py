@@ -422,16 +422,29 @@ def mode_suffix(args: argparse.Namespace, fraction: float) -> str:
     return f" (end {fraction:g})" if len(args.guided_fractions) > 1 else ""
 
 
+def generation_name(suffix: str, interval: int = 1, batched: bool = False) -> str:
+    """The name a guided generation is timed under (`suffix`: `mode_suffix`)."""
+    if interval != 1:
+        return f"generation, guided every {interval} steps{suffix}"
+    return "generation, guided" + (", batched" if batched else "") + suffix
+
+
+def agreement_name(scale: float, suffix: str, interval: int = 1, reused: bool = True) -> str:
+    """The name a mode's sketch agreement is recorded under (`suffix`: `mode_suffix`)."""
+    if interval == 1:
+        return f"exact, scale {scale:g}{suffix}"
+    return f"every {interval}, {'reused' if reused else 'nothing'} between, scale {scale:g}{suffix}"
+
+
 def timed_modes(args: argparse.Namespace, fraction: float, sketch) -> list[tuple[str, dict[str, Any], str | None]]:
     """(name, pipeline arguments, guided step mode) of each guided generation timed at `fraction`."""
     suffix = mode_suffix(args, fraction)
     modes = []
     for step_mode in args.step_modes:
-        name = "generation, guided" + (", batched" if step_mode == "batched" else "") + suffix
+        name = generation_name(suffix, batched=step_mode == "batched")
         modes.append((name, guided_settings(args, fraction, sketch), step_mode))
     for interval in args.intervals:
-        name = f"generation, guided every {interval} steps{suffix}"
-        modes.append((name, guided_settings(args, fraction, sketch, interval), None))
+        modes.append((generation_name(suffix, interval), guided_settings(args, fraction, sketch, interval), None))
     return modes
 
 
@@ -511,13 +524,13 @@ def efficacy(pipe, args: argparse.Namespace) -> dict[str, Any]:
     modes: list[tuple[str, dict[str, Any] | None, bool]] = [("unguided", None, True)]
     for fraction in args.guided_fractions:
         suffix = mode_suffix(args, fraction)
-        modes.append((f"exact, scale {beta:g}{suffix}", guided_settings(args, fraction, None), True))
+        modes.append((agreement_name(beta, suffix), guided_settings(args, fraction, None), True))
         for interval in args.intervals:
             settings = guided_settings(args, fraction, None, interval)
-            modes.append((f"every {interval}, reused between, scale {beta:g}{suffix}", settings, True))
+            modes.append((agreement_name(beta, suffix, interval), settings, True))
             for scale in sorted({beta, beta * interval}):
                 plain = {**settings, "sketch_guidance_scale": scale}
-                modes.append((f"every {interval}, nothing between, scale {scale:g}{suffix}", plain, False))
+                modes.append((agreement_name(scale, suffix, interval, reused=False), plain, False))
 
     results = {}
     reuse = pipe.sketch_gradient_reuse
@@ -548,24 +561,14 @@ def side_by_side(record: dict[str, Any], args: argparse.Namespace) -> list[dict[
     rows = [{"fraction": 0.0, "mode": "unguided", "cost": 1.0 if unguided else None, **pick(scores["unguided"])}]
     for fraction in args.guided_fractions:
         suffix = mode_suffix(args, fraction)
-        exact = scores[f"exact, scale {beta:g}{suffix}"]
-        entries = [("exact", f"generation, guided{suffix}", f"exact, scale {beta:g}{suffix}")]
+        exact = scores[agreement_name(beta, suffix)]
+        entries = [("exact", generation_name(suffix), agreement_name(beta, suffix))]
         if "batched" in args.step_modes:
-            entries.append(("exact, batched", f"generation, guided, batched{suffix}", f"exact, scale {beta:g}{suffix}"))
+            entries.append(("exact, batched", generation_name(suffix, batched=True), agreement_name(beta, suffix)))
         for k in args.intervals:
+            entries.append((f"every {k}, reused", generation_name(suffix, k), agreement_name(beta, suffix, k)))
             entries.append(
-                (
-                    f"every {k}, reused",
-                    f"generation, guided every {k} steps{suffix}",
-                    f"every {k}, reused between, scale {beta:g}{suffix}",
-                )
-            )
-            entries.append(
-                (
-                    f"every {k}, nothing between",
-                    f"generation, guided every {k} steps{suffix}",
-                    f"every {k}, nothing between, scale {beta:g}{suffix}",
-                )
+                (f"every {k}, nothing between", generation_name(suffix, k), agreement_name(beta, suffix, k, False))
             )
         for mode, timing, score in entries:
             cost = seconds[timing] / unguided if unguided and timing in seconds else None
