@@ -5,6 +5,7 @@ import json
 import cv2
 import numpy as np
 
+from benchmarks.efficacy import iou
 from pipeline_sketch_guided.training.shapes import (
     render_drawn_edges,
     render_sample,
@@ -12,10 +13,6 @@ from pipeline_sketch_guided.training.shapes import (
     shape_mask,
     write_image_folder,
 )
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / (a | b).sum())
 
 
 def distance_to_outline(filled: np.ndarray) -> np.ndarray:

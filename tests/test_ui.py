@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import PIL.ImageDraw
 import PIL.ImageOps
 import pytest
 import torch
@@ -22,7 +21,7 @@ import torch
 pytest.importorskip("gradio", reason="the ui extra (pip install -e '.[ui]') is not installed")  # CI installs it
 
 from benchmarks.efficacy import foreground_colour, iou, named_colour, segment_foreground  # noqa: E402
-from pipeline_sketch_guided.demo import freehand_sketch, load_demo_pipeline  # noqa: E402
+from pipeline_sketch_guided.demo import filled_mask, freehand_sketch, load_demo_pipeline  # noqa: E402
 from pipeline_sketch_guided.ui import Settings, SketchGuidedApp, Stopped, sketch_from_canvas  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -49,9 +48,7 @@ def star_points(center: tuple[float, float], outer: float, inner: float) -> list
 
 def filled(points: list[tuple[float, float]], size: int = 64) -> np.ndarray:
     """The polygon (in fractions of the frame) filled, as a boolean `size` x `size` mask."""
-    canvas = PIL.Image.new("L", (size, size), 0)
-    PIL.ImageDraw.Draw(canvas).polygon([(x * size, y * size) for x, y in points], fill=255)
-    return np.asarray(canvas) > 127
+    return filled_mask([(x * size, y * size) for x, y in points], size)
 
 
 def enclosed_region(sketch: PIL.Image.Image, size: int = 64) -> np.ndarray:
@@ -452,5 +449,5 @@ def test_in_a_browser_an_example_loads_with_one_click_and_is_followed(server):
             browser.close()
     (sketch_file,) = set((root / "out").glob("*-sketch.png")) - before
     # The sketch the app followed is the example's: the star it encloses is the example's star.
-    example_star = filled([(x / 64, y / 64) for x, y in shape_polygon(kind, center, radius, rotation)])
+    example_star = filled_mask(shape_polygon(kind, center, radius, rotation))
     assert iou(enclosed_region(PIL.Image.open(sketch_file)), example_star) > 0.7
