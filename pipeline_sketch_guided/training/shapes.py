@@ -41,6 +41,9 @@ BACKGROUNDS = dict(
     zip(demo.BACKGROUNDS, [(245, 245, 245), (150, 150, 150), (25, 25, 25), (225, 210, 180)], strict=True)
 )
 BACKGROUND_STYLES = ("plain", "gradient", "textured")
+# A style the demo model never saw: its UNet fine-tuned on it is the "fine-tune of the base" that the unchanged LGP
+# is checked on (benchmarks.controlnet_comparison).
+NEW_STYLES = ("striped",)
 WORDS = sorted(demo.VOCABULARY)  # the whole caption vocabulary
 
 
@@ -76,26 +79,44 @@ def _background(rng: random.Random, name: str, style: str) -> np.ndarray:
     elif style == "textured":
         noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(4, 10), (IMAGE_SIZE, IMAGE_SIZE, 1))
         image += noise
+    elif style == "striped":
+        angle, period = rng.uniform(0, math.pi), rng.uniform(6, 12)
+        ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+        stripes = np.sin(2 * math.pi * (xs * math.cos(angle) + ys * math.sin(angle)) / period) > 0
+        image += (stripes[..., None] - 0.5) * rng.uniform(30, 50)
+    elif style != "plain":
+        raise ValueError(f"Unknown background style {style!r}; choose from {BACKGROUND_STYLES + NEW_STYLES}.")
     return image
 
 
 def random_shapes(rng: random.Random) -> list[Shape]:
-    """One or two shapes of different colours that overlap little."""
-    count = rng.choice((1, 2))
+    """One shape (60% of samples) or two of different colours that overlap little.
+
+    A single shape ranges from a quarter of the frame's width to filling it, centred anywhere it stays mostly inside
+    the frame: users draw large, off-centre and edge-touching sketches, and a model that only saw mid-sized centred
+    shapes answers those with two shapes or a clipped one.
+    """
+    count = 1 if rng.random() < 0.6 else 2
     shapes: list[Shape] = []
     while len(shapes) < count:
-        radius = rng.uniform(10, 22) if count == 1 else rng.uniform(8, 15)
-        margin = radius * 0.8
+        radius = rng.uniform(9, 31) if count == 1 else rng.uniform(8, 16)
+        low, high = _centre_range(radius, 0.6 if count == 1 else 0.8)
         shape = Shape(
             kind=rng.choice(SHAPES),
             colour=rng.choice([c for c in COLOURS if c not in {s.colour for s in shapes}]),
-            center=(rng.uniform(margin, IMAGE_SIZE - margin), rng.uniform(margin, IMAGE_SIZE - margin)),
+            center=(rng.uniform(low, high), rng.uniform(low, high)),
             radius=radius,
             rotation=rng.uniform(0, 360),
         )
         if all(math.dist(shape.center, other.center) > 0.9 * (shape.radius + other.radius) for other in shapes):
             shapes.append(shape)
     return shapes
+
+
+def _centre_range(radius: float, margin: float) -> tuple[float, float]:
+    """Where a shape's centre may lie: at least `margin` x radius inside the frame, or at the centre if it is larger."""
+    low = min(margin * radius, IMAGE_SIZE / 2)
+    return low, IMAGE_SIZE - low
 
 
 def render(shapes: list[Shape], background: str, style: str, rng: random.Random) -> PIL.Image.Image:
@@ -142,12 +163,14 @@ def render_drawn_edges(shapes: list[Shape], seed: int) -> PIL.Image.Image:
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), PIL.Image.Resampling.BOX)
 
 
-def render_sample(seed: int) -> tuple[PIL.Image.Image, str, list[Shape]]:
-    """The image, caption and shapes of sample `seed`."""
+def render_sample(
+    seed: int, styles: tuple[str, ...] = BACKGROUND_STYLES
+) -> tuple[PIL.Image.Image, str, list[Shape]]:
+    """The image, caption and shapes of sample `seed`, its background in one of `styles`."""
     rng = random.Random(seed)
     shapes = random_shapes(rng)
     background = rng.choice(list(BACKGROUNDS))
-    style = rng.choice(BACKGROUND_STYLES)
+    style = rng.choice(styles)
     return render(shapes, background, style, rng), caption(shapes, background), shapes
 
 

@@ -6,6 +6,13 @@ Stage 1 trains the AutoencoderKL (64x64 images -> 4x16x16 latents), stage 2 enco
 UNet and the text encoder together on the cached latents (captions dropped 10% of the time, for classifier-free
 guidance), with an EMA of the UNet. Each stage checkpoints atomically and resumes where it stopped when run again. The
 result is an ordinary `StableDiffusionPipeline` folder in `<output_dir>/pipeline`.
+
+`--init_from` continues from a trained pipeline folder instead (its VAE kept as it is, its text encoder and UNet
+trained further), on the same or another data mix (`--styles`): how the shipped model v2 was trained on a GPU, and
+how the fine-tune that the LGP is checked on was made.
+
+    python -m pipeline_sketch_guided.training.train_demo_model --output_dir outputs/demo-sd-v2 \
+        --init_from pipeline_sketch_guided/demo_model --device cuda --num_images 60000 --unet_batch_size 256
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +33,7 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from pipeline_sketch_guided.testing import tiny_tokenizer
-from pipeline_sketch_guided.training.shapes import IMAGE_SIZE, WORDS, render_sample
+from pipeline_sketch_guided.training.shapes import BACKGROUND_STYLES, IMAGE_SIZE, NEW_STYLES, WORDS, render_sample
 
 # Noise schedule of Stable Diffusion 1.x, so that the demo model behaves like the models users know.
 SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -49,6 +57,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint_every", type=int, default=200)
     parser.add_argument("--max_minutes", type=float, default=None, help="stop (after a checkpoint) after this long")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init_from",
+        type=Path,
+        default=None,
+        help="a trained demo pipeline folder: keep its VAE, train its text encoder and UNet further",
+    )
+    parser.add_argument(
+        "--styles",
+        nargs="+",
+        default=list(BACKGROUND_STYLES),
+        choices=BACKGROUND_STYLES + NEW_STYLES,
+        help="the backgrounds of the training images",
+    )
+    parser.add_argument("--ema_decay", type=float, default=0.999)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
 
@@ -99,19 +122,22 @@ def make_unet() -> UNet2DConditionModel:
     )
 
 
-def load_dataset(output_dir: Path, num_images: int) -> tuple[np.ndarray, list[str]]:
+def _render(seed_and_styles: tuple[int, tuple[str, ...]]) -> tuple[np.ndarray, str]:
+    image, caption, _ = render_sample(*seed_and_styles)
+    return np.asarray(image), caption
+
+
+def load_dataset(output_dir: Path, num_images: int, styles=BACKGROUND_STYLES) -> tuple[np.ndarray, list[str]]:
     """The rendered images (uint8, N x 64 x 64 x 3) and captions, cached in `output_dir/dataset.npz`."""
     cache = output_dir / "dataset.npz"
     if cache.is_file():
         data = np.load(cache)
         if len(data["images"]) == num_images:
             return data["images"], json.loads(str(data["captions"]))
-    images, captions = [], []
-    for seed in range(num_images):
-        image, caption, _ = render_sample(seed)
-        images.append(np.asarray(image))
-        captions.append(caption)
-    images = np.stack(images)
+    with ProcessPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        rendered = list(pool.map(_render, [(seed, tuple(styles)) for seed in range(num_images)], chunksize=500))
+    images = np.stack([image for image, _ in rendered])
+    captions = [caption for _, caption in rendered]
     atomic_save(lambda path: np.savez(path, images=images, captions=json.dumps(captions)), cache, suffix=".npz")
     return images, captions
 
@@ -137,7 +163,7 @@ def save_checkpoint(directory: Path, step: int, **state) -> None:
 
 def load_checkpoint(directory: Path) -> dict | None:
     path = directory / "checkpoint.pt"
-    return torch.load(path, weights_only=True) if path.is_file() else None
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
 class Clock:
@@ -226,7 +252,11 @@ def use_finetuned_decoder(args, vae: AutoencoderKL) -> None:
 
 @torch.no_grad()
 def encode_dataset(vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
-    latents = [vae.encode(to_tensor(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)]
+    device = vae.device
+    latents = [
+        vae.encode(to_tensor(images[i : i + 256]).to(device)).latent_dist.mean.cpu()
+        for i in range(0, len(images), 256)
+    ]
     return torch.cat(latents)
 
 
@@ -237,11 +267,18 @@ def train_unet(args, vae, latents, captions, clock: Clock):
     token_ids = tokenizer(captions + [""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
     caption_ids, empty_ids = token_ids[:-1], token_ids[-1]
     torch.manual_seed(args.seed)
-    unet, text_encoder = make_unet(), make_text_encoder(len(tokenizer))
+    if args.init_from is not None:
+        unet = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder", dtype=torch.float32)
+    else:
+        unet, text_encoder = make_unet(), make_text_encoder(len(tokenizer))
+    device = torch.device(args.device)
+    unet.to(device).train()
+    text_encoder.to(device).train()
     parameters = [*unet.parameters(), *text_encoder.parameters()]
     # foreach: one kernel per step for all tensors, not one per tensor; on a CPU that is most of a small model's step.
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=1e-2, foreach=True)
-    ema = EMAModel(unet.parameters(), decay=0.999)
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, foreach=True)
     scheduler = DDPMScheduler(**SCHEDULE)
     step = 0
     if (checkpoint := load_checkpoint(stage)) is not None:
@@ -249,7 +286,10 @@ def train_unet(args, vae, latents, captions, clock: Clock):
         text_encoder.load_state_dict(checkpoint["text_encoder"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         ema.load_state_dict(checkpoint["ema"])
+        ema.to(device)
         step = checkpoint["step"]
+    latents = latents.to(device) * vae.config.scaling_factor
+    caption_ids, empty_ids = caption_ids.to(device), empty_ids.to(device)
 
     def checkpoint_now():
         save_checkpoint(
@@ -267,13 +307,13 @@ def train_unet(args, vae, latents, captions, clock: Clock):
     while step < args.unet_steps and not clock.out_of_time():
         for group in optimizer.param_groups:
             group["lr"] = args.learning_rate * min(1.0, (step + 1) / warmup)
-        index = torch.randint(len(latents), (args.unet_batch_size,), generator=generator)
-        clean = latents[index] * vae.config.scaling_factor
+        index = torch.randint(len(latents), (args.unet_batch_size,), generator=generator).to(device)
+        clean = latents[index]
         ids = caption_ids[index].clone()
-        ids[torch.rand(len(ids), generator=generator) < args.caption_dropout] = empty_ids
-        noise = torch.randn(clean.shape, generator=generator)
+        ids[(torch.rand(len(ids), generator=generator) < args.caption_dropout).to(device)] = empty_ids
+        noise = torch.randn(clean.shape, generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), generator=generator)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
+        noisy = scheduler.add_noise(clean, noise, timesteps.to(device))
         prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
         loss = F.mse_loss(prediction, noise)
         loss.backward()
@@ -291,7 +331,7 @@ def train_unet(args, vae, latents, captions, clock: Clock):
             checkpoint_now()
     checkpoint_now()
     ema.copy_to(unet.parameters())
-    return unet.eval(), text_encoder.eval(), tokenizer, step
+    return unet.cpu().eval(), text_encoder.cpu().eval(), tokenizer, step
 
 
 def main(argv=None) -> None:
@@ -303,9 +343,14 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     clock = Clock(args.max_minutes)
     started = time.monotonic()
-    images, captions = load_dataset(args.output_dir, args.num_images)
+    images, captions = load_dataset(args.output_dir, args.num_images, args.styles)
     print(f"dataset: {len(images)} images ({(time.monotonic() - started):.0f} s)", flush=True)
-    vae, vae_step = train_vae(args, images, clock)
+    if args.init_from is not None:
+        vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae", torch_dtype=torch.float32).eval()
+        vae.requires_grad_(False)
+        vae_step = args.vae_steps = 0
+    else:
+        vae, vae_step = train_vae(args, images, clock)
     if vae_step < args.vae_steps:
         print(f"stopped at VAE step {vae_step} of {args.vae_steps}: run the same command again to resume", flush=True)
         return
@@ -317,10 +362,12 @@ def main(argv=None) -> None:
     if cache.is_file():
         latents = torch.load(cache, weights_only=True)
     else:
-        latents = encode_dataset(vae, images)
+        latents = encode_dataset(vae.to(args.device), images)
+        vae.cpu()
         atomic_save(lambda path: torch.save(latents, path), cache)
-    # Scale the latents to unit variance, as Stable Diffusion's scaling_factor does for its VAE.
-    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    if args.init_from is None:  # a VAE kept from --init_from keeps the scale its UNet learned
+        # Scale the latents to unit variance, as Stable Diffusion's scaling_factor does for its VAE.
+        vae.register_to_config(scaling_factor=float(1 / latents.std()))
     print(f"latents: std {latents.std():.3f}, scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
     unet, text_encoder, tokenizer, unet_step = train_unet(args, vae, latents, captions, clock)
     use_finetuned_decoder(args, vae)
@@ -340,7 +387,7 @@ def main(argv=None) -> None:
         "minutes_this_run": round(minutes, 1),
         "vae_steps_done": vae_step,
         "unet_steps_done": unet_step,
-        "device": "cpu",
+        "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(),
         **vars(args),
     }

@@ -1,0 +1,164 @@
+"""Train a ControlNet on an LGP training set, for the side-by-side comparison with LGP guidance.
+
+    python -m pipeline_sketch_guided.training.train_controlnet --pretrained_model_name_or_path outputs/demo-sd-v2/pipeline \
+        --train_data_dir outputs/lgp-shapes --output_dir outputs/demo-controlnet --snapshot_seconds 60 240
+
+ControlNet is what users weigh this method against. The recipe is diffusers' (examples/controlnet/train_controlnet.py):
+`ControlNetModel.from_unet` copies the frozen UNet's encoder, its zero convolutions start the control at nothing, and it
+learns the UNet's noise-prediction loss with the map (in [0, 1], three channels) as its condition; the VAE, text
+encoder and UNet stay frozen. It reads the folder `prepare_data` writes for the LGP (images, maps, captions), so both
+methods learn from the same pairs. Training runs on one device with a wall-clock budget: `--snapshot_seconds` saves a
+ControlNet at each budget (counted from the start of the command, data preparation included, as the LGP's training time
+is), and the run stops after the last one. Each snapshot is `<output_dir>/seconds-<S>/` (a diffusers ControlNetModel
+folder with `training.json`), written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextModel
+
+from pipeline_sketch_guided.training.train_demo_model import atomic_save
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="the base Stable Diffusion pipeline")
+    parser.add_argument("--train_data_dir", type=Path, required=True, help="a prepare_data output folder")
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument(
+        "--snapshot_seconds",
+        type=float,
+        nargs="+",
+        required=True,
+        help="save a ControlNet when the command has run this long; stop after the last",
+    )
+    parser.add_argument("--train_batch_size", type=int, default=32)
+    # The recipe's examples use 1e-5 for SD1.5 over days; a small model on a budget of minutes needs a larger step.
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--proportion_empty_prompts", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def conditioning_channels(vae: AutoencoderKL) -> tuple[int, ...]:
+    """The conditioning embedding's widths, one fewer than the VAE's blocks so that it shrinks the map by the VAE's
+    factor (diffusers' default, four, suits SD's 8x VAE; the demo VAE shrinks 4x)."""
+    widths = (16, 32, 96, 256, 512)
+    return widths[: len(vae.config.block_out_channels)]
+
+
+def load_pairs(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The images (uint8 N x H x W x 3), maps (uint8 N x H x W x 3) and captions of a prepare_data folder."""
+    if not (folder / "metadata.jsonl").is_file():
+        raise SystemExit(f"{folder} has no metadata.jsonl: give a folder written by prepare_data.")
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    images = np.stack([np.asarray(PIL.Image.open(folder / row["file_name"]).convert("RGB")) for row in rows])
+    maps = np.stack([np.asarray(PIL.Image.open(folder / row["edge_file_name"]).convert("RGB")) for row in rows])
+    return images, maps, [row["text"] for row in rows]
+
+
+def main(argv=None) -> None:
+    started = time.monotonic()
+    args = parse_args(argv)
+    budgets = sorted(args.snapshot_seconds)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model = args.pretrained_model_name_or_path
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).to(device)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=torch.float32).to(device)
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=torch.float32).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+    for frozen in (vae, unet, text_encoder):
+        frozen.requires_grad_(False).eval()
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=conditioning_channels(vae)
+    ).to(device)
+    controlnet.train()
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+
+    images, maps, captions = load_pairs(args.train_data_dir)
+    with torch.no_grad():
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        latents = torch.cat(
+            [vae.encode(pixels[i : i + 256].to(device)).latent_dist.mean for i in range(0, len(pixels), 256)]
+        )
+        latents = latents * vae.config.scaling_factor
+        ids = tokenizer(captions + [""], padding="max_length", truncation=True, return_tensors="pt").input_ids
+        states = torch.cat([text_encoder(ids[i : i + 512].to(device))[0] for i in range(0, len(ids), 512)])
+    conditions = torch.from_numpy(maps).permute(0, 3, 1, 2).to(device)  # uint8 on the device, scaled per batch
+    caption_states, empty_state = states[:-1], states[-1]
+
+    parameters = list(controlnet.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=1e-2, foreach=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    step, losses, saved = 0, [], []
+    print(f"{len(latents)} pairs, {sum(p.numel() for p in parameters) / 1e6:.2f}M trainable parameters", flush=True)
+    while budgets:
+        index = torch.randint(len(latents), (args.train_batch_size,), generator=generator).to(device)
+        clean = latents[index]
+        hidden = caption_states[index].clone()
+        empty = (torch.rand(len(index), generator=generator) < args.proportion_empty_prompts).to(device)
+        hidden[empty] = empty_state
+        noise = torch.randn(clean.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), generator=generator)
+        timesteps = timesteps.to(device)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        down, mid = controlnet(
+            noisy, timesteps, encoder_hidden_states=hidden, controlnet_cond=conditions[index].float() / 255,
+            return_dict=False,
+        )  # fmt: skip
+        prediction = unet(
+            noisy, timesteps, encoder_hidden_states=hidden, down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample  # fmt: skip
+        loss = F.mse_loss(prediction, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(loss.detach())
+        if step % 100 == 0:
+            recent = torch.stack(losses[-100:]).mean().item()
+            print(f"step {step}: loss {recent:.4f} ({time.monotonic() - started:.0f} s)", flush=True)
+        elapsed = time.monotonic() - started
+        if elapsed >= budgets[0]:
+            budget = budgets.pop(0)
+            report = {
+                "budget_seconds": budget,
+                "seconds": round(elapsed, 1),
+                "steps": step,
+                "batch_size": args.train_batch_size,
+                "learning_rate": args.learning_rate,
+                "trainable_parameters": sum(p.numel() for p in parameters),
+                "loss_last_100_steps": torch.stack(losses[-100:]).mean().item(),
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "pairs": len(latents),
+                "base_model": str(model),
+            }
+
+            def write(folder: Path) -> None:
+                controlnet.save_pretrained(folder)
+                (folder / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+
+            target = args.output_dir / f"seconds-{budget:g}"
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_save(write, target)
+            saved.append(str(target))
+            print(f"saved {target} at step {step}", flush=True)
+    print(json.dumps({"snapshots": saved, "steps": step}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
