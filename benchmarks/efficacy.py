@@ -140,6 +140,10 @@ BLOB_STYLES = (
 )
 # The maps the benchmark draws held-out cases for: free-hand outlines for edge LGPs, blobs for silhouette LGPs.
 MAPS = ("edges", "silhouette")
+# Where the held-out sketches lie: "inside" (radius 12 to 20, the whole sketch at least 2 pixels inside the frame: the
+# development set the defaults were chosen on) or "anywhere" (radius 8 to 32, from small to filling the frame, the
+# centre anywhere that keeps 60% of the radius inside: large, off-centre and edge-touching sketches as users draw).
+PLACEMENTS = ("inside", "anywhere")
 
 
 @dataclass
@@ -183,7 +187,11 @@ def _article(word: str) -> str:
 
 
 def held_out_cases(
-    num_cases: int = DEFAULT_NUM_CASES, image_size: int = DEMO_IMAGE_SIZE, seed: int = 0, map: str = "edges"
+    num_cases: int = DEFAULT_NUM_CASES,
+    image_size: int = DEMO_IMAGE_SIZE,
+    seed: int = 0,
+    map: str = "edges",
+    placement: str = "inside",
 ) -> list[EfficacyCase]:
     """`num_cases` held-out cases, the same for the same arguments.
 
@@ -193,13 +201,16 @@ def held_out_cases(
     little inside the frame so that the whole sketch is visible.
 
     With `map="silhouette"` the cases have the same prompts and geometry, but each guidance map is a filled blob
-    (`freehand_blob`, styles cycling through `BLOB_STYLES`, white on black) and the mask is the blob's.
+    (`freehand_blob`, styles cycling through `BLOB_STYLES`, white on black) and the mask is the blob's. With
+    `placement="anywhere"` sizes and positions range wider (`PLACEMENTS`), from another random stream.
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"`placement` must be one of {PLACEMENTS}, got {placement!r}.")
     if num_cases < 1:
         raise ValueError(f"`num_cases` must be at least 1, got {num_cases}.")
     if map not in MAPS:
         raise ValueError(f"The benchmark has held-out cases for the maps {MAPS}, not {map!r}.")
-    rng = random.Random(HELD_OUT_SEED + seed)
+    rng = random.Random(HELD_OUT_SEED + seed + (0 if placement == "inside" else 500_000))
     colours = list(COLOURS)
     rng.shuffle(colours)
     scale = image_size / DEMO_IMAGE_SIZE
@@ -210,11 +221,11 @@ def held_out_cases(
         background = rng.choice(list(BACKGROUNDS))
         style = STYLES[index % len(STYLES)]
         dark_on_light = index % 2 == 0
-        radius = rng.uniform(12, 20)
-        margin = radius + 2
+        radius = rng.uniform(12, 20) if placement == "inside" else rng.uniform(8, 32)
+        margin = radius + 2 if placement == "inside" else min(0.6 * radius, DEMO_IMAGE_SIZE / 2)
         center = (rng.uniform(margin, DEMO_IMAGE_SIZE - margin), rng.uniform(margin, DEMO_IMAGE_SIZE - margin))
         rotation = rng.uniform(0, 360)
-        sketch_seed = HELD_OUT_SEED + 1000 * seed + index
+        sketch_seed = HELD_OUT_SEED + 1000 * seed + index + (0 if placement == "inside" else 500_000)
         if map == "silhouette":
             style, dark_on_light = BLOB_STYLES[index % len(BLOB_STYLES)], False
             sketch, points = freehand_blob(
@@ -741,6 +752,7 @@ def run_benchmark(
     max_end: float | None = None,
     contact_rows: int = 8,
     map: str = "edges",
+    placement: str = "inside",
     log=print,
 ) -> dict[str, Any]:
     """Generate every held-out case with every seed, unguided and at every (scale, end) of the sweep, measure, pick
@@ -774,7 +786,7 @@ def run_benchmark(
                 f" shape kind {_percent(values['shape_accuracy'] or 0)}"
             )
 
-    cases = held_out_cases(num_cases, image_size, map=map)
+    cases = held_out_cases(num_cases, image_size, map=map, placement=placement)
     strokes = [case_strokes(case, image_size) for case in cases]
     common = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "batch_size": batch_size}
 
@@ -845,6 +857,7 @@ def run_benchmark(
     result = {
         "config": {
             "map": map,
+            "placement": placement,
             "num_cases": num_cases,
             "seeds": list(seeds),
             "scales": list(scales),
@@ -898,6 +911,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=MAPS,
         help="the LGP's map: edges (free-hand sketches) or silhouette (hand-drawn filled blobs; the demo's silhouette"
         " LGP without --model)",
+    )
+    parser.add_argument(
+        "--placement",
+        default="inside",
+        choices=PLACEMENTS,
+        help="where the held-out sketches lie: inside the frame at mid sizes (the development set), or anywhere at"
+        " any size up to filling the frame",
     )
     parser.add_argument("--output_dir", type=str, default="outputs/efficacy")
     parser.add_argument("--num_cases", type=int, default=DEFAULT_NUM_CASES)
@@ -957,6 +977,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch_size=args.batch_size,
         max_end=args.max_end,
         map=args.map,
+        placement=args.placement,
     )
 
 

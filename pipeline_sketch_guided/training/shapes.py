@@ -44,6 +44,7 @@ BACKGROUND_STYLES = ("plain", "gradient", "textured")
 # A style the demo model never saw: its UNet fine-tuned on it is the "fine-tune of the base" that the unchanged LGP
 # is checked on (benchmarks.controlnet_comparison).
 NEW_STYLES = ("striped",)
+LAYOUTS = ("inside", "anywhere")  # how shapes are sized and placed (random_shapes)
 WORDS = sorted(demo.VOCABULARY)  # the whole caption vocabulary
 
 
@@ -89,18 +90,26 @@ def _background(rng: random.Random, name: str, style: str) -> np.ndarray:
     return image
 
 
-def random_shapes(rng: random.Random) -> list[Shape]:
-    """One shape (60% of samples) or two of different colours that overlap little.
+def random_shapes(rng: random.Random, layout: str = "inside") -> list[Shape]:
+    """One or two shapes of different colours that overlap little, placed by `layout` (`LAYOUTS`).
 
-    A single shape ranges from a quarter of the frame's width to filling it, centred anywhere it stays mostly inside
-    the frame: users draw large, off-centre and edge-touching sketches, and a model that only saw mid-sized centred
-    shapes answers those with two shapes or a clipped one.
+    "inside", the shipped demo model's data: one or two shapes equally often, a single one of radius 10 to 22, kept
+    mostly inside the frame. "anywhere", demo model v2's: one shape in 60% of the images, from a quarter of the frame's
+    width to filling it, centred anywhere it stays mostly inside the frame (users draw large, off-centre and
+    edge-touching sketches).
     """
-    count = 1 if rng.random() < 0.6 else 2
+    if layout not in LAYOUTS:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
+    anywhere = layout == "anywhere"
+    count = (1 if rng.random() < 0.6 else 2) if anywhere else rng.choice((1, 2))
     shapes: list[Shape] = []
     while len(shapes) < count:
-        radius = rng.uniform(9, 31) if count == 1 else rng.uniform(8, 16)
-        low, high = _centre_range(radius, 0.6 if count == 1 else 0.8)
+        if anywhere:
+            radius = rng.uniform(9, 31) if count == 1 else rng.uniform(8, 16)
+            low, high = _centre_range(radius, 0.6 if count == 1 else 0.8)
+        else:
+            radius = rng.uniform(10, 22) if count == 1 else rng.uniform(8, 15)
+            low, high = radius * 0.8, IMAGE_SIZE - radius * 0.8
         shape = Shape(
             kind=rng.choice(SHAPES),
             colour=rng.choice([c for c in COLOURS if c not in {s.colour for s in shapes}]),
@@ -164,11 +173,12 @@ def render_drawn_edges(shapes: list[Shape], seed: int) -> PIL.Image.Image:
 
 
 def render_sample(
-    seed: int, styles: tuple[str, ...] = BACKGROUND_STYLES
+    seed: int, styles: tuple[str, ...] = BACKGROUND_STYLES, layout: str = "inside"
 ) -> tuple[PIL.Image.Image, str, list[Shape]]:
-    """The image, caption and shapes of sample `seed`, its background in one of `styles`."""
+    """The image, caption and shapes of sample `seed`, its background in one of `styles`, its shapes placed by
+    `layout`."""
     rng = random.Random(seed)
-    shapes = random_shapes(rng)
+    shapes = random_shapes(rng, layout)
     background = rng.choice(list(BACKGROUNDS))
     style = rng.choice(styles)
     return render(shapes, background, style, rng), caption(shapes, background), shapes
@@ -180,6 +190,7 @@ def write_image_folder(
     first_seed: int = 0,
     silhouettes_dir: Path | None = None,
     drawn_edges_dir: Path | None = None,
+    layout: str = "inside",
 ) -> None:
     """Write samples first_seed .. first_seed + num_images - 1 as an ImageFolder (PNGs and metadata.jsonl), and each
     one's silhouette map in `silhouettes_dir` and free-hand edge map in `drawn_edges_dir`, under the same file name
@@ -190,7 +201,7 @@ def write_image_folder(
             folder.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "metadata.jsonl", "w") as metadata:
         for seed in range(first_seed, first_seed + num_images):
-            image, text, shapes = render_sample(seed)
+            image, text, shapes = render_sample(seed, layout=layout)
             image.save(output_dir / f"{seed:07d}.png")
             if silhouettes_dir is not None:
                 render_silhouette(shapes).save(silhouettes_dir / f"{seed:07d}.png")
@@ -218,8 +229,16 @@ def main(argv=None) -> None:
         default=None,
         help="Also write each image's outlines drawn free-hand (same file name, light on black) here.",
     )
+    parser.add_argument(
+        "--layout",
+        default="inside",
+        choices=LAYOUTS,
+        help="inside: the shipped demo model's data; anywhere: demo model v2's (larger, off-centre shapes)",
+    )
     args = parser.parse_args(argv)
-    write_image_folder(args.output_dir, args.num_images, args.first_seed, args.silhouettes_dir, args.drawn_edges_dir)
+    write_image_folder(
+        args.output_dir, args.num_images, args.first_seed, args.silhouettes_dir, args.drawn_edges_dir, args.layout
+    )
     silhouettes = f" and their silhouettes to {args.silhouettes_dir}" if args.silhouettes_dir else ""
     print(f"Wrote {args.num_images} images with captions to {args.output_dir}{silhouettes}.")
 

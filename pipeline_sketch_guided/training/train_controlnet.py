@@ -1,7 +1,8 @@
 """Train a ControlNet on an LGP training set, for the side-by-side comparison with LGP guidance.
 
-    python -m pipeline_sketch_guided.training.train_controlnet --pretrained_model_name_or_path outputs/demo-sd-v2/pipeline \
-        --train_data_dir outputs/lgp-shapes --output_dir outputs/demo-controlnet --snapshot_seconds 60 240
+    python -m pipeline_sketch_guided.training.train_controlnet \
+        --pretrained_model_name_or_path outputs/demo-v2/sd/pipeline --train_data_dir outputs/demo-v2/lgp-data \
+        --output_dir outputs/demo-v2/controlnet --snapshot_seconds 97 388
 
 ControlNet is what users weigh this method against. The recipe is diffusers' (examples/controlnet/train_controlnet.py):
 `ControlNetModel.from_unet` copies the frozen UNet's encoder, its zero convolutions start the control at nothing, and it
@@ -81,9 +82,9 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
     for frozen in (vae, unet, text_encoder):
         frozen.requires_grad_(False).eval()
-    controlnet = ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=conditioning_channels(vae)
-    ).to(device)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels(vae)).to(
+        device
+    )
     controlnet.train()
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
 
@@ -148,7 +149,7 @@ def main(argv=None) -> None:
                 "base_model": str(model),
             }
 
-            def write(folder: Path) -> None:
+            def write(folder: Path, report: dict = report) -> None:
                 controlnet.save_pretrained(folder)
                 (folder / "training.json").write_text(json.dumps(report, indent=2) + "\n")
 

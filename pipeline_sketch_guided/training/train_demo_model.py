@@ -12,7 +12,8 @@ trained further), on the same or another data mix (`--styles`): how the shipped 
 how the fine-tune that the LGP is checked on was made.
 
     python -m pipeline_sketch_guided.training.train_demo_model --output_dir outputs/demo-sd-v2 \
-        --init_from pipeline_sketch_guided/demo_model --device cuda --num_images 60000 --unet_batch_size 256
+        --init_from pipeline_sketch_guided/demo_model --device cuda --num_images 60000 --unet_batch_size 256 \
+        --layout anywhere
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from pipeline_sketch_guided.testing import tiny_tokenizer
-from pipeline_sketch_guided.training.shapes import BACKGROUND_STYLES, IMAGE_SIZE, NEW_STYLES, WORDS, render_sample
+from pipeline_sketch_guided.training.shapes import (
+    BACKGROUND_STYLES,
+    IMAGE_SIZE,
+    LAYOUTS,
+    NEW_STYLES,
+    WORDS,
+    render_sample,
+)
 
 # Noise schedule of Stable Diffusion 1.x, so that the demo model behaves like the models users know.
 SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -70,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=BACKGROUND_STYLES + NEW_STYLES,
         help="the backgrounds of the training images",
     )
+    parser.add_argument("--layout", default="inside", choices=LAYOUTS, help="how the shapes are sized and placed")
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
@@ -122,12 +131,14 @@ def make_unet() -> UNet2DConditionModel:
     )
 
 
-def _render(seed_and_styles: tuple[int, tuple[str, ...]]) -> tuple[np.ndarray, str]:
-    image, caption, _ = render_sample(*seed_and_styles)
+def _render(arguments: tuple[int, tuple[str, ...], str]) -> tuple[np.ndarray, str]:
+    image, caption, _ = render_sample(*arguments)
     return np.asarray(image), caption
 
 
-def load_dataset(output_dir: Path, num_images: int, styles=BACKGROUND_STYLES) -> tuple[np.ndarray, list[str]]:
+def load_dataset(
+    output_dir: Path, num_images: int, styles=BACKGROUND_STYLES, layout: str = "inside"
+) -> tuple[np.ndarray, list[str]]:
     """The rendered images (uint8, N x 64 x 64 x 3) and captions, cached in `output_dir/dataset.npz`."""
     cache = output_dir / "dataset.npz"
     if cache.is_file():
@@ -135,7 +146,8 @@ def load_dataset(output_dir: Path, num_images: int, styles=BACKGROUND_STYLES) ->
         if len(data["images"]) == num_images:
             return data["images"], json.loads(str(data["captions"]))
     with ProcessPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        rendered = list(pool.map(_render, [(seed, tuple(styles)) for seed in range(num_images)], chunksize=500))
+        jobs = [(seed, tuple(styles), layout) for seed in range(num_images)]
+        rendered = list(pool.map(_render, jobs, chunksize=500))
     images = np.stack([image for image, _ in rendered])
     captions = [caption for _, caption in rendered]
     atomic_save(lambda path: np.savez(path, images=images, captions=json.dumps(captions)), cache, suffix=".npz")
@@ -254,8 +266,7 @@ def use_finetuned_decoder(args, vae: AutoencoderKL) -> None:
 def encode_dataset(vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
     device = vae.device
     latents = [
-        vae.encode(to_tensor(images[i : i + 256]).to(device)).latent_dist.mean.cpu()
-        for i in range(0, len(images), 256)
+        vae.encode(to_tensor(images[i : i + 256]).to(device)).latent_dist.mean.cpu() for i in range(0, len(images), 256)
     ]
     return torch.cat(latents)
 
@@ -313,7 +324,8 @@ def train_unet(args, vae, latents, captions, clock: Clock):
         ids[(torch.rand(len(ids), generator=generator) < args.caption_dropout).to(device)] = empty_ids
         noise = torch.randn(clean.shape, generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), generator=generator)
-        noisy = scheduler.add_noise(clean, noise, timesteps.to(device))
+        timesteps = timesteps.to(device)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
         loss = F.mse_loss(prediction, noise)
         loss.backward()
@@ -322,10 +334,10 @@ def train_unet(args, vae, latents, captions, clock: Clock):
         optimizer.zero_grad()
         ema.step(unet.parameters())
         step += 1
-        running.append(loss.item())
+        running.append(loss.detach())  # no .item() each step: on a GPU that would wait for every step to finish
         if step % 50 == 0:
             minutes = (time.monotonic() - started) / 60
-            print(f"unet step {step}: loss {np.mean(running):.4f} ({minutes:.1f} min)", flush=True)
+            print(f"unet step {step}: loss {torch.stack(running).mean():.4f} ({minutes:.1f} min)", flush=True)
             running = []
         if step % args.checkpoint_every == 0:
             checkpoint_now()
@@ -343,7 +355,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     clock = Clock(args.max_minutes)
     started = time.monotonic()
-    images, captions = load_dataset(args.output_dir, args.num_images, args.styles)
+    images, captions = load_dataset(args.output_dir, args.num_images, args.styles, args.layout)
     print(f"dataset: {len(images)} images ({(time.monotonic() - started):.0f} s)", flush=True)
     if args.init_from is not None:
         vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae", torch_dtype=torch.float32).eval()

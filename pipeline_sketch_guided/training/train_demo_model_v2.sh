@@ -24,7 +24,7 @@ note() { echo "[$(elapsed) s] $*" | tee -a "$timings"; }
 
 note "UNet and text encoder, ${unet_seconds} s"
 python3 -m pipeline_sketch_guided.training.train_demo_model --output_dir "$work/sd" \
-    --init_from pipeline_sketch_guided/demo_model --num_images "$num_images" --unet_batch_size "$unet_batch" --unet_steps 1000000 \
+    --init_from pipeline_sketch_guided/demo_model --num_images "$num_images" --unet_batch_size "$unet_batch" --layout anywhere --unet_steps 1000000 \
     --checkpoint_every 2000 --max_minutes "$(python3 -c "print($unet_seconds / 60)")" >"$work/sd.log" 2>&1
 note "UNet done: $(grep -c . "$work/sd.log") log lines, $(tail -1 "$work/sd.log")"
 python3 - "$work" <<'EOF'
@@ -37,8 +37,8 @@ tar -C "$work/sd-fp16" -cf "$pack/sd_unet.tar" unet
 tar -C "$work" -cf "$pack/sd_rest.tar" --exclude unet sd-fp16 sd/training_report.json sd.log
 
 note "LGP data"
-python3 -m pipeline_sketch_guided.training.shapes --output_dir "$work/lgp-raw" --num_images "$lgp_images" --first_seed 1000000 \
-    --silhouettes_dir "$work/lgp-silhouettes-raw" >"$work/data.log" 2>&1
+python3 -m pipeline_sketch_guided.training.shapes --output_dir "$work/lgp-raw" --num_images "$lgp_images" --first_seed 1000000 --layout anywhere \
+    >"$work/data.log" 2>&1
 python3 -m pipeline_sketch_guided.training.prepare_data --input_dir "$work/lgp-raw" --output_dir "$work/lgp-data" \
     --resolution 64 >>"$work/data.log" 2>&1
 

@@ -1,0 +1,240 @@
+"""LGP guidance against ControlNet, side by side on one base model, one set of training pairs and one set of sketches.
+
+    python -m benchmarks.controlnet_comparison \
+        --controlnets outputs/demo-v2/controlnet-fp16/seconds-97 outputs/demo-v2/controlnet-fp16/seconds-202 \
+        --finetuned_model outputs/demo-striped/pipeline
+
+Users choose between this method and ControlNet. Both were trained on the demo model (`--model`, default the shipped
+one) from the same 4,000 renders and their Canny edges (`pipeline_sketch_guided.training.train_lgp` and
+`.train_controlnet`, the latter with snapshots at the LGP's training time and at a longer budget). This command
+measures, in one run and for each method:
+
+- sketch and prompt agreement on `benchmarks.efficacy`'s held-out free-hand sketches (IoU of the image's foreground
+  with the filled sketch, outline F-score, prompt colour, recognisable shape), each case with the same seeds;
+- training time (from each model's `training.json`), trainable parameters and the weights' file size;
+- the seconds of one 30-step generation on this machine, and that over unguided.
+
+Both methods get the same sketch: `prepare_sketch` turns it light-on-dark, the convention both were trained on (the LGP
+encodes it with the VAE; ControlNet reads it in [0, 1] as its condition). With `--finetuned_model` (the base's text
+encoder and UNet trained further on a style the base never saw, by `train_demo_model --init_from ... --styles
+striped`), every method is measured again on the fine-tune with its weights unchanged: an LGP reads the UNet's
+activations, so does it still guide a fine-tune of its base?
+
+Writes `comparison.json` and `comparison.md` (the README's table) to `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+from benchmarks import efficacy
+from pipeline_sketch_guided.demo import DEMO_MODEL_DIR
+from pipeline_sketch_guided.sketch import prepare_sketch
+
+# The pipeline's defaults (sketch_guidance_scale, _start, _end): the LGP is measured as a user gets it.
+LGP_GUIDANCE: dict[str, float] = {}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEMO_MODEL_DIR), help="the base: a sketch-guided pipeline folder")
+    parser.add_argument("--lgp", default=None, help="an LGP folder (default: the model's own)")
+    parser.add_argument("--controlnets", nargs="+", required=True, help="ControlNet folders trained on --model")
+    parser.add_argument("--finetuned_model", default=None, help="a fine-tune of --model to measure each method on")
+    parser.add_argument("--num_cases", type=int, default=24)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--num_inference_steps", type=int, default=efficacy.DEFAULT_STEPS)
+    parser.add_argument("--controlnet_conditioning_scale", type=float, default=1.0)
+    parser.add_argument("--timing_runs", type=int, default=3, help="0 skips the timing")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/controlnet-comparison"))
+    return parser.parse_args(argv)
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def training_record(folder: Path) -> dict[str, Any]:
+    """What a model's `training.json` says of its training time and device (empty when it has none)."""
+    path = folder / "training.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def controlnet_pipeline(pipe, controlnet: ControlNetModel) -> StableDiffusionControlNetPipeline:
+    """The ControlNet pipeline on `pipe`'s components: the same base, scheduler and dtype."""
+    components = {name: getattr(pipe, name) for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    result = StableDiffusionControlNetPipeline(
+        **components,
+        controlnet=controlnet.to(pipe.unet.dtype),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    result.set_progress_bar_config(disable=True)
+    return result
+
+
+def condition(case: efficacy.EfficacyCase, size: int) -> torch.Tensor:
+    """The case's sketch as ControlNet's condition: light strokes on dark, in [0, 1], 1 x 3 x size x size."""
+    return (prepare_sketch(case.sketch, size, size, "light_on_dark") + 1) / 2
+
+
+def generate_controlnet(
+    pipe: StableDiffusionControlNetPipeline,
+    cases: Sequence[efficacy.EfficacyCase],
+    seed: int,
+    size: int,
+    steps: int,
+    conditioning_scale: float,
+    batch_size: int = 16,
+) -> list:
+    """One image per case with `efficacy.case_seed`'s noise: the same noise as the LGP's and unguided images."""
+    images = []
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start : start + batch_size]
+        images += pipe(
+            [case.prompt for case in batch],
+            image=torch.cat([condition(case, size) for case in batch]),
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=efficacy.DEFAULT_CFG,
+            controlnet_conditioning_scale=conditioning_scale,
+            generator=[torch.Generator().manual_seed(efficacy.case_seed(seed, case)) for case in batch],
+        ).images
+    return images
+
+
+def median_seconds(generate_one, runs: int) -> float | None:
+    """The median seconds of `runs` calls after a warm-up one."""
+    if runs < 1:
+        return None
+    generate_one()
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        generate_one()
+        seconds.append(time.perf_counter() - started)
+    return float(np.median(seconds))
+
+
+def measure_base(args, model: str, label: str, cases, size: int) -> list[dict[str, Any]]:
+    """Unguided, LGP-guided and ControlNet rows on one base model."""
+    lgp_folder = Path(args.lgp) if args.lgp else Path(args.model) / "lgp"  # the base's LGP, on a fine-tune too
+    pipe = efficacy.load_pipeline(model, str(lgp_folder))
+    steps = args.num_inference_steps
+
+    def score(images_per_seed) -> dict[str, Any]:
+        metrics = [
+            efficacy.measure_image(image, case)
+            for images in images_per_seed
+            for image, case in zip(images, cases, strict=True)
+        ]
+        return efficacy.summarize(metrics)
+
+    def lgp_images(guidance):
+        return [efficacy.generate(pipe, cases, seed, size, steps, guidance=guidance) for seed in args.seeds]
+
+    one = cases[:1]
+    unguided_seconds = median_seconds(lambda: efficacy.generate(pipe, one, 0, size, steps), args.timing_runs)
+    lgp_seconds = median_seconds(
+        lambda: efficacy.generate(pipe, one, 0, size, steps, guidance=LGP_GUIDANCE), args.timing_runs
+    )
+    lgp_training = training_record(lgp_folder)
+    rows = [
+        {"method": "unguided", "base": label, **score(lgp_images(None)), "seconds": unguided_seconds},
+        {
+            "method": "LGP guidance (pipeline defaults)",
+            "base": label,
+            **score(lgp_images(LGP_GUIDANCE)),
+            "seconds": lgp_seconds,
+            "training_seconds": lgp_training.get("seconds"),
+            "training_device": lgp_training.get("device"),
+            "trainable_parameters": sum(p.numel() for p in pipe.lgp.parameters()),
+            "file_bytes": weights_bytes(lgp_folder),
+        },
+    ]
+    controlnet_seconds = None
+    for folder in map(Path, args.controlnets):
+        controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=pipe.unet.dtype)
+        cn_pipe = controlnet_pipeline(pipe, controlnet)
+
+        def run(seed, chosen=cases, cn_pipe=cn_pipe):
+            return generate_controlnet(cn_pipe, chosen, seed, size, steps, args.controlnet_conditioning_scale)
+
+        if controlnet_seconds is None:  # every snapshot has the same architecture, so the same cost
+            controlnet_seconds = median_seconds(lambda run=run: run(0, one), args.timing_runs)
+        record = training_record(folder)
+        rows.append(
+            {
+                "method": f"ControlNet, {record.get('seconds', '?')} s of training",
+                "base": label,
+                **score([run(seed) for seed in args.seeds]),
+                "seconds": controlnet_seconds,
+                "training_seconds": record.get("seconds"),
+                "training_device": record.get("device"),
+                "training_steps": record.get("steps"),
+                "trainable_parameters": sum(p.numel() for p in controlnet.parameters()),
+                "file_bytes": weights_bytes(folder),
+            }
+        )
+    for row in rows:
+        row["over_unguided"] = row["seconds"] / unguided_seconds if unguided_seconds else None
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| base | method | IoU | outline F | colour | recognisable | training | trainable parameters | file"
+        " | s / image | over unguided |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        training = (
+            f"{row['training_seconds']:.0f} s on {row['training_device']}" if row.get("training_seconds") else "-"
+        )
+        parameters = f"{row['trainable_parameters'] / 1e6:.2f}M" if row.get("trainable_parameters") else "-"
+        size = f"{row['file_bytes'] / 2**20:.1f} MiB" if row.get("file_bytes") else "-"
+        seconds = f"{row['seconds']:.2f}" if row.get("seconds") else "-"
+        over = f"{row['over_unguided']:.2f}x" if row.get("over_unguided") else "-"
+        lines.append(
+            f"| {row['base']} | {row['method']} | {row['iou']:.3f} | {row['outline_f_score']:.3f}"
+            f" | {row['colour_agreement']:.0%} | {row['recognisable']:.0%} | {training} | {parameters} | {size}"
+            f" | {seconds} | {over} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for folder in args.controlnets:
+        if not (Path(folder) / "config.json").is_file():
+            raise SystemExit(f"{folder} is not a ControlNet folder (no config.json): train one with train_controlnet.")
+    size = efficacy.DEMO_IMAGE_SIZE
+    cases = efficacy.held_out_cases(args.num_cases, size)
+    rows = measure_base(args, args.model, "demo model", cases, size)
+    if args.finetuned_model:
+        rows += measure_base(args, args.finetuned_model, "its fine-tune", cases, size)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    settings = {key: str(value) for key, value in vars(args).items()}
+    (args.output_dir / "comparison.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    table = markdown(rows)
+    (args.output_dir / "comparison.md").write_text(table)
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

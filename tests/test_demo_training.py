@@ -1,0 +1,142 @@
+"""Training the demo model further, ControlNet on the same pairs, and the side-by-side comparison of the two methods."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from benchmarks import controlnet_comparison, efficacy
+from pipeline_sketch_guided.demo import DEMO_MODEL_DIR
+from pipeline_sketch_guided.training import prepare_data, shapes, train_controlnet, train_demo_model
+
+
+def test_layout_anywhere_draws_larger_and_more_single_shapes_than_inside():
+    def stats(layout):
+        drawn = [shapes.random_shapes(random.Random(seed), layout) for seed in range(400)]
+        radii = [shape.radius for sample in drawn if len(sample) == 1 for shape in sample]
+        return np.mean([len(sample) == 1 for sample in drawn]), max(radii)
+
+    single_inside, largest_inside = stats("inside")
+    single_anywhere, largest_anywhere = stats("anywhere")
+    assert largest_inside <= 22 < 28 < largest_anywhere  # "anywhere" reaches shapes that fill the frame
+    assert single_anywhere > single_inside + 0.05
+    # Every shape's centre keeps at least 60% of its radius (or the frame's middle) inside the frame.
+    for seed in range(200):
+        for shape in shapes.random_shapes(random.Random(seed), "anywhere"):
+            margin = min(0.6 * shape.radius, shapes.IMAGE_SIZE / 2) - 1e-9
+            assert all(margin <= c <= shapes.IMAGE_SIZE - margin for c in shape.center)
+    with pytest.raises(ValueError, match="layout"):
+        shapes.random_shapes(random.Random(0), "edge")
+
+
+def test_striped_backgrounds_are_stripes_and_an_unknown_style_is_named():
+    image, caption, drawn = shapes.render_sample(7, styles=("striped",))
+    plain, _, _ = shapes.render_sample(7, styles=("plain",))
+    background = ~np.logical_or.reduce([shapes.shape_mask(shape) for shape in drawn])
+    assert np.asarray(image)[background].std() > 10 > np.asarray(plain)[background].std()
+    assert caption == shapes.render_sample(7)[1]  # the style changes the look, not the caption
+    with pytest.raises(ValueError, match="striped"):
+        shapes.render_sample(7, styles=("dotted",))
+
+
+def test_training_further_keeps_the_vae_and_moves_the_unet(tmp_path):
+    train_demo_model.main(
+        [
+            "--output_dir", str(tmp_path), "--init_from", str(DEMO_MODEL_DIR), "--num_images", "32",
+            "--unet_steps", "2", "--unet_batch_size", "4", "--styles", "striped", "--layout", "anywhere",
+            "--device", "cpu",
+        ]
+    )  # fmt: skip
+    before = load_file(DEMO_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    after = load_file(tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k].float(), after[k].float()) for k in before)
+    vae_before = AutoencoderKL.from_pretrained(DEMO_MODEL_DIR, subfolder="vae").state_dict()
+    vae_after = AutoencoderKL.from_pretrained(tmp_path / "pipeline", subfolder="vae").state_dict()
+    assert all(torch.equal(vae_before[k].float(), vae_after[k].float()) for k in vae_before)
+    scaling = AutoencoderKL.load_config(DEMO_MODEL_DIR, subfolder="vae")["scaling_factor"]
+    assert AutoencoderKL.load_config(tmp_path / "pipeline", subfolder="vae")["scaling_factor"] == scaling
+    report = json.loads((tmp_path / "training_report.json").read_text())
+    assert report["unet_steps_done"] == 2 and report["styles"] == ["striped"] and report["layout"] == "anywhere"
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """A prepare_data folder of 12 demo renders with their Canny edges."""
+    root = tmp_path_factory.mktemp("pairs")
+    shapes.write_image_folder(root / "raw", 12, first_seed=1_000_000)
+    prepare_data.main(["--input_dir", str(root / "raw"), "--output_dir", str(root / "data"), "--resolution", "64"])
+    return root / "data"
+
+
+def test_controlnet_snapshots_at_each_budget_drive_the_demo_unet(pairs, tmp_path):
+    output = tmp_path / "controlnet"
+    train_controlnet.main(
+        [
+            "--pretrained_model_name_or_path", str(DEMO_MODEL_DIR), "--train_data_dir", str(pairs),
+            "--output_dir", str(output), "--snapshot_seconds", "0", "0.001", "--train_batch_size", "2",
+            "--device", "cpu",
+        ]
+    )  # fmt: skip
+    records = [json.loads((output / name / "training.json").read_text()) for name in ("seconds-0", "seconds-0.001")]
+    assert [record["steps"] for record in records] == [1, 2]  # one snapshot per budget, the run stops after the last
+    controlnet = ControlNetModel.from_pretrained(output / "seconds-0.001")
+    assert records[1]["trainable_parameters"] == sum(p.numel() for p in controlnet.parameters())
+    # The condition is read at the image's size (64 px) and shrunk to the latents' (16), as the demo VAE does.
+    unet = UNet2DConditionModel.from_pretrained(DEMO_MODEL_DIR, subfolder="unet", torch_dtype=torch.float32)
+    latents, states = torch.randn(1, 4, 16, 16), torch.randn(1, 16, unet.config.cross_attention_dim)
+    down, mid = controlnet(latents, 10, states, controlnet_cond=torch.rand(1, 3, 64, 64), return_dict=False)
+    steered = unet(latents, 10, states, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    assert steered.sample.shape == latents.shape
+
+
+def test_controlnet_training_names_a_folder_that_is_not_training_data(tmp_path):
+    with pytest.raises(SystemExit, match="prepare_data"):
+        train_controlnet.main(
+            [
+                "--pretrained_model_name_or_path", str(DEMO_MODEL_DIR), "--train_data_dir", str(tmp_path),
+                "--output_dir", str(tmp_path / "out"), "--snapshot_seconds", "1", "--device", "cpu",
+            ]
+        )  # fmt: skip
+
+
+def test_comparison_an_untrained_controlnet_draws_the_unguided_images(tmp_path):
+    """ControlNet's zero convolutions start the control at nothing: an untrained one must score exactly as unguided,
+    while the LGP moves the images; the table carries each method's size and parameters."""
+    unet = UNet2DConditionModel.from_pretrained(DEMO_MODEL_DIR, subfolder="unet", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(DEMO_MODEL_DIR, subfolder="vae")
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=train_controlnet.conditioning_channels(vae)
+    )
+    controlnet.save_pretrained(tmp_path / "untrained")
+    (tmp_path / "untrained" / "training.json").write_text(json.dumps({"seconds": 0.5, "device": "cpu", "steps": 0}))
+    rows = controlnet_comparison.main(
+        [
+            "--controlnets", str(tmp_path / "untrained"), "--num_cases", "4", "--seeds", "0",
+            "--num_inference_steps", "4", "--timing_runs", "0", "--output_dir", str(tmp_path / "out"),
+        ]
+    )  # fmt: skip
+    unguided, lgp, untrained = rows
+    metrics = ("iou", "outline_f_score", "colour_agreement", "recognisable")
+    assert [untrained[m] for m in metrics] == pytest.approx([unguided[m] for m in metrics], abs=1e-6)
+    assert lgp["iou"] > unguided["iou"] + 0.1
+    assert untrained["trainable_parameters"] == sum(p.numel() for p in controlnet.parameters())
+    assert lgp["file_bytes"] == (DEMO_MODEL_DIR / "lgp" / "diffusion_pytorch_model.safetensors").stat().st_size
+    table = (tmp_path / "out" / "comparison.md").read_text()
+    assert "ControlNet, 0.5 s of training" in table and "LGP guidance" in table
+
+
+def test_held_out_sketches_anywhere_are_other_cases_of_every_size():
+    inside, anywhere = efficacy.held_out_cases(24), efficacy.held_out_cases(24, placement="anywhere")
+    assert all(a.center != b.center for a, b in zip(inside, anywhere, strict=True))
+    assert max(c.radius for c in inside) <= 20 < 28 < max(c.radius for c in anywhere)
+    assert min(c.radius for c in anywhere) < 12
+    # Some sketches touch the frame's edge: their filled shape reaches the border.
+    assert any(c.mask[0].any() or c.mask[-1].any() or c.mask[:, 0].any() or c.mask[:, -1].any() for c in anywhere)
+    assert not any(c.mask[0].any() or c.mask[-1].any() or c.mask[:, 0].any() or c.mask[:, -1].any() for c in inside)
+    with pytest.raises(ValueError, match="placement"):
+        efficacy.held_out_cases(2, placement="edge")
