@@ -12,7 +12,8 @@ measures, in one run and for each method:
 - sketch and prompt agreement on `benchmarks.efficacy`'s held-out free-hand sketches (IoU of the image's foreground
   with the filled sketch, outline F-score, prompt colour, recognisable shape), each case with the same seeds;
 - training time (from each model's `training.json`), trainable parameters and the weights' file size;
-- the seconds of one 30-step generation on this machine, and that over unguided.
+- the seconds of one 30-step generation on this machine, and that over unguided (on the base: a fine-tune has the
+  same architecture, so the same cost).
 
 Both methods get the same sketch: `prepare_sketch` turns it light-on-dark, the convention both were trained on (the LGP
 encodes it with the VAE; ControlNet reads it in [0, 1] as its condition). With `--finetuned_model` (the base's text
@@ -54,7 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--num_inference_steps", type=int, default=efficacy.DEFAULT_STEPS)
     parser.add_argument("--controlnet_conditioning_scale", type=float, default=1.0)
-    parser.add_argument("--timing_runs", type=int, default=3, help="0 skips the timing")
+    parser.add_argument("--timing_runs", type=int, default=5, help="0 skips the timing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/controlnet-comparison"))
     return parser.parse_args(argv)
@@ -115,21 +116,25 @@ def generate_controlnet(
     return images
 
 
-def median_seconds(generate_one, runs: int) -> float | None:
-    """The median seconds of `runs` calls after a warm-up one."""
+def interleaved_medians(generators: dict[str, Any], runs: int) -> dict[str, float | None]:
+    """Median seconds of each generator over `runs` rounds after a warm-up round; the rounds take every generator in
+    turn, so a slow spell of a shared machine falls on all of them rather than on one."""
     if runs < 1:
-        return None
-    generate_one()
-    seconds = []
-    for _ in range(runs):
-        started = time.perf_counter()
+        return dict.fromkeys(generators)
+    for generate_one in generators.values():
         generate_one()
-        seconds.append(time.perf_counter() - started)
-    return float(np.median(seconds))
+    seconds: dict[str, list[float]] = {name: [] for name in generators}
+    for _ in range(runs):
+        for name, generate_one in generators.items():
+            started = time.perf_counter()
+            generate_one()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: float(np.median(values)) for name, values in seconds.items()}
 
 
-def measure_base(args, model: str, label: str, cases, size: int) -> list[dict[str, Any]]:
-    """Unguided, LGP-guided and ControlNet rows on one base model."""
+def measure_base(args, model: str, label: str, cases, size: int, timed: bool) -> list[dict[str, Any]]:
+    """Unguided, LGP-guided and ControlNet rows on one base model; with `timed`, the seconds of one image each (every
+    ControlNet snapshot has the same architecture, so one is timed for all)."""
     lgp_folder = Path(args.lgp) if args.lgp else Path(args.model) / "lgp"  # the base's LGP, on a fine-tune too
     pipe = efficacy.load_pipeline(model, str(lgp_folder))
     steps = args.num_inference_steps
@@ -142,45 +147,52 @@ def measure_base(args, model: str, label: str, cases, size: int) -> list[dict[st
         ]
         return efficacy.summarize(metrics)
 
-    def lgp_images(guidance):
-        return [efficacy.generate(pipe, cases, seed, size, steps, guidance=guidance) for seed in args.seeds]
+    def lgp_images(guidance, chosen=cases, seeds=args.seeds):
+        return [efficacy.generate(pipe, chosen, seed, size, steps, guidance=guidance) for seed in seeds]
 
-    one = cases[:1]
-    unguided_seconds = median_seconds(lambda: efficacy.generate(pipe, one, 0, size, steps), args.timing_runs)
-    lgp_seconds = median_seconds(
-        lambda: efficacy.generate(pipe, one, 0, size, steps, guidance=LGP_GUIDANCE), args.timing_runs
+    controlnets = {
+        folder: ControlNetModel.from_pretrained(folder, torch_dtype=pipe.unet.dtype)
+        for folder in map(Path, args.controlnets)
+    }
+    cn_pipes = {folder: controlnet_pipeline(pipe, controlnet) for folder, controlnet in controlnets.items()}
+
+    def controlnet_images(folder, chosen=cases, seeds=args.seeds):
+        return [
+            generate_controlnet(cn_pipes[folder], chosen, seed, size, steps, args.controlnet_conditioning_scale)
+            for seed in seeds
+        ]
+
+    one, first = cases[:1], next(iter(controlnets))
+    seconds = interleaved_medians(
+        {
+            "unguided": lambda: lgp_images(None, one, [0]),
+            "lgp": lambda: lgp_images(LGP_GUIDANCE, one, [0]),
+            "controlnet": lambda: controlnet_images(first, one, [0]),
+        },
+        args.timing_runs if timed else 0,
     )
     lgp_training = training_record(lgp_folder)
     rows = [
-        {"method": "unguided", "base": label, **score(lgp_images(None)), "seconds": unguided_seconds},
+        {"method": "unguided", "base": label, **score(lgp_images(None)), "seconds": seconds["unguided"]},
         {
             "method": "LGP guidance (pipeline defaults)",
             "base": label,
             **score(lgp_images(LGP_GUIDANCE)),
-            "seconds": lgp_seconds,
+            "seconds": seconds["lgp"],
             "training_seconds": lgp_training.get("seconds"),
             "training_device": lgp_training.get("device"),
             "trainable_parameters": sum(p.numel() for p in pipe.lgp.parameters()),
             "file_bytes": weights_bytes(lgp_folder),
         },
     ]
-    controlnet_seconds = None
-    for folder in map(Path, args.controlnets):
-        controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=pipe.unet.dtype)
-        cn_pipe = controlnet_pipeline(pipe, controlnet)
-
-        def run(seed, chosen=cases, cn_pipe=cn_pipe):
-            return generate_controlnet(cn_pipe, chosen, seed, size, steps, args.controlnet_conditioning_scale)
-
-        if controlnet_seconds is None:  # every snapshot has the same architecture, so the same cost
-            controlnet_seconds = median_seconds(lambda run=run: run(0, one), args.timing_runs)
+    for folder, controlnet in controlnets.items():
         record = training_record(folder)
         rows.append(
             {
                 "method": f"ControlNet, {record.get('seconds', '?')} s of training",
                 "base": label,
-                **score([run(seed) for seed in args.seeds]),
-                "seconds": controlnet_seconds,
+                **score(controlnet_images(folder)),
+                "seconds": seconds["controlnet"],
                 "training_seconds": record.get("seconds"),
                 "training_device": record.get("device"),
                 "training_steps": record.get("steps"),
@@ -189,7 +201,7 @@ def measure_base(args, model: str, label: str, cases, size: int) -> list[dict[st
             }
         )
     for row in rows:
-        row["over_unguided"] = row["seconds"] / unguided_seconds if unguided_seconds else None
+        row["over_unguided"] = row["seconds"] / seconds["unguided"] if row["seconds"] and seconds["unguided"] else None
     return rows
 
 
@@ -224,9 +236,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             raise SystemExit(f"{folder} is not a ControlNet folder (no config.json): train one with train_controlnet.")
     size = efficacy.DEMO_IMAGE_SIZE
     cases = efficacy.held_out_cases(args.num_cases, size)
-    rows = measure_base(args, args.model, "demo model", cases, size)
+    rows = measure_base(args, args.model, "base", cases, size, timed=True)
     if args.finetuned_model:
-        rows += measure_base(args, args.finetuned_model, "its fine-tune", cases, size)
+        rows += measure_base(args, args.finetuned_model, "fine-tune of the base", cases, size, timed=False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     settings = {key: str(value) for key, value in vars(args).items()}
     (args.output_dir / "comparison.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")

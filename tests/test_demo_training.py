@@ -140,3 +140,17 @@ def test_held_out_sketches_anywhere_are_other_cases_of_every_size():
     assert not any(c.mask[0].any() or c.mask[-1].any() or c.mask[:, 0].any() or c.mask[:, -1].any() for c in inside)
     with pytest.raises(ValueError, match="placement"):
         efficacy.held_out_cases(2, placement="edge")
+
+
+def test_a_candidate_demo_is_written_beside_the_shipped_one_not_over_it(tmp_path):
+    from pipeline_sketch_guided.training import ship_demo_model
+
+    shipped = {path: path.stat().st_mtime_ns for path in DEMO_MODEL_DIR.rglob("*") if path.is_file()}
+    target = tmp_path / "candidate"
+    ship_demo_model.main(
+        ["--model", str(DEMO_MODEL_DIR), "--lgp", str(DEMO_MODEL_DIR / "lgp"), "--target", str(target)]
+    )
+    assert {path: path.stat().st_mtime_ns for path in DEMO_MODEL_DIR.rglob("*") if path.is_file()} == shipped
+    candidate = efficacy.load_pipeline(str(target))
+    assert candidate.lgp is not None and candidate.unet.dtype == torch.float32  # loads as a measurable pipeline
+    assert load_file(target / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"].dtype == torch.float16

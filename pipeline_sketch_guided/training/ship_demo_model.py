@@ -3,6 +3,8 @@ another demo LGP (one trained on another kind of map) beside it.
 
     python -m pipeline_sketch_guided.training.ship_demo_model --model outputs/demo-sd/pipeline --lgp outputs/demo-lgp
     python -m pipeline_sketch_guided.training.ship_demo_model --lgp outputs/demo-lgp-silhouette --map silhouette
+    python -m pipeline_sketch_guided.training.ship_demo_model --model outputs/demo-v2/sd-fp16 --lgp outputs/demo-v2/lgp \
+        --target outputs/demo-v2/candidate   # a candidate beside the shipped demo, to measure before shipping
 
 `pipeline_sketch_guided.load_demo_pipeline()` loads the result (and upcasts it to float32 for the CPU);
 `load_demo_pipeline(map="silhouette")` the pipeline with the LGP shipped for that map.
@@ -90,19 +92,26 @@ def main(argv=None) -> None:
         help="the map the LGP was trained on: edges (with --model, the whole demo) or another, shipped beside it",
     )
     parser.add_argument("--notes", type=Path, nargs="*", default=[], help="JSON reports to keep beside the weights")
+    parser.add_argument(
+        "--target",
+        type=Path,
+        default=DEMO_MODEL_DIR,
+        help="where to write it (default: inside the package, replacing the shipped demo); another folder makes a"
+        " candidate to measure first (benchmarks.efficacy --model FOLDER)",
+    )
     args = parser.parse_args(argv)
     notes = {path.stem: json.loads(path.read_text()) for path in args.notes}
     if args.map != "edges":
         if args.model is not None:
             parser.error("--model ships the whole demo with its edge LGP; leave it out with --map " + args.map)
-        size = ship_lgp(args.lgp, args.map, notes=notes)
-        folder = DEMO_MODEL_DIR / DEMO_LGP_FOLDERS[args.map]
+        size = ship_lgp(args.lgp, args.map, target=args.target, notes=notes)
+        folder = args.target / DEMO_LGP_FOLDERS[args.map]
         print(f"Shipped the {args.map} LGP to {folder} (the demo is now {size / 2**20:.1f} MiB).")
         return
     if args.model is None:
         parser.error("--model is needed to ship the demo model with its edge LGP")
-    size = ship(args.model, args.lgp, notes=notes)
-    print(f"Shipped {DEMO_MODEL_DIR} ({size / 2**20:.1f} MiB).")
+    size = ship(args.model, args.lgp, target=args.target, notes=notes)
+    print(f"Shipped {args.target} ({size / 2**20:.1f} MiB).")
 
 
 if __name__ == "__main__":
