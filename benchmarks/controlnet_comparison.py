@@ -35,9 +35,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 
 from benchmarks import efficacy
+from benchmarks.models import SD15_UNET
+from pipeline_sketch_guided import LGPModel
 from pipeline_sketch_guided.demo import DEMO_MODEL_DIR
 from pipeline_sketch_guided.sketch import prepare_sketch
 
@@ -205,6 +207,21 @@ def measure_base(args, model: str, label: str, cases, size: int, timed: bool) ->
     return rows
 
 
+def sd15_sizes() -> dict[str, int]:
+    """Trainable parameters of each method on Stable Diffusion 1.5's architecture: a ControlNet (diffusers'
+    `from_unet`, as the published SD1.5 ControlNets are made) and an LGP on the sketch2img blocks. Built on the meta
+    device: shapes only, no memory, no weights."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        return {
+            "unet": sum(p.numel() for p in unet.parameters()),
+            "controlnet": sum(
+                p.numel() for p in ControlNetModel.from_unet(unet, load_weights_from_unet=False).parameters()
+            ),
+            "lgp": sum(p.numel() for p in LGPModel.from_unet(unet).parameters()),
+        }
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| base | method | IoU | outline F | colour | recognisable | training | trainable parameters | file"
@@ -241,8 +258,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         rows += measure_base(args, args.finetuned_model, "fine-tune of the base", cases, size, timed=False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     settings = {key: str(value) for key, value in vars(args).items()}
-    (args.output_dir / "comparison.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
-    table = markdown(rows)
+    sizes = sd15_sizes()
+    report = {"settings": settings, "rows": rows, "sd15_trainable_parameters": sizes}
+    (args.output_dir / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(rows) + (
+        f"\nOn Stable Diffusion 1.5's architecture (UNet {sizes['unet'] / 1e6:.0f}M parameters): a ControlNet trains"
+        f" {sizes['controlnet'] / 1e6:.0f}M, an LGP on the sketch2img blocks {sizes['lgp'] / 1e6:.1f}M.\n"
+    )
     (args.output_dir / "comparison.md").write_text(table)
     print(table)
     return rows
