@@ -3,8 +3,9 @@ another demo LGP (one trained on another kind of map) beside it.
 
     python -m pipeline_sketch_guided.training.ship_demo_model --model outputs/demo-sd/pipeline --lgp outputs/demo-lgp
     python -m pipeline_sketch_guided.training.ship_demo_model --lgp outputs/demo-lgp-silhouette --map silhouette
-    python -m pipeline_sketch_guided.training.ship_demo_model --model outputs/demo-v2/sd-fp16 --lgp outputs/demo-v2/lgp \
-        --target outputs/demo-v2/candidate   # a candidate beside the shipped demo, to measure before shipping
+    # a candidate beside the shipped demo, to measure before shipping:
+    python -m pipeline_sketch_guided.training.ship_demo_model --model outputs/demo-v2/sd-fp16 \
+        --lgp outputs/demo-v2/lgp --target outputs/demo-v2/candidate
 
 `pipeline_sketch_guided.load_demo_pipeline()` loads the result (and upcasts it to float32 for the CPU);
 `load_demo_pipeline(map="silhouette")` the pipeline with the LGP shipped for that map.
