@@ -156,3 +156,14 @@ def test_a_candidate_demo_is_written_beside_the_shipped_one_not_over_it(tmp_path
     candidate = efficacy.load_pipeline(str(target))
     assert candidate.lgp is not None and candidate.unet.dtype == torch.float32  # loads as a measurable pipeline
     assert load_file(target / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"].dtype == torch.float16
+
+
+def test_the_cached_dataset_is_rendered_again_for_another_style_or_layout(tmp_path):
+    images, captions = train_demo_model.load_dataset(tmp_path, 8)
+    assert (tmp_path / "dataset.npz").is_file()
+    cached, _ = train_demo_model.load_dataset(tmp_path, 8)
+    striped, striped_captions = train_demo_model.load_dataset(tmp_path, 8, styles=("striped",))
+    anywhere, _ = train_demo_model.load_dataset(tmp_path, 8, layout="anywhere")
+    assert np.array_equal(images, cached)
+    assert not np.array_equal(images, striped) and striped_captions == captions
+    assert not np.array_equal(striped, anywhere)

@@ -8,7 +8,7 @@ guidance), with an EMA of the UNet. Each stage checkpoints atomically and resume
 result is an ordinary `StableDiffusionPipeline` folder in `<output_dir>/pipeline`.
 
 `--init_from` continues from a trained pipeline folder instead (its VAE kept as it is, its text encoder and UNet
-trained further), on the same or another data mix (`--styles`): how the shipped model v2 was trained on a GPU, and
+trained further), on the same or another data mix (`--styles`): how demo model v2 was trained on a GPU, and
 how the fine-tune that the LGP is checked on was made.
 
     python -m pipeline_sketch_guided.training.train_demo_model --output_dir outputs/demo-sd-v2 \
@@ -139,18 +139,28 @@ def _render(arguments: tuple[int, tuple[str, ...], str]) -> tuple[np.ndarray, st
 def load_dataset(
     output_dir: Path, num_images: int, styles=BACKGROUND_STYLES, layout: str = "inside"
 ) -> tuple[np.ndarray, list[str]]:
-    """The rendered images (uint8, N x 64 x 64 x 3) and captions, cached in `output_dir/dataset.npz`."""
+    """The rendered images (uint8, N x 64 x 64 x 3) and captions, cached in `output_dir/dataset.npz` (and rendered
+    again when the cache holds another number of images, styles or layout)."""
     cache = output_dir / "dataset.npz"
+    recipe = json.dumps({"styles": list(styles), "layout": layout})
     if cache.is_file():
         data = np.load(cache)
-        if len(data["images"]) == num_images:
+        # A cache from before styles and layouts holds the default recipe.
+        cached = (
+            str(data["recipe"])
+            if "recipe" in data
+            else json.dumps({"styles": list(BACKGROUND_STYLES), "layout": "inside"})
+        )
+        if len(data["images"]) == num_images and cached == recipe:
             return data["images"], json.loads(str(data["captions"]))
     with ProcessPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         jobs = [(seed, tuple(styles), layout) for seed in range(num_images)]
         rendered = list(pool.map(_render, jobs, chunksize=500))
     images = np.stack([image for image, _ in rendered])
     captions = [caption for _, caption in rendered]
-    atomic_save(lambda path: np.savez(path, images=images, captions=json.dumps(captions)), cache, suffix=".npz")
+    atomic_save(
+        lambda path: np.savez(path, images=images, captions=json.dumps(captions), recipe=recipe), cache, suffix=".npz"
+    )
     return images, captions
 
 
