@@ -117,7 +117,7 @@ def test_comparison_an_untrained_controlnet_draws_the_unguided_images(tmp_path):
     rows = controlnet_comparison.main(
         [
             "--controlnets", str(tmp_path / "untrained"), "--num_cases", "4", "--seeds", "0",
-            "--num_inference_steps", "4", "--timing_runs", "0", "--output_dir", str(tmp_path / "out"),
+            "--num_inference_steps", "10", "--timing_runs", "0", "--output_dir", str(tmp_path / "out"),
         ]
     )  # fmt: skip
     unguided, lgp, untrained = rows

@@ -35,11 +35,28 @@ def blob(size: int = 32, light_on_dark: bool = True) -> PIL.Image.Image:
 # The LGP knows its map; old configs are edge LGPs
 
 
+# An LGP config.json as written before maps had kinds: demo model v1's LGP, shipped until 2026-11-26 (commit 3f16c69).
+OLD_EDGE_CONFIG = {
+    "_class_name": "LGPModel",
+    "_diffusers_version": "0.42.1",
+    "_name_or_path": "outputs/demo-lgp",
+    "block_channels": [64, 128, 128, 128, 128, 128, 128],
+    "blocks": [
+        "down_blocks.0", "down_blocks.1", "mid_block.attentions.0", "mid_block.resnets.0", "mid_block.resnets.1",
+        "up_blocks.0", "up_blocks.1",
+    ],
+    "feature_branch": "conditional",
+    "hidden_dims": [512, 256, 128, 64],
+    "latent_channels": 4,
+    "num_noise_frequencies": 9,
+    "out_channels": 4,
+    "sketch_polarity": "light_on_dark",
+    "tuple_output_index": 0,
+}  # fmt: skip
+
+
 def old_edge_config(**overrides) -> dict:
-    """An LGP config.json as written before maps had kinds: the shipped demo LGP's, which has no `map_kind`."""
-    config = json.loads((DEMO_MODEL_DIR / "lgp" / "config.json").read_text())
-    assert "map_kind" not in config and "map_normalization" not in config
-    return {**config, **overrides}
+    return {**OLD_EDGE_CONFIG, **overrides}
 
 
 def test_a_config_from_before_map_kinds_loads_as_an_edge_lgp_and_behaves_identically(tmp_path, components):
