@@ -356,6 +356,14 @@ def segment_foreground(
     return _remove_specks(mask, max(1, round(MIN_COMPONENT_FRACTION * mask.size)))
 
 
+def count_objects(mask: np.ndarray) -> int:
+    """How many separate shapes a foreground mask holds (8-connected components; `segment_foreground` has already
+    dropped specks)."""
+    import cv2
+
+    return cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks; 1 when both are empty."""
     union = np.logical_or(a, b).sum()
@@ -445,6 +453,7 @@ def measure_image(
         "colour_ok": colour_name == case.colour,
         "shape": kind,
         "recognisable": bool(area_ok and kind == case.kind),
+        "objects": count_objects(foreground),
     }
 
 
@@ -532,6 +541,8 @@ def summarize(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "colour_agreement": float(np.mean([m["colour_ok"] for m in metrics])),
         "recognisable": float(np.mean([m["recognisable"] for m in metrics])),
         "recognisable_and_colour": float(np.mean([m["recognisable"] and m["colour_ok"] for m in metrics])),
+        # Every held-out prompt names one shape: the share of images that draw exactly one.
+        "one_object": float(np.mean([m["objects"] == 1 for m in metrics])),
     }
 
 
@@ -698,8 +709,8 @@ def markdown_table(unguided: dict[str, Any], sweep: Sequence[dict[str, Any]], be
     """The sweep as a markdown table, unguided first and the chosen setting in bold."""
     lines = [
         "| sketch_guidance_scale | sketch_guidance_end | IoU | IoU / unguided | outline F | edge F | colour"
-        " | recognisable |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | recognisable | one object |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def row(scale: str, end: str, values: dict[str, Any], bold: bool = False) -> str:
@@ -713,6 +724,7 @@ def markdown_table(unguided: dict[str, Any], sweep: Sequence[dict[str, Any]], be
             f"{values['edge_f_score']:.3f}",
             _percent(values["colour_agreement"]),
             _percent(values["recognisable"]),
+            _percent(values["one_object"]),
         ]
         return "| " + " | ".join(f"**{c}**" if bold else c for c in cells) + " |"
 

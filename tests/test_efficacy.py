@@ -22,6 +22,7 @@ from benchmarks.efficacy import (
     pick_best,
     run_benchmark,
     segment_foreground,
+    summarize,
     validate_segmentation,
 )
 from pipeline_sketch_guided.demo import SHAPES
@@ -84,6 +85,19 @@ def test_a_perfect_answer_scores_high(style):
         assert metrics["iou"] > 0.9, case.prompt
         assert metrics["colour_ok"] and metrics["recognisable"], (case.prompt, metrics)
         assert metrics["outline_f_score"] > 0.8, (case.prompt, metrics)
+        assert metrics["objects"] == 1, (case.prompt, metrics)
+
+
+def test_two_shapes_for_a_one_shape_prompt_are_counted():
+    """The issue's failure "a large star gives two stars": two copies of the asked-for shape count as two objects, and
+    the summary's one-object rate falls."""
+    case = held_out_cases(1)[0]
+    shape = Shape(case.kind, case.colour, (16.0, 16.0), 10.0, case.rotation)
+    twin = Shape(case.kind, case.colour, (46.0, 46.0), 10.0, case.rotation)
+    two = measure_image(render([shape, twin], case.background, "plain", random.Random(0)), case)
+    one = measure_image(render([shape], case.background, "plain", random.Random(0)), case)
+    assert (two["objects"], one["objects"]) == (2, 1)
+    assert summarize([one, two])["one_object"] == 0.5
 
 
 def test_wrong_colour_wrong_place_and_wrong_shape_are_caught():
