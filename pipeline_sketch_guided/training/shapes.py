@@ -93,10 +93,10 @@ def _background(rng: random.Random, name: str, style: str) -> np.ndarray:
 def random_shapes(rng: random.Random, layout: str = "inside") -> list[Shape]:
     """One or two shapes of different colours that overlap little, placed by `layout` (`LAYOUTS`).
 
-    "inside", the shipped demo model's data: one or two shapes equally often, a single one of radius 10 to 22, kept
-    mostly inside the frame. "anywhere", demo model v2's: one shape in 60% of the images, from a quarter of the frame's
-    width to filling it, centred anywhere it stays mostly inside the frame (users draw large, off-centre and
-    edge-touching sketches).
+    "inside", demo model v1's data and the shipped LGPs': one or two shapes equally often, a single one of radius 10 to
+    22, kept mostly inside the frame. "anywhere", what demo model v2's UNet was trained further on: one shape in 60% of
+    the images, from a quarter of the frame's width to filling it, centred anywhere it stays mostly inside the frame
+    (users draw large, off-centre and edge-touching sketches).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
@@ -233,7 +233,7 @@ def main(argv=None) -> None:
         "--layout",
         default="inside",
         choices=LAYOUTS,
-        help="inside: the shipped demo model's data; anywhere: demo model v2's (larger, off-centre shapes)",
+        help="inside: demo model v1's data and the shipped LGPs'; anywhere: larger, off-centre shapes (v2's UNet)",
     )
     args = parser.parse_args(argv)
     write_image_folder(
