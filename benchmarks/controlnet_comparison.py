@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 
 from benchmarks import efficacy
+from benchmarks.measuring import measure
 from benchmarks.models import SD15_UNET
 from pipeline_sketch_guided import LGPModel
 from pipeline_sketch_guided.demo import DEMO_MODEL_DIR
@@ -119,19 +119,12 @@ def generate_controlnet(
 
 
 def interleaved_medians(generators: dict[str, Any], runs: int) -> dict[str, float | None]:
-    """Median seconds of each generator over `runs` rounds after a warm-up round; the rounds take every generator in
-    turn, so a slow spell of a shared machine falls on all of them rather than on one."""
+    """Median seconds of each generator over `runs` rounds after a warm-up round (`measuring.measure`: the rounds take
+    every generator in turn, so a slow spell of a shared machine falls on all of them rather than on one)."""
     if runs < 1:
         return dict.fromkeys(generators)
-    for generate_one in generators.values():
-        generate_one()
-    seconds: dict[str, list[float]] = {name: [] for name in generators}
-    for _ in range(runs):
-        for name, generate_one in generators.items():
-            started = time.perf_counter()
-            generate_one()
-            seconds[name].append(time.perf_counter() - started)
-    return {name: float(np.median(values)) for name, values in seconds.items()}
+    timed = measure(generators, repeats=runs, warmup=1, device=torch.device("cpu"))
+    return {name: float(np.median(value["runs"])) for name, value in timed.items()}
 
 
 def measure_base(args, model: str, label: str, cases, size: int, timed: bool) -> list[dict[str, Any]]:

@@ -210,7 +210,8 @@ def held_out_cases(
         raise ValueError(f"`num_cases` must be at least 1, got {num_cases}.")
     if map not in MAPS:
         raise ValueError(f"The benchmark has held-out cases for the maps {MAPS}, not {map!r}.")
-    rng = random.Random(HELD_OUT_SEED + seed + (0 if placement == "inside" else 500_000))
+    stream = HELD_OUT_SEED + (0 if placement == "inside" else 500_000)  # cases and their sketches
+    rng = random.Random(stream + seed)
     colours = list(COLOURS)
     rng.shuffle(colours)
     scale = image_size / DEMO_IMAGE_SIZE
@@ -225,7 +226,7 @@ def held_out_cases(
         margin = radius + 2 if placement == "inside" else min(0.6 * radius, DEMO_IMAGE_SIZE / 2)
         center = (rng.uniform(margin, DEMO_IMAGE_SIZE - margin), rng.uniform(margin, DEMO_IMAGE_SIZE - margin))
         rotation = rng.uniform(0, 360)
-        sketch_seed = HELD_OUT_SEED + 1000 * seed + index + (0 if placement == "inside" else 500_000)
+        sketch_seed = stream + 1000 * seed + index
         if map == "silhouette":
             style, dark_on_light = BLOB_STYLES[index % len(BLOB_STYLES)], False
             sketch, points = freehand_blob(

@@ -106,10 +106,9 @@ def random_shapes(rng: random.Random, layout: str = "inside") -> list[Shape]:
     while len(shapes) < count:
         if anywhere:
             radius = rng.uniform(9, 31) if count == 1 else rng.uniform(8, 16)
-            low, high = _centre_range(radius, 0.6 if count == 1 else 0.8)
         else:
             radius = rng.uniform(10, 22) if count == 1 else rng.uniform(8, 15)
-            low, high = radius * 0.8, IMAGE_SIZE - radius * 0.8
+        low, high = _centre_range(radius, 0.6 if anywhere and count == 1 else 0.8)
         shape = Shape(
             kind=rng.choice(SHAPES),
             colour=rng.choice([c for c in COLOURS if c not in {s.colour for s in shapes}]),

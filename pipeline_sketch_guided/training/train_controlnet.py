@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
+from pipeline_sketch_guided.training.prepare_data import load_prepared_dataset
 from pipeline_sketch_guided.training.train_demo_model import atomic_save
 
 
@@ -61,12 +62,18 @@ def conditioning_channels(vae: AutoencoderKL) -> tuple[int, ...]:
 
 def load_pairs(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The images (uint8 N x H x W x 3), maps (uint8 N x H x W x 3) and captions of a prepare_data folder."""
-    if not (folder / "metadata.jsonl").is_file():
-        raise SystemExit(f"{folder} has no metadata.jsonl: give a folder written by prepare_data.")
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    images = np.stack([np.asarray(PIL.Image.open(folder / row["file_name"]).convert("RGB")) for row in rows])
-    maps = np.stack([np.asarray(PIL.Image.open(folder / row["edge_file_name"]).convert("RGB")) for row in rows])
-    return images, maps, [row["text"] for row in rows]
+    try:
+        examples = load_prepared_dataset(str(folder))
+    except ValueError as error:  # not a prepared folder, or a listed file missing: say so in one line
+        raise SystemExit(str(error)) from None
+
+    def read(path: str) -> np.ndarray:
+        with PIL.Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+
+    images = np.stack([read(example.image_path) for example in examples])
+    maps = np.stack([read(example.edge_path) for example in examples])
+    return images, maps, [example.caption for example in examples]
 
 
 def main(argv=None) -> None:
