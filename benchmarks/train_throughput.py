@@ -36,6 +36,7 @@ from pipeline_sketch_guided.training.train_lgp import (
     lgp_loss,
     load_base,
 )
+from pipeline_sketch_guided.utils import device_name
 
 # Every step encodes this caption for each image of the batch, as the trainer encodes its captions.
 CAPTION = "a red square and a blue circle on a grey background"
@@ -143,9 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "model": args.model,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "resolution": resolution,
         "latent_size": latent_size,
         "batch_size": batch,

@@ -12,3 +12,11 @@ _DTYPE_KEYWORD = "dtype" if Version(Version(diffusers.__version__).base_version)
 def dtype_kwargs(dtype: torch.dtype | None) -> dict:
     """`{"dtype": dtype}` for diffusers' `from_pretrained`, under the keyword that the installed diffusers takes."""
     return {_DTYPE_KEYWORD: dtype}
+
+
+def device_name(device: torch.device | str) -> str:
+    """What a training record or benchmark says it ran on: the GPU's name, or the CPU with torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type.upper()} ({torch.get_num_threads()} torch threads)"

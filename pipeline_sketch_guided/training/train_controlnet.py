@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 from pipeline_sketch_guided.training.prepare_data import load_prepared_dataset
 from pipeline_sketch_guided.training.train_demo_model import atomic_save
+from pipeline_sketch_guided.utils import device_name
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
                 "learning_rate": args.learning_rate,
                 "trainable_parameters": sum(p.numel() for p in parameters),
                 "loss_last_100_steps": torch.stack(losses[-100:]).mean().item(),
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "device": device_name(device),
                 "pairs": len(latents),
                 "base_model": str(model),
             }

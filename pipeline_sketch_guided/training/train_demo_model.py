@@ -42,6 +42,7 @@ from pipeline_sketch_guided.training.shapes import (
     WORDS,
     render_sample,
 )
+from pipeline_sketch_guided.utils import device_name
 
 # Noise schedule of Stable Diffusion 1.x, so that the demo model behaves like the models users know.
 SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -409,7 +410,7 @@ def main(argv=None) -> None:
         "minutes_this_run": round(minutes, 1),
         "vae_steps_done": vae_step,
         "unet_steps_done": unet_step,
-        "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+        "device": device_name(args.device),
         "threads": torch.get_num_threads(),
         **vars(args),
     }
