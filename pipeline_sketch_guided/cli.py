@@ -238,8 +238,9 @@ def add_generate_parser(subparsers) -> None:
         "--sketch-guidance-interval",
         type=positive_int,
         default=1,
-        help="compute the sketch gradient every k-th step of the guided part, reusing it between: faster, approximate"
-        " (default 1, the exact method)",
+        help="compute the sketch gradient every k-th step of the guided part (and every step of the first 10%%),"
+        " reusing it between: faster, approximate (default 1, the exact method; 2 with --sketch-guidance-end 0.5"
+        " costs what the defaults cost)",
     )
     parser.add_argument("--height", type=positive_int, help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=positive_int, help="image width in pixels (default: the model's)")

@@ -55,6 +55,13 @@ MAX_SKETCH_GUIDANCE_SCALE = 50.0
 GUIDED_STEP_MODES = ("split", "batched")
 DEFAULT_GUIDED_STEP_MODES = {"cpu": "split", "cuda": "batched"}
 
+# With `sketch_guidance_interval` k > 1, the steps in this first fraction of the schedule still compute their own
+# gradient, and every k-th step after them does. There the latents change most from step to step, so a gradient from
+# the step before points elsewhere: on demo model v2, guiding half of 30 steps with every 2nd gradient computed from the
+# first step followed the sketch with IoU 0.653; with the first 3 steps (10%) computed and every 2nd after them, 0.719,
+# as much as computing every gradient (0.712), for 9 backward passes instead of 15 (README, "Cost").
+EVERY_STEP_FRACTION = 0.1
+
 
 def is_finite_number(value: Any) -> bool:
     """A real number (Python's or numpy's, not a bool) that is finite."""
@@ -70,8 +77,9 @@ def is_guided_step(step_index: int, num_steps: int, start: float, end: float) ->
 
 
 def guided_step_indices(num_steps: int, start: float, end: float, interval: int = 1) -> list[int]:
-    """The steps that take sketch guidance: every `interval`-th step of the guided fraction [start, end] (from its
-    first step), and never none.
+    """The steps that compute a sketch gradient: every step of the guided fraction [start, end] (`interval` 1, the
+    exact method), or with `interval` k every step of it in the first `EVERY_STEP_FRACTION` of the schedule and then
+    every k-th; never none.
 
     When no step lies in the range (few steps: 3 steps at the default end 0.3), the first step at or after `start` is
     guided anyway: a user who passes a sketch means it to count, and models that sample in 1-4 steps (turbo, LCM) have
@@ -80,7 +88,11 @@ def guided_step_indices(num_steps: int, start: float, end: float, interval: int 
     in_range = [i for i in range(num_steps) if is_guided_step(i, num_steps, start, end)]
     if not in_range:
         return [min(math.ceil(start * num_steps), num_steps - 1)]
-    return in_range[::interval]
+    leading = [i for i in in_range if i / num_steps < EVERY_STEP_FRACTION]
+    if interval == 1 or not leading:
+        return in_range[::interval]
+    # Every k-th step onwards from the last leading one.
+    return leading + in_range[len(leading) - 1 + interval :: interval]
 
 
 def sketch_guidance_step(

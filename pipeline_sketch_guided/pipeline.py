@@ -189,10 +189,11 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
             sketch_guidance_end (`float`, *optional*, defaults to 0.3):
                 Fraction of the steps after which guidance stops. Guiding late makes the strokes appear literally.
             sketch_guidance_interval (`int`, *optional*, defaults to 1):
-                Compute the sketch gradient every this many steps of the guided part (its first step, then every
-                k-th): a faster approximation, since each gradient costs a backward through the UNet. 1 is the exact
-                method. The steps between take a guidance step along the last gradient, sized by their own denoising
-                step (`pipe.sketch_gradient_reuse = False` leaves them unguided).
+                Compute the sketch gradient on every k-th step of the guided part (and on each of its steps in the
+                first 10% of the schedule, where a gradient goes stale fastest): a faster approximation, since each
+                gradient costs a backward through the UNet. 1 is the exact method. The steps between take a guidance
+                step along the last gradient, sized by their own denoising step (`pipe.sketch_gradient_reuse = False`
+                leaves them unguided). With 2, guiding half the steps costs what the default 30% costs exactly.
             return_edge_maps (`bool`, *optional*, defaults to `False`):
                 Also return the LGP's predicted edge maps at the last guided step (`edge_maps` of the output; the last
                 element of the tuple when `return_dict=False`).

@@ -185,8 +185,8 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
             sketch_guidance_end (`float`, *optional*, defaults to 0.3):
                 Fraction of the steps after which guidance stops (at least one step is guided).
             sketch_guidance_interval (`int`, *optional*, defaults to 1):
-                Compute the sketch gradient every this many steps of the guided part, reusing the last one between:
-                faster, approximate; 1 is the exact method.
+                Compute the sketch gradient on every k-th step of the guided part (and on each of its steps in the
+                first 10% of the schedule), reusing the last one between: faster, approximate; 1 is the exact method.
             return_edge_maps (`bool`, *optional*, defaults to `False`):
                 Also return the LGP's predicted edge maps at the last guided step (`edge_maps` of the output; the last
                 element of the tuple when `return_dict=False`).

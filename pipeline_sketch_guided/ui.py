@@ -486,8 +486,8 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
                     value=1,
                     step=1,
                     label="Guidance interval",
-                    info="compute the sketch's gradient every k-th guided step and reuse it between: faster,"
-                    " approximate (default 1, the exact method)",
+                    info="compute the sketch's gradient every k-th guided step (and every step of the first 10%)"
+                    " and reuse it between: faster, approximate (default 1, the exact method)",
                 )
                 compare = gr.Checkbox(
                     value=True,
