@@ -288,6 +288,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "guided_fraction": args.guided_fractions[0],
             "guided_fractions": args.guided_fractions,
             "efficacy_steps": args.efficacy_steps or args.steps if args.efficacy else None,
+            "efficacy_placement": args.efficacy_placement if args.efficacy else None,
             "guided_steps": None,
             "repeats": args.repeats,
             "warmup": args.warmup,
@@ -518,7 +519,7 @@ def efficacy(pipe, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline_sketch_guided.training.evaluate import sketch_strokes
 
     image_size = native_image_size(pipe)
-    cases = held_out_cases(args.efficacy_cases, image_size)
+    cases = held_out_cases(args.efficacy_cases, image_size, placement=args.efficacy_placement)
     strokes = [sketch_strokes(case.sketch, image_size, image_size) for case in cases]
     beta = args.sketch_guidance_scale
     modes: list[tuple[str, dict[str, Any] | None, bool]] = [("unguided", None, True)]
@@ -691,6 +692,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--efficacy", action="store_true", help="Sketch agreement of each mode (needs a trained LGP).")
     parser.add_argument("--efficacy_cases", type=int, default=12, help="Held-out cases for --efficacy.")
     parser.add_argument("--efficacy_seeds", type=int, nargs="+", default=[0, 1], help="Seeds for --efficacy.")
+    parser.add_argument(
+        "--efficacy_placement",
+        default="inside",
+        choices=("inside", "anywhere"),  # benchmarks.efficacy.PLACEMENTS, imported only with --efficacy
+        help="Which held-out sketches for --efficacy (`benchmarks.efficacy --placement`).",
+    )
     parser.add_argument("--efficacy_steps", type=int, default=None, help="Steps for --efficacy; default: --steps.")
     parser.add_argument(
         "--sketch_guidance_scale", type=float, default=DEFAULT_SKETCH_GUIDANCE_SCALE, help="Default: the pipeline's."

@@ -71,6 +71,26 @@ def test_modes_side_by_side_at_several_guided_fractions_in_one_run(tmp_path):
     assert "every 2, nothing between, scale 5 (end 1)" in efficacy
 
 
+def test_efficacy_can_use_the_anywhere_sketches(monkeypatch):
+    from benchmarks import efficacy
+
+    assert guided_sampling.parse_args([]).efficacy_placement == "inside"
+    for placement in efficacy.PLACEMENTS:  # the option offers every set of held-out sketches
+        assert guided_sampling.parse_args(["--efficacy_placement", placement]).efficacy_placement == placement
+    placements = []
+    held_out_cases = efficacy.held_out_cases
+
+    def recording(*args, placement="inside", **kwargs):
+        placements.append(placement)
+        return held_out_cases(*args, placement=placement, **kwargs)
+
+    monkeypatch.setattr(efficacy, "held_out_cases", recording)
+    argv = ["--model", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--threads", "1", "--phases"]
+    argv += ["generation", "--step_modes", "split", "--efficacy", "--efficacy_cases", "2", "--efficacy_seeds", "0"]
+    record = guided_sampling.main([*argv, "--efficacy_placement", "anywhere"])
+    assert placements == ["anywhere"] and record["config"]["efficacy_placement"] == "anywhere"
+
+
 def test_benchmark_smoke_run_reports_every_figure(tmp_path):
     output = tmp_path / "guided_sampling.json"
     argv = ["--model", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
@@ -128,6 +148,13 @@ def test_interval_guides_the_first_step_of_the_range_then_every_kth(pipe):
         pipe, num_inference_steps=8, sketch_guidance_start=0.25, sketch_guidance_end=0.5, sketch_guidance_interval=2
     )
     assert late == [every[2]]  # the range is steps 2 and 3 of 8
+
+
+def test_interval_computes_every_gradient_of_the_first_tenth_of_the_schedule(pipe):
+    every = guided_timesteps(pipe, num_inference_steps=20, sketch_guidance_end=0.5)
+    assert len(every) == 10
+    computed = guided_timesteps(pipe, num_inference_steps=20, sketch_guidance_end=0.5, sketch_guidance_interval=2)
+    assert computed == [every[i] for i in (0, 1, 3, 5, 7, 9)]  # steps 0 and 1 (10% of 20), then every 2nd
 
 
 @pytest.mark.parametrize("interval", [0, -1, 1.5, True, "2"])

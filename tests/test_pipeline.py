@@ -379,18 +379,3 @@ def test_gradient_reuse_guides_the_steps_between_computed_ones_at_no_extra_gradi
     assert not torch.allclose(reused, every_2)  # and three more guidance steps taken along them
     # With every step computed there is nothing to reuse: the exact method.
     assert torch.equal(generate(pipe, **kwargs).images, generate(pipe, sketch_guidance_interval=1, **kwargs).images)
-
-
-def test_the_interval_mode_computes_every_gradient_of_the_first_tenth_of_the_schedule(pipe, monkeypatch):
-    computed_at = []
-    compute = pipe.noise_and_sketch_gradient
-
-    def recording(sample, timestep, *args, **kwargs):
-        computed_at.append(int(timestep))
-        return compute(sample, timestep, *args, **kwargs)
-
-    monkeypatch.setattr(pipe, "noise_and_sketch_gradient", recording)
-    kwargs = {"sketch": draw_square(), "output_type": "latent", "num_inference_steps": 20, "sketch_guidance_end": 0.5}
-    generate(pipe, sketch_guidance_interval=2, **kwargs)
-    timesteps = [int(t) for t in pipe.scheduler.timesteps]
-    assert computed_at == [timesteps[i] for i in (0, 1, 3, 5, 7, 9)]  # steps 0 and 1 (10% of 20), then every 2nd
