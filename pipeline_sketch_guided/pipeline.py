@@ -193,7 +193,8 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
                 first 10% of the schedule, where a gradient goes stale fastest): a faster approximation, since each
                 gradient costs a backward through the UNet. 1 is the exact method. The steps between take a guidance
                 step along the last gradient, sized by their own denoising step (`pipe.sketch_gradient_reuse = False`
-                leaves them unguided). With 2, guiding half the steps costs what the default 30% costs exactly.
+                leaves them unguided). With 2 and `sketch_guidance_end=0.5`, half the steps are guided for the cost
+                of the defaults (every gradient of the first 30% computed).
             return_edge_maps (`bool`, *optional*, defaults to `False`):
                 Also return the LGP's predicted edge maps at the last guided step (`edge_maps` of the output; the last
                 element of the tuple when `return_dict=False`).
