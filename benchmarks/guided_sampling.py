@@ -73,6 +73,7 @@ from pipeline_sketch_guided.guidance import (
     sketch_guidance_step,
 )
 from pipeline_sketch_guided.pipeline_xl import SketchGuidedStableDiffusionXLPipeline
+from pipeline_sketch_guided.utils import device_name
 
 # `--scheduler` takes the command line's names (`sketch-guided generate --scheduler`).
 SCHEDULERS = {name: getattr(diffusers, class_name) for name, class_name in cli.SCHEDULERS.items()}
@@ -293,7 +294,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats,
             "warmup": args.warmup,
             "dtype": args.dtype,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device": device_name(device),
             "threads": torch.get_num_threads(),
             "memory_kind": memory_kind(device),
         },

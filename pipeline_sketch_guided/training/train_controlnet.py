@@ -25,11 +25,11 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextModel
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler
 
 from pipeline_sketch_guided.training.prepare_data import load_prepared_dataset
 from pipeline_sketch_guided.training.train_demo_model import atomic_save
+from pipeline_sketch_guided.training.train_lgp import load_base
 from pipeline_sketch_guided.utils import device_name
 
 
@@ -84,12 +84,8 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = args.pretrained_model_name_or_path
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).to(device)
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=torch.float32).to(device)
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=torch.float32).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
-    for frozen in (vae, unet, text_encoder):
-        frozen.requires_grad_(False).eval()
+    base = load_base(model, torch.float32).to(device)  # frozen, as the LGP trainer loads it
+    vae, unet, text_encoder, tokenizer = base.vae, base.unet, base.text_encoder, base.tokenizer
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels(vae)).to(
         device
     )

@@ -143,15 +143,15 @@ def load_dataset(
     """The rendered images (uint8, N x 64 x 64 x 3) and captions, cached in `output_dir/dataset.npz` (and rendered
     again when the cache holds another number of images, styles or layout)."""
     cache = output_dir / "dataset.npz"
-    recipe = json.dumps({"styles": list(styles), "layout": layout})
+
+    def recipe_of(styles, layout: str) -> str:
+        return json.dumps({"styles": list(styles), "layout": layout})
+
+    recipe = recipe_of(styles, layout)
     if cache.is_file():
         data = np.load(cache)
         # A cache from before styles and layouts holds the default recipe.
-        cached = (
-            str(data["recipe"])
-            if "recipe" in data
-            else json.dumps({"styles": list(BACKGROUND_STYLES), "layout": "inside"})
-        )
+        cached = str(data["recipe"]) if "recipe" in data else recipe_of(BACKGROUND_STYLES, "inside")
         if len(data["images"]) == num_images and cached == recipe:
             return data["images"], json.loads(str(data["captions"]))
     with ProcessPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
