@@ -55,7 +55,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline, cli
+from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline, loading
 from pipeline_sketch_guided.demo import (
     DEMO_IMAGE_SIZE,
     SHAPES,
@@ -568,7 +568,7 @@ def load_pipeline(
         if map != "edges":
             pipe.lgp = random_lgp(pipe.unet, map_kind=map)
     else:
-        pipe = cli.load_pipeline(model, lgp, safety_checker=None, requires_safety_checker=False)
+        pipe = loading.load_pipeline(model, lgp, safety_checker=None, requires_safety_checker=False)
         if pipe.lgp is None:
             raise ValueError(f"{model!r} has no LGP: pass `--lgp` with the folder or Hub id of one trained for it.")
     pipe.set_progress_bar_config(disable=True)

@@ -62,7 +62,7 @@ from benchmarks.measuring import (
     without_savings,
 )
 from benchmarks.models import build_pipeline
-from pipeline_sketch_guided import capture_activations, cli, noise_level_map
+from pipeline_sketch_guided import capture_activations, loading, noise_level_map
 from pipeline_sketch_guided import guidance as guidance_module
 from pipeline_sketch_guided.capture import resolve_blocks
 from pipeline_sketch_guided.demo import freehand_sketch
@@ -76,7 +76,7 @@ from pipeline_sketch_guided.pipeline_xl import SketchGuidedStableDiffusionXLPipe
 from pipeline_sketch_guided.utils import device_name
 
 # `--scheduler` takes the command line's names (`sketch-guided generate --scheduler`).
-SCHEDULERS = {name: getattr(diffusers, class_name) for name, class_name in cli.SCHEDULERS.items()}
+SCHEDULERS = {name: getattr(diffusers, class_name) for name, class_name in loading.SCHEDULERS.items()}
 PROMPT = "a red star on a white background"
 
 

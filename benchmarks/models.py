@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from pipeline_sketch_guided import cli
+from pipeline_sketch_guided import loading
 from pipeline_sketch_guided.lgp import LGPModel
 from pipeline_sketch_guided.pipeline import SketchGuidedStableDiffusionPipeline
 from pipeline_sketch_guided.pipeline_xl import SketchGuidedStableDiffusionXLPipeline
@@ -144,7 +144,7 @@ def build_pipeline(model: str, lgp: str | None = None, dtype: torch.dtype = torc
         )
     else:
         kwargs = {"safety_checker": None, "requires_safety_checker": False}
-        pipe = cli.load_pipeline(None if model == "demo" else model, None, torch_dtype=dtype, **kwargs)
+        pipe = loading.load_pipeline(None if model == "demo" else model, None, torch_dtype=dtype, **kwargs)
     if lgp is not None:
         pipe.lgp = LGPModel.from_pretrained(lgp, **dtype_kwargs(dtype))
     elif pipe.lgp is None:

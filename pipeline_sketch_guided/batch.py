@@ -26,6 +26,19 @@ import torch
 
 from .sketch import prepare_map, prepare_sketch_mask
 
+
+def boolean(value: Any) -> bool:
+    """A manifest's yes or no: JSON's true and false, or true/false, yes/no, 1/0 in a CSV cell."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0"):
+        return False
+    raise ValueError(value)
+
+
 # Every field a manifest row may have; `prompt` is the only one it must have.
 MANIFEST_FIELDS = {
     "prompt": str,
@@ -41,6 +54,7 @@ MANIFEST_FIELDS = {
     "sketch_guidance_interval": int,
     "height": int,
     "width": int,
+    "invert_map": boolean,
     "output": str,
 }
 # The fields that each image of a batch may have its own of; rows that agree on all the others can share a batch.
@@ -126,7 +140,8 @@ def parse_row(index: int, raw: dict[str, Any], manifest_dir: Path, out_dir: Path
                 raise ValueError
             settings[name] = kind(value) if not (kind is int and isinstance(value, str)) else int(value.strip())
         except (TypeError, ValueError):
-            error = f"`{name}` must be {'an integer' if kind is int else 'a number' if kind is float else 'text'}"
+            what = {int: "an integer", float: "a number", boolean: "true or false"}.get(kind, "text")
+            error = f"`{name}` must be {what}"
             error += f", got {value!r}"
     if "prompt" not in settings and error is None:
         error = "no `prompt`"
@@ -157,7 +172,14 @@ def check_row_inputs(row: Row, vae_scale_factor: int, default_size: tuple[int, i
     one fails its row, not the batch it would have joined."""
     height, width = row.settings.get("height", default_size[0]), row.settings.get("width", default_size[1])
     options = (
-        () if lgp_config is None else (lgp_config.map_kind, lgp_config.sketch_polarity, lgp_config.map_normalization)
+        ()
+        if lgp_config is None
+        else (
+            lgp_config.map_kind,
+            lgp_config.sketch_polarity,
+            lgp_config.map_normalization,
+            row.settings.get("invert_map", False),
+        )
     )
     try:
         if "sketch" in row.settings:
@@ -221,9 +243,9 @@ def process_state():
 
 
 def save_png(image: PIL.Image.Image, path: Path, settings: dict[str, Any]) -> None:
-    """Write `image` to `path` atomically (`cli.save_image`), with `settings` in its PNG metadata: the generators'
+    """Write `image` to `path` atomically (`saving.save_image`), with `settings` in its PNG metadata: the generators'
     `parameters` text, and the row under `METADATA_KEY` for resuming."""
-    from .cli import save_image
+    from .saving import save_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(image, str(path), settings, {METADATA_KEY: json.dumps(settings)})

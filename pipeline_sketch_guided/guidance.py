@@ -62,6 +62,16 @@ DEFAULT_GUIDED_STEP_MODES = {"cpu": "split", "cuda": "batched"}
 # as much as computing every gradient (0.712), for 9 backward passes instead of 15 (README, "Cost").
 EVERY_STEP_FRACTION = 0.1
 
+# diffusers' memory savers whose hooks swap each layer's weights in place after its forward (`param.data = ...`): to
+# float8 storage (layerwise casting) or to the offload device (group offloading). Autograd keeps the parameter, not a
+# copy, so the backward of a guided step finds the swapped weights: "expected scalar type BFloat16 but found
+# Float8_e4m3fn". Refused before any work. (`enable_model_cpu_offload` and accelerate's sequential offload replace
+# parameters instead of mutating them, and guide as usual.)
+BACKWARD_UNSAFE_HOOKS = {
+    "layerwise_casting": "layerwise casting (`enable_layerwise_casting`)",
+    "group_offloading": "group offloading (`enable_group_offload`)",
+}
+
 
 def is_finite_number(value: Any) -> bool:
     """A real number (Python's or numpy's, not a bool) that is finite."""
@@ -167,6 +177,18 @@ def branch_inputs(value: Any, index: int, num_branches: int, batch: int) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(branch_inputs(item, index, num_branches, batch) for item in value)
     return value
+
+
+def backward_unsafe_memory_saver(model: torch.nn.Module) -> str | None:
+    """The first of `BACKWARD_UNSAFE_HOOKS` enabled on `model` (a UNet), named for a message, or `None`."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        for hook, name in BACKWARD_UNSAFE_HOOKS.items():
+            if registry.get_hook(hook) is not None:
+                return name
+    return None
 
 
 def _finite_or_skipped(gradient: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -358,6 +380,13 @@ class SketchGuidanceMixin:
                 "This LGP reads the UNet's unconditional branch, which runs only with classifier-free guidance:"
                 " use `guidance_scale` > 1."
             )
+        unsafe = backward_unsafe_memory_saver(self.unet)
+        if unsafe is not None:
+            raise ValueError(
+                f"Sketch guidance back-propagates through the UNet, and {unsafe} puts other weights in place of the"
+                " ones the backward needs. Load the UNet without it to guide with a sketch (enable_model_cpu_offload()"
+                " saves memory and works with guidance), or pass no sketch."
+            )
         if self._execution_device.type == "cpu" and self.unet.dtype == torch.float16:
             raise ValueError(
                 "Sketch guidance back-propagates through the UNet, which is not supported in float16 on the CPU."
@@ -374,15 +403,27 @@ class SketchGuidanceMixin:
         return (height or default[0] * self.vae_scale_factor, width or default[1] * self.vae_scale_factor)
 
     def prepare_sketch_latents(
-        self, sketch: SketchInput | list[SketchInput], num_images: int, height: int, width: int, device
+        self,
+        sketch: SketchInput | list[SketchInput],
+        num_images: int,
+        height: int,
+        width: int,
+        device,
+        invert_map: bool = False,
     ) -> torch.Tensor:
         """The guidance target E(s): each sketch (or other map) prepared as the LGP's config says (`map_kind`: an edge
-        map's polarity, a depth map's normalisation, a colour map's channels, see `prepare_map`) and encoded by the VAE
-        (its mean, or the latents of VAEs without a distribution, such as `AutoencoderTiny`)."""
+        map's or silhouette's polarity, a depth map's normalisation, a colour map's channels, see `prepare_map`) and
+        encoded by the VAE (its mean, or the latents of VAEs without a distribution, such as `AutoencoderTiny`); an
+        LGP with `target="map"` is given the prepared map itself at its output resolution."""
         sketches = sketch_list(sketch)
         config = self.lgp.config
-        options = (config.map_kind, config.sketch_polarity, config.map_normalization)
-        latents = torch.cat([self._encoded_sketch(prepare_map(s, height, width, *options), device) for s in sketches])
+        options = (config.map_kind, config.sketch_polarity, config.map_normalization, invert_map)
+        maps = [prepare_map(s, height, width, *options) for s in sketches]
+        if config.target == "map":
+            latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+            latents = self.lgp.target_from_map(torch.cat(maps), latent_size).to(device)
+        else:
+            latents = torch.cat([self._encoded_sketch(image, device) for image in maps])
         # One sketch for all images, or one per prompt (repeated for its images), or one per image.
         return latents.repeat_interleave(num_images // len(sketches), dim=0)
 
@@ -448,9 +489,15 @@ class SketchGuidanceMixin:
         return encoded * self.vae.config.scaling_factor
 
     def decode_edge_maps(self, edge_latents: torch.Tensor, output_type: str):
-        """The LGP's predicted edge latents as images, decoded like the pipeline's images."""
+        """The LGP's predicted edge latents as images, decoded like the pipeline's images (an LGP with
+        `target="map"` predicts the map itself, shown at the image's size)."""
         if output_type == "latent":
             return edge_latents
+        if self.lgp.config.target == "map":
+            scale = self.vae_scale_factor // self.lgp.config.target_scale
+            maps = torch.nn.functional.interpolate(edge_latents.float(), scale_factor=scale, mode="nearest")
+            maps = maps.expand(-1, 3, -1, -1) if maps.shape[1] == 1 else maps
+            return self.image_processor.postprocess(maps.clamp(-1, 1), output_type=output_type)
         dtype = self._vae_dtype()
         statistics = self._latents_mean_std(edge_latents)
         if statistics is not None:
@@ -469,7 +516,8 @@ class SketchGuidanceMixin:
     ) -> tuple[Any, Any]:
         """The parent pipeline's `__call__` (`parent_call`, with `parent_kwargs`), guided by the sketch arguments in
         `guidance` (`sketch`, `sketch_mask`, `sketch_guidance_scale`, `..._start`, `..._end`, `..._interval`,
-        `return_edge_maps`, and `guidance_map`, another name for `sketch`): checked and prepared first, then the
+        `return_edge_maps`, `invert_map`, and `guidance_map`, another name for `sketch`): checked and prepared first,
+        then the
         parent's own loop with `sketch_guidance`.
 
         Returns:
@@ -502,7 +550,8 @@ class SketchGuidanceMixin:
             parent_kwargs.get("height"), parent_kwargs.get("width"), parent_kwargs.get("latents")
         )
         device = self._execution_device
-        sketch_latents = self.prepare_sketch_latents(sketch, num_images, height, width, device)
+        invert = bool(guidance.get("invert_map", False))
+        sketch_latents = self.prepare_sketch_latents(sketch, num_images, height, width, device, invert)
         masks = (
             None if sketch_mask is None else self.prepare_sketch_masks(sketch_mask, num_images, height, width, device)
         )
@@ -644,6 +693,8 @@ class SketchGuidanceMixin:
             edge_latents = self.lgp(features, noise_level_map(epsilon, alpha_bar))
         error = (edge_latents.float() - sketch_latents.float()).square()
         if sketch_mask is not None:
+            if sketch_mask.shape[-2:] != error.shape[-2:]:  # an LGP predicting its map above latent resolution
+                sketch_mask = torch.nn.functional.interpolate(sketch_mask, size=error.shape[-2:], mode="nearest")
             error = error * sketch_mask
         # Summed per image, so each image's gradient is its own; the loss is in float32 whatever the UNet's dtype.
         return error.sum(), leaf, prediction.detach(), edge_latents

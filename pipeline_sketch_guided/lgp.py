@@ -14,9 +14,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .capture import block_output_channels, resolve_blocks
-from .sketch import MAP_KINDS, MAP_NORMALIZATIONS, SKETCH_POLARITIES
+from .sketch import GREY_MAP_KINDS, MAP_KINDS, MAP_NORMALIZATIONS, SKETCH_POLARITIES
 
 FEATURE_BRANCHES = ("conditional", "unconditional")
+# What the LGP predicts: "vae_latent", the VAE latent of the map (the paper's target); or "map", the map itself,
+# area-averaged to `target_scale` times the latent resolution (one channel for grey maps, three for colour maps),
+# where a thin stroke is a stroke and not whatever the VAE makes of it.
+LGP_TARGETS = ("vae_latent", "map")
 
 # Widths of the community LGP, said to follow section 4.1 of the paper (see DESIGN.md, "Published details").
 DEFAULT_HIDDEN_DIMS = (512, 256, 128, 64)
@@ -69,6 +73,11 @@ class _ReLUWithSmoothGradient(torch.autograd.Function):
         return grad_output * torch.sigmoid(x / ctx.temperature), None
 
 
+def map_target_channels(map_kind: str) -> int:
+    """Channels of a `target="map"` LGP's map: one for grey maps, three for colour maps."""
+    return 1 if map_kind in GREY_MAP_KINDS else 3
+
+
 def noise_level_map(noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The LGP's noise-level input n = sqrt(1 - alphabar_t) * epsilon.
 
@@ -116,6 +125,13 @@ class LGPModel(ModelMixin, ConfigMixin):
         map_normalization (`str`, defaults to `"none"`): how each training map was normalised, and so how a user's
             map is: `"none"` (as drawn) or `"minmax"` (stretched to the full 0..1 range, as `prepare_data --map depth`
             writes depth maps). Edge maps take `"none"`.
+        target (`str`, defaults to `"vae_latent"`): what it predicts, `"vae_latent"` (the VAE latent of the map, as in
+            the paper: `out_channels` is the VAE's latent channels) or `"map"` (the prepared map itself in [-1, 1],
+            area-averaged to `target_scale` times the latent resolution: `out_channels` is the map's channels, 1 for
+            grey maps or 3 for colour maps, times `target_scale` squared). Configs written before load as
+            `"vae_latent"`.
+        target_scale (`int`, defaults to 1): with `target="map"`, how many map pixels each latent pixel predicts along
+            each side (its outputs are rearranged by `pixel_shuffle`); 1 for `"vae_latent"`.
     """
 
     @register_to_config
@@ -132,6 +148,8 @@ class LGPModel(ModelMixin, ConfigMixin):
         sketch_polarity: str = "light_on_dark",
         map_kind: str = "edges",
         map_normalization: str = "none",
+        target: str = "vae_latent",
+        target_scale: int = 1,
     ):
         super().__init__()
         if len(blocks) == 0 or len(blocks) != len(block_channels):
@@ -151,6 +169,18 @@ class LGPModel(ModelMixin, ConfigMixin):
             raise ValueError(f"Edge maps take `map_normalization='none'`, got {map_normalization!r}.")
         if len(hidden_dims) == 0:
             raise ValueError("`hidden_dims` must name at least one hidden width.")
+        if target not in LGP_TARGETS:
+            raise ValueError(f"`target` must be one of {LGP_TARGETS}, got {target!r}.")
+        if target == "vae_latent" and target_scale != 1:
+            raise ValueError(f"`target_scale` is for `target='map'`; a VAE latent target takes 1, got {target_scale}.")
+        if target == "map":
+            expected = map_target_channels(map_kind) * target_scale**2
+            if target_scale < 1 or out_channels != expected:
+                raise ValueError(
+                    f"An LGP with `target='map'` for {map_kind!r} maps at `target_scale={target_scale}` has"
+                    f" {expected} outputs per latent pixel (`out_channels`), got {out_channels}. Build it with"
+                    " `LGPModel.from_unet(unet, target='map', target_scale=...)`, which sets it."
+                )
 
         widths = [self.in_features, *hidden_dims]
         layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
@@ -209,6 +239,9 @@ class LGPModel(ModelMixin, ConfigMixin):
         modules = resolve_blocks(unet, blocks)
         channels = [block_output_channels(module) for module in modules.values()]
         kwargs.setdefault("latent_channels", unet.config.in_channels)
+        if kwargs.get("target") == "map":
+            scale = kwargs.get("target_scale", 1)
+            kwargs.setdefault("out_channels", map_target_channels(kwargs.get("map_kind", "edges")) * scale**2)
         return cls(blocks=list(blocks), block_channels=channels, **kwargs)
 
     @classmethod
@@ -236,7 +269,7 @@ class LGPModel(ModelMixin, ConfigMixin):
                 raise ValueError(
                     f"This LGP expects {expected} channels from UNet block {name!r}, but that block of the UNet"
                     f" outputs {found}. The LGP was made for a different base model: load an LGP trained for this"
-                    " UNet, or train one with `pipeline_sketch_guided/training/train_lgp.py`."
+                    " UNet, or train one with `sketch-guided train train_lgp` (training/train_lgp.py in a checkout)."
                 )
         if unet.config.in_channels != self.config.latent_channels:
             raise ValueError(
@@ -260,7 +293,8 @@ class LGPModel(ModelMixin, ConfigMixin):
             noise_level: `(B, latent_channels, h, w)`, see `noise_level_map`; sets the output size.
 
         Returns:
-            `torch.Tensor` of shape `(B, out_channels, h, w)`.
+            `torch.Tensor` of shape `(B, out_channels, h, w)`; with `target="map"`, `(B, out_channels / s^2, s h, s w)`
+            for `target_scale` s.
         """
         if isinstance(features, Mapping):
             features = [features[name] for name in self.config.blocks]
@@ -293,5 +327,18 @@ class LGPModel(ModelMixin, ConfigMixin):
                 pixels = _ReLUWithSmoothGradient.apply(pixels, self.relu_gradient_temperature)
             else:
                 pixels = layer(pixels)
-        out = pixels
-        return out.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+        out = pixels.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+        if self.config.target_scale > 1:
+            out = F.pixel_shuffle(out, self.config.target_scale)
+        return out
+
+    def target_from_map(self, maps: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        """The `target="map"` LGP's training target and guidance target for prepared maps `(B, 3, H, W)` in [-1, 1]
+        (`prepare_map`'s output): each area-averaged to `target_scale` times `latent_size`, grey maps as one
+        channel."""
+        if self.config.target != "map":
+            raise ValueError("`target_from_map` is for LGPs with `target='map'`; a VAE latent target is encoded.")
+        if map_target_channels(self.config.map_kind) == 1:
+            maps = maps.mean(dim=1, keepdim=True)
+        size = tuple(side * self.config.target_scale for side in latent_size)
+        return F.interpolate(maps.float(), size=size, mode="area")

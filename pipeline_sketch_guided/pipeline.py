@@ -158,6 +158,7 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
         sketch_guidance_interval: int = 1,
         return_edge_maps: bool = False,
         guidance_map: SketchInput | list[SketchInput] | None = None,
+        invert_map: bool = False,
         **kwargs,
     ):
         r"""
@@ -171,10 +172,11 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
                 `(B, C, H, W)` for several): any size (fitted to `height` x `width`, never stretched), dark strokes on
                 light paper or light on dark, modes 1, L, RGB or RGBA (transparency is paper). One sketch for all
                 images, one per prompt, or one per image. `None` generates exactly as `StableDiffusionPipeline` does.
-                For an LGP trained on another kind of map (its config's `map_kind`), that map: a silhouette (white
-                shapes on black) or depth map (light is near), taken as it is, with no polarity flip (a depth map
-                stretched to the full range, as in training), or a colour map (segmentation colours, normals) with
-                its three channels kept; transparency and padding are black there.
+                For an LGP trained on another kind of map (its config's `map_kind`), that map: a silhouette (filled
+                shapes, either way round: the paper is the tone of the map's border), a depth map (light is near,
+                see `invert_map`; stretched to the full range where the LGP's training maps were), or a colour map
+                (segmentation colours, normals) with its three channels kept; transparency and padding are
+                background there.
             guidance_map (same types as `sketch`, *optional*):
                 Another name for `sketch`, which reads better for maps that are not sketches; pass one or the other.
             sketch_mask (same types as `sketch`, *optional*):
@@ -198,6 +200,9 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
             return_edge_maps (`bool`, *optional*, defaults to `False`):
                 Also return the LGP's predicted edge maps at the last guided step (`edge_maps` of the output; the last
                 element of the tuple when `return_dict=False`).
+            invert_map (`bool`, *optional*, defaults to `False`):
+                For a depth LGP: the map is dark where near (a distance map), so turn it round; the LGP reads light as
+                near. Sketches and silhouettes need no flag (their paper is found, either way round).
 
         Examples:
 
@@ -239,6 +244,7 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
             "sketch_guidance_interval": sketch_guidance_interval,
             "return_edge_maps": return_edge_maps,
             "guidance_map": guidance_map,
+            "invert_map": invert_map,
         }
         output, edge_maps = self.generate_with_sketch(super().__call__, parent_kwargs, guidance)
         if not return_dict:

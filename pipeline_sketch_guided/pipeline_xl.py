@@ -160,6 +160,7 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
         sketch_guidance_interval: int = 1,
         return_edge_maps: bool = False,
         guidance_map: SketchInput | list[SketchInput] | None = None,
+        invert_map: bool = False,
         **kwargs,
     ):
         r"""
@@ -190,6 +191,9 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
             return_edge_maps (`bool`, *optional*, defaults to `False`):
                 Also return the LGP's predicted edge maps at the last guided step (`edge_maps` of the output; the last
                 element of the tuple when `return_dict=False`).
+            invert_map (`bool`, *optional*, defaults to `False`):
+                For a depth LGP: the map is dark where near (a distance map), so turn it round; the LGP reads light as
+                near. Sketches and silhouettes need no flag (their paper is found, either way round).
 
         Examples:
 
@@ -242,6 +246,7 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
             "sketch_guidance_interval": sketch_guidance_interval,
             "return_edge_maps": return_edge_maps,
             "guidance_map": guidance_map,
+            "invert_map": invert_map,
         }
         output, edge_maps = self.generate_with_sketch(super().__call__, parent_kwargs, guidance)
         if not return_dict:

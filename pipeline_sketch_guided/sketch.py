@@ -8,6 +8,7 @@ from typing import Union
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from diffusers.utils import logging
 
@@ -150,24 +151,34 @@ def prepare_map(
     map_kind: str = "edges",
     polarity: str = "light_on_dark",
     normalization: str = "none",
+    invert: bool = False,
 ) -> torch.Tensor:
     """Load and prepare a guidance map for an LGP trained on maps of `map_kind`: a `(1, 3, height, width)` tensor in
     [-1, 1], ready for the VAE. Accepts every input `prepare_sketch` does.
 
     - `"edges"`: `prepare_sketch` (either polarity, turned into `polarity`; a blank sketch is an error).
-    - `"silhouette"`, `"depth"`: read as one grey channel and taken as they are (no polarity flip: light is the
-      shape, or near), stretched to the full 0..1 range first where `normalization` is `"minmax"` (as in training).
-      Transparent pixels and the padding of another aspect are black, the background.
+    - `"silhouette"`: one grey channel, the shapes light on a dark background as the LGP was trained. Drawn either way:
+      the paper is the tone of the map's border (`border_tone`), so shapes filled dark on white paper are turned
+      round, however much of the page they cover.
+    - `"depth"`: one grey channel, light is near (the convention of depth estimators' disparity output and of
+      `prepare_data --map depth`), taken as it is; `invert=True` turns round a map that is dark where near (a
+      distance map). Stretched to the full 0..1 range first where `normalization` is `"minmax"` (as in training).
     - `"color"`: the three channels kept as they are (segmentation colour maps, normal maps); padding is black.
+    Transparent pixels and the padding of another aspect are black, the background, for every kind but edges.
 
     Raises:
-        ValueError: for an unknown kind or normalisation, an unreadable input, or a map that `"minmax"` cannot
-            normalise (one flat tone).
+        ValueError: for an unknown kind or normalisation, `invert` for a kind other than depth, an unreadable input,
+            or a map that `"minmax"` cannot normalise (one flat tone).
     """
     if map_kind not in MAP_KINDS:
         raise ValueError(f"`map_kind` must be one of {MAP_KINDS}, got {map_kind!r}.")
     if normalization not in MAP_NORMALIZATIONS:
         raise ValueError(f"`normalization` must be one of {MAP_NORMALIZATIONS}, got {normalization!r}.")
+    if invert and map_kind != "depth":
+        raise ValueError(
+            f"`invert_map` turns a depth map that is dark where near round; this LGP reads {map_kind} maps, which"
+            " need no flag (sketches and silhouettes are read either way round, colour maps have no inverse)."
+        )
     if map_kind == "edges":
         return prepare_sketch(guidance_map, height, width, polarity)
     raw = _high_range_grey(guidance_map) if normalization == "minmax" and map_kind in GREY_MAP_KINDS else None
@@ -175,8 +186,12 @@ def prepare_map(
         image = _stretch(raw, map_kind, min_range=0.0)
     else:
         image = to_image(guidance_map, paper=0).convert("L" if map_kind in GREY_MAP_KINDS else "RGB")
+        if map_kind == "silhouette" and border_tone(np.asarray(image)) >= 128:
+            image = PIL.ImageOps.invert(image)  # shapes drawn dark on light paper
         if normalization == "minmax":
             image = _stretch(np.asarray(image, dtype=np.float32), map_kind, min_range=MIN_STROKE_CONTRAST * 255)
+    if invert:
+        image = PIL.ImageOps.invert(image)  # before fitting: the padding stays background (far)
     image = fit_to_size(image, height, width, fill=0, what=f"{map_kind} map")
     array = np.asarray(image, dtype=np.float32) / 255.0
     if array.max() - array.min() < MIN_STROKE_CONTRAST:
@@ -184,6 +199,13 @@ def prepare_map(
     tensor = torch.from_numpy(array)
     tensor = tensor[None, None].expand(1, 3, height, width) if tensor.ndim == 2 else tensor.permute(2, 0, 1)[None]
     return tensor.contiguous() * 2.0 - 1.0
+
+
+def border_tone(grey: np.ndarray) -> float:
+    """The median tone of a grey image's outermost pixels: the paper a map is drawn on. A filled shape may cover most of
+    the page (its median is then the shape's), but rarely all of its edge."""
+    edge = np.concatenate([grey[0], grey[-1], grey[1:-1, 0], grey[1:-1, -1]])
+    return float(np.median(edge))
 
 
 def _high_range_grey(guidance_map: SketchInput) -> np.ndarray | None:

@@ -23,8 +23,8 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from .cli import save_image
 from .guidance import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE, MAX_SKETCH_GUIDANCE_SCALE
+from .saving import save_image
 from .sketch import to_image
 
 logger = logging.getLogger(__name__)
@@ -163,9 +163,8 @@ class SketchGuidedApp:
         return getattr(self.pipe.lgp.config, "map_kind", "edges")
 
     def guidance_map(self, drawing: PIL.Image.Image) -> PIL.Image.Image:
-        """The drawing as the LGP reads it. Edge maps go to the pipeline as drawn (it handles either polarity). A
-        silhouette LGP reads white shapes on black: shapes painted dark on the white page are turned round (an upload
-        already white on black is kept: the shapes are the minority tone). Other maps are passed as they are.
+        """The drawing, passed to the pipeline as drawn: it reads sketches and silhouettes either way round (shapes
+        painted dark on the white page, or an upload white on black), as every other way in does.
 
         Raises:
             ValueError: for an empty canvas, when the pipeline itself would not say so.
@@ -178,8 +177,6 @@ class SketchGuidedApp:
                 f"The canvas is empty: this LGP reads {self.map_kind} maps, so paint the shapes where they go (filled)"
                 " or upload a map."
             )
-        if self.map_kind == "silhouette" and np.median(grey) >= 128:
-            return PIL.ImageOps.invert(drawing.convert("RGB"))
         return drawing
 
     def stop(self, session: str | None) -> bool:

@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from pipeline_sketch_guided import cli
+from pipeline_sketch_guided import cli, loading
 from pipeline_sketch_guided.batch import ManifestError, read_manifest
 from pipeline_sketch_guided.demo import demo_sketches
 
@@ -86,7 +86,7 @@ def test_an_image_depends_on_its_row_not_on_its_batch(manifest, tmp_path):
 
 
 def test_a_manifest_that_cannot_be_read_fails_before_loading(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded a model"))
+    monkeypatch.setattr(loading, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded a model"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a red star", "sketh": "typo.png"}\n')
     with pytest.raises(SystemExit, match="fields sketh that are no pipeline argument"):

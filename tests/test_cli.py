@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-from pipeline_sketch_guided import cli
+from pipeline_sketch_guided import cli, loading
 from pipeline_sketch_guided.demo import demo_sketches
 
 PROMPT = "a red star on a white background"
@@ -28,7 +28,7 @@ def sketch(tmp_path) -> str:
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fails the test if the command gets as far as loading a model."""
-    monkeypatch.setattr(cli, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded a model"))
+    monkeypatch.setattr(loading, "load_pipeline", lambda *args, **kwargs: pytest.fail("loaded a model"))
 
 
 def generate_args(out, *extra) -> list[str]:
@@ -90,7 +90,7 @@ def test_any_error_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory.\nTried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(cli, "load_pipeline", broken)
+    monkeypatch.setattr(loading, "load_pipeline", broken)
     with pytest.raises(SystemExit) as raised:
         cli.main(generate_args(tmp_path / "out.png"))
     assert str(raised.value) == (
@@ -122,7 +122,7 @@ def test_many_images_a_grid_and_each_image_with_its_settings(tmp_path, sketch):
 
 def test_guidance_start_interval_scheduler_and_negative_prompt_reach_the_pipeline(tmp_path, sketch, monkeypatch):
     calls = {}
-    load = cli.load_pipeline
+    load = loading.load_pipeline
 
     def recording_load(*args, **kwargs):
         pipe = load(*args, **kwargs)
@@ -135,7 +135,7 @@ def test_guidance_start_interval_scheduler_and_negative_prompt_reach_the_pipelin
         monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **k: call(*a, **k))
         return pipe
 
-    monkeypatch.setattr(cli, "load_pipeline", recording_load)
+    monkeypatch.setattr(loading, "load_pipeline", recording_load)
     extra = ["--sketch", sketch, "--sketch-guidance-start", "0.1", "--sketch-guidance-interval", "2"]
     extra += ["--scheduler", "euler_a", "--negative-prompt", "a blue circle", "--dtype", "bfloat16"]
     cli.main(generate_args(tmp_path / "out.png", *extra))
@@ -191,7 +191,7 @@ def test_generate_picks_the_sdxl_pipeline_for_an_sdxl_model(tmp_path, sketch):
     components = tiny_sdxl_components()
     StableDiffusionXLPipeline(**components).save_pretrained(tmp_path / "sdxl")
     random_lgp(components["unet"]).save_pretrained(tmp_path / "lgp")
-    assert cli.pipeline_class_for(str(tmp_path / "sdxl")).__name__ == "SketchGuidedStableDiffusionXLPipeline"
+    assert loading.pipeline_class_for(str(tmp_path / "sdxl")).__name__ == "SketchGuidedStableDiffusionXLPipeline"
     out = tmp_path / "out.png"
     cli.main(
         ["generate", "--prompt", "a red star", "--sketch", sketch, "--out", str(out), "--steps", "2"]

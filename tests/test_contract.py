@@ -190,3 +190,54 @@ def test_a_stable_diffusion_2_model_is_guided_and_unguided_equal():
     guided = generate(pipe, sketch=sketch, sketch_guidance_scale=1.0, **kwargs).images
     assert torch.isfinite(guided).all()
     assert (sketch_loss(pipe, guided, sketch) < 0.8 * sketch_loss(pipe, unguided, sketch)).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# diffusers' memory savers
+
+
+def _layerwise_casting(pipe):
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+
+
+def _group_offloading(pipe):
+    cpu = torch.device("cpu")
+    pipe.unet.enable_group_offload(cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize(
+    "enable, named", [(_layerwise_casting, "layerwise casting"), (_group_offloading, "group offloading")]
+)
+def test_memory_savers_that_swap_weights_in_place_are_refused_before_any_work(family, enable, named):
+    from pipeline_sketch_guided.testing import tiny_random_pipeline, tiny_random_sdxl_pipeline
+
+    pipe = (tiny_random_pipeline if family == "sd" else tiny_random_sdxl_pipeline)()
+    enable(pipe)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    sketch = demo_sketches()[0][1]
+    with pytest.raises(ValueError, match=f"{named} .*Load the UNet without it") as error:
+        pipe("a red star", sketch=sketch, num_inference_steps=2, output_type="np")
+    assert calls == [] and "\n" not in str(error.value)
+    # Without a sketch it is the parent pipeline, memory saver and all.
+    assert pipe("a red star", num_inference_steps=2, output_type="np").images.shape[0] == 1
+
+
+def test_sequential_offload_replaces_weights_and_guides_as_without_it():
+    # accelerate's offload (enable_sequential_cpu_offload's hooks) loads each layer's weights as new tensors, so the
+    # backward keeps what the forward used. Checked with the CPU as the execution device, the one this machine has.
+    from accelerate import cpu_offload
+
+    from pipeline_sketch_guided.testing import tiny_random_pipeline
+
+    sketch = demo_sketches()[0][1]
+    plain, offloaded = tiny_random_pipeline(), tiny_random_pipeline()
+    cpu_offload(offloaded.unet, execution_device=torch.device("cpu"))
+    images = [
+        pipe(
+            "a red star", sketch=sketch, num_inference_steps=3, output_type="np", generator=torch.manual_seed(0)
+        ).images
+        for pipe in (plain, offloaded)
+    ]
+    assert np.abs(images[0] - images[1]).max() < 1e-5

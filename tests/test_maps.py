@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
 from conftest import draw_square
@@ -115,20 +116,40 @@ def test_bad_map_settings_are_refused(components, kwargs, message):
 # Preparing a user's map for the LGP's kind
 
 
-def test_silhouettes_are_taken_as_they_are_without_a_polarity_flip():
+def test_silhouettes_drawn_either_way_round_are_read_as_light_shapes_on_dark():
     light = prepare_map(blob(), 32, 32, "silhouette")
-    dark = prepare_map(blob(light_on_dark=False), 32, 32, "silhouette")
+    dark = prepare_map(blob(light_on_dark=False), 32, 32, "silhouette")  # a pen filling a blob on white paper
     expected = torch.from_numpy(np.asarray(blob(), dtype=np.float32) / 127.5 - 1)
     assert (
         light.shape == (1, 3, 32, 32)
         and torch.allclose(light[0, 0], expected)
         and torch.equal(light[0, 0], light[0, 2])
     )
-    assert torch.allclose(dark, -light)  # a dark blob on light stays one: no flip, unlike an edge sketch
+    assert torch.equal(dark, light)
+    # The paper is the border's tone, not the majority's: a shape covering most of the page is still the shape.
+    ys, xs = np.mgrid[0:32, 0:32]
+    large = (np.abs(xs - 15.5) < 13) & (np.abs(ys - 15.5) < 13)  # 66% of the pixels
+    for drawn in (large, ~large):
+        prepared = prepare_map(PIL.Image.fromarray((drawn * 255).astype(np.uint8)), 32, 32, "silhouette")
+        assert torch.equal(prepared[0, 0] > 0, torch.from_numpy(large))
     assert torch.allclose(prepare_map(blob(light_on_dark=False), 32, 32, "edges"), light)
     # An empty silhouette map is an instruction (nothing here), not an error; a transparent one is background.
     assert (prepare_map(PIL.Image.new("L", (32, 32), 0), 32, 32, "silhouette") == -1).all()
+    assert (prepare_map(PIL.Image.new("L", (32, 32), 255), 32, 32, "silhouette") == -1).all()
     assert (prepare_map(PIL.Image.new("RGBA", (32, 32), (255, 255, 255, 0)), 32, 32, "silhouette") == -1).all()
+
+
+def test_a_depth_map_dark_where_near_is_turned_round_only_when_asked():
+    ramp = np.tile(np.linspace(0, 255, 48, dtype=np.float32), (32, 1)).round().astype(np.uint8)  # another aspect
+    as_drawn = prepare_map(ramp, 32, 32, "depth")
+    inverted = prepare_map(ramp, 32, 32, "depth", invert=True)
+    expected = prepare_map(255 - ramp, 32, 32, "depth")
+    assert torch.allclose(inverted, expected) and not torch.allclose(inverted, as_drawn)
+    # The padding of another aspect is the background (far) either way.
+    assert (inverted[0, 0, :4] == -1).all() and (as_drawn[0, 0, :4] == -1).all()
+    for kind in ("edges", "silhouette", "color"):
+        with pytest.raises(ValueError, match="`invert_map` turns a depth map"):
+            prepare_map(blob(), 32, 32, kind, invert=True)
 
 
 def test_depth_maps_are_normalised_as_in_training():
@@ -428,6 +449,40 @@ def test_the_silhouette_demo_puts_the_shape_in_the_blob(silhouette_demo):
     iou_unguided = np.mean([measure_image(image, case)["iou"] for image, case in zip(unguided, cases, strict=True)])
     iou_guided = np.mean([measure_image(image, case)["iou"] for image, case in zip(guided, cases, strict=True)])
     assert iou_guided > iou_unguided + 0.1, (iou_guided, iou_unguided)
+
+
+def test_a_silhouette_drawn_dark_on_paper_guides_as_the_same_shape_light_on_black(silhouette_demo, tmp_path):
+    from pipeline_sketch_guided.batch import run_rows
+    from pipeline_sketch_guided.cli import main as cli
+    from pipeline_sketch_guided.demo import freehand_blob
+
+    light = freehand_blob("star", (30, 34), 16, seed=5)[0].convert("L")
+    dark = PIL.ImageOps.invert(light)
+    light.save(tmp_path / "light.png")
+    dark.save(tmp_path / "dark.png")
+    common = {"num_inference_steps": 4, "generator": None}
+
+    def pipeline_image(sketch):
+        common["generator"] = torch.Generator().manual_seed(1)
+        return np.asarray(silhouette_demo("a red star on a white background", sketch=sketch, **common).images[0])
+
+    assert np.array_equal(pipeline_image(dark), pipeline_image(light))
+    outputs = {}
+    for name in ("light", "dark"):
+        outputs[name] = tmp_path / f"cli-{name}.png"
+        cli(
+            ["generate", "--prompt", "a red star", "--sketch", str(tmp_path / f"{name}.png"), "--steps", "4"]
+            + ["--demo-map", "silhouette", "--out", str(outputs[name])]
+        )
+    assert np.array_equal(np.asarray(PIL.Image.open(outputs["dark"])), np.asarray(PIL.Image.open(outputs["light"])))
+    rows = [{"prompt": "a red star", "sketch": f"{name}.png", "seed": 3, "num_inference_steps": 4} for name in outputs]
+    summary = run_rows(silhouette_demo, rows, tmp_path, tmp_path / "batch", progress=False)
+    assert summary.done == 2
+    first, second = (np.asarray(PIL.Image.open(row["output"])) for row in summary.rows)
+    assert np.array_equal(first, second)
+    # A depth flag for a silhouette is refused, through batch as through the pipeline.
+    flagged = run_rows(silhouette_demo, [{**rows[0], "invert_map": "yes"}], tmp_path, tmp_path / "b2", progress=False)
+    assert flagged.failed == 1 and "turns a depth map" in flagged.rows[0]["error"]
 
 
 def test_the_cli_guides_with_a_silhouette_through_the_lgp_option(tmp_path):

@@ -316,8 +316,7 @@ def test_two_processes_with_accelerate_launch(base_model, prepared, tmp_path):
         "no",
         "--main_process_port",
         str(29500 + os.getpid() % 1000),
-        "-m",
-        "pipeline_sketch_guided.training.train_lgp",
+        "training/train_lgp.py",  # the checkout's script, as the README launches it
         *train_args(base_model, data, output, "--max_train_steps", "2", "--train_batch_size", "2"),
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -372,9 +371,25 @@ def test_images_without_a_metadata_row_are_named_in_the_report(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["prepare_data", "train_lgp", "evaluate"])
-def test_training_scripts_run_from_any_folder_with_the_package_installed(tmp_path, module):
-    command = [sys.executable, "-m", f"pipeline_sketch_guided.training.{module}", "--help"]
-    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+def test_training_programs_run_from_any_folder_with_the_package_installed(tmp_path, module):
+    sketch_guided = shutil.which("sketch-guided") or pytest.fail("the sketch-guided command is not installed")
+    for command in (
+        [sys.executable, "-m", f"pipeline_sketch_guided.training.{module}", "--help"],
+        [sketch_guided, "train", module, "--help"],
+    ):
+        completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert completed.returncode == 0, completed.stderr
+        assert "usage:" in completed.stdout and "--output_dir" in completed.stdout
+
+
+@pytest.mark.parametrize("module", ["prepare_data", "train_lgp", "evaluate", "train_controlnet", "shapes"])
+def test_training_programs_run_as_scripts_of_the_checkout(module):
+    # The layout's `training/` folder, run as diffusers' examples are; the installed package is the same files.
+    assert (REPO_ROOT / "training" / f"{module}.py").samefile(
+        Path(__import__(f"pipeline_sketch_guided.training.{module}", fromlist=["main"]).__file__)
+    )
+    command = [sys.executable, f"training/{module}.py", "--help"]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert "usage:" in completed.stdout
 

@@ -46,12 +46,16 @@ from tqdm.auto import tqdm
 
 from pipeline_sketch_guided import BLOCK_PRESETS, LGPModel, capture_activations
 from pipeline_sketch_guided.capture import resolve_blocks
-from pipeline_sketch_guided.cli import pipeline_class_for
-from pipeline_sketch_guided.lgp import FEATURE_BRANCHES, SKETCH_POLARITIES, noise_level_map
+from pipeline_sketch_guided.lgp import FEATURE_BRANCHES, LGP_TARGETS, SKETCH_POLARITIES, noise_level_map
+from pipeline_sketch_guided.loading import pipeline_class_for
 from pipeline_sketch_guided.sketch import MAP_KINDS, MAP_NORMALIZATIONS
+from pipeline_sketch_guided.training.prepare_data import (
+    REPORT_FILE,
+    PreparedExample,
+    load_prepared_dataset,
+    resize_and_center_crop,
+)
 from pipeline_sketch_guided.utils import dtype_kwargs
-
-from .prepare_data import REPORT_FILE, PreparedExample, load_prepared_dataset, resize_and_center_crop
 
 logger = get_logger(__name__)
 
@@ -105,6 +109,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         choices=MAP_NORMALIZATIONS,
         help="How the maps were normalised (minmax for depth); default: the training set's report.json, else none.",
+    )
+    parser.add_argument(
+        "--target",
+        type=str,
+        default="vae_latent",
+        choices=LGP_TARGETS,
+        help="What the LGP predicts: the VAE latent of the map (the paper's) or the map itself (see LGPModel).",
+    )
+    parser.add_argument(
+        "--target_scale",
+        type=int,
+        default=1,
+        help="With --target map: map pixels per latent pixel along each side (1: the latent resolution).",
+    )
+    parser.add_argument(
+        "--stroke_weight",
+        type=float,
+        default=1.0,
+        help="Edge maps: weight of the loss on stroke pixels and the pixels next to them, against 1 elsewhere (the"
+        " strokes are a few per cent of the pixels). 1 weighs every pixel the same.",
     )
     parser.add_argument(
         "--min_timestep", type=int, default=0, help="Lowest training timestep (inclusive), out of the base model's."
@@ -183,6 +207,13 @@ def check_args(args: argparse.Namespace) -> None:
     positive("dataloader_num_workers", 0)
     if not args.learning_rate > 0:
         raise ValueError(f"`--learning_rate` must be positive, got {args.learning_rate}.")
+    if args.target_scale < 1 or (args.target == "vae_latent" and args.target_scale != 1):
+        raise ValueError(
+            f"`--target_scale` must be 1 with `--target vae_latent` and at least 1 with `--target map`, got"
+            f" {args.target_scale}."
+        )
+    if not args.stroke_weight > 0:
+        raise ValueError(f"`--stroke_weight` must be positive, got {args.stroke_weight}.")
     if any(width < 1 for width in args.hidden_dims):
         raise ValueError(f"`--hidden_dims` must all be positive, got {args.hidden_dims}.")
     if args.resolution is not None and args.resolution % 8 != 0:
@@ -268,8 +299,13 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class CachedLatents(Dataset):
-    def __init__(self, image_latents: torch.Tensor, edge_latents: torch.Tensor, captions: list[str]):
-        self.image_latents, self.edge_latents, self.captions = image_latents, edge_latents, captions
+    """E(x), the LGP's targets and their loss weights, computed once (`--cache_latents`)."""
+
+    def __init__(
+        self, image_latents: torch.Tensor, edge_latents: torch.Tensor, loss_weights: torch.Tensor, captions: list[str]
+    ):
+        self.image_latents, self.edge_latents, self.loss_weights = image_latents, edge_latents, loss_weights
+        self.captions = captions
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -278,6 +314,7 @@ class CachedLatents(Dataset):
         return {
             "image_latents": self.image_latents[index],
             "edge_latents": self.edge_latents[index],
+            "loss_weights": self.loss_weights[index],
             "caption": self.captions[index],
         }
 
@@ -345,6 +382,28 @@ def encode_latents(base, pixels: torch.Tensor) -> torch.Tensor:
     return base.encode_to_latents(pixels.to(device=base.vae.device))
 
 
+def lgp_targets(base, lgp: LGPModel, maps: torch.Tensor) -> torch.Tensor:
+    """What the LGP learns to predict for prepared maps in [-1, 1]: their VAE latents E(e) (`target="vae_latent"`),
+    or the maps themselves at the LGP's output resolution (`target="map"`), exactly as the pipeline prepares a
+    user's map as the guidance target."""
+    if lgp.config.target == "map":
+        latent_size = (maps.shape[-2] // base.vae_scale_factor, maps.shape[-1] // base.vae_scale_factor)
+        return lgp.target_from_map(maps.to(base.vae.device), latent_size)
+    return encode_latents(base, maps)
+
+
+def stroke_loss_weights(maps: torch.Tensor, size: Sequence[int], weight: float, light_strokes: bool) -> torch.Tensor:
+    """Per-pixel loss weights `(B, 1, *size)` for edge maps in [-1, 1]: `weight` where a stroke passes through a
+    target pixel or one of its 8 neighbours, 1 elsewhere, then divided by their mean over the batch so that the loss
+    keeps its scale (and the learning rate its meaning)."""
+    strokes = (maps.float().mean(dim=1, keepdim=True) + 1) / 2
+    if not light_strokes:
+        strokes = 1 - strokes
+    near = F.max_pool2d(F.adaptive_max_pool2d(strokes, tuple(size)), 3, stride=1, padding=1)
+    weights = 1 + (weight - 1) * near
+    return weights / weights.mean()
+
+
 def encode_captions(base, captions: list[str], branch: str, resolution: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """What the UNet's `branch` sees for these captions: (encoder_hidden_states, UNet keyword arguments).
 
@@ -377,8 +436,10 @@ def lgp_loss(
     noise_scheduler: DDPMScheduler,
     stop_block: nn.Module | None = None,
     unet_kwargs: dict[str, Any] | None = None,
+    loss_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error of the LGP's edge latent at every pixel of z_t = add_noise(E(x), noise, t), against E(e).
+    """Mean squared error of the LGP's prediction at every pixel of z_t = add_noise(E(x), noise, t), against its
+    target (`lgp_targets`: E(e), or the map e itself), weighted per pixel by `loss_weights` where given.
 
     The UNet runs without gradients, in its own dtype, with `unet_kwargs` (SDXL's `added_cond_kwargs`); `lgp` may be
     wrapped (DDP), so its config comes separately.
@@ -396,7 +457,9 @@ def lgp_loss(
                 )
         features = dict(features)
     prediction = lgp(features, noise_level_map(noise.float(), alphas_cumprod))
-    return F.mse_loss(prediction.float(), edge_latents.float())
+    if loss_weights is None:
+        return F.mse_loss(prediction.float(), edge_latents.float())
+    return (loss_weights * (prediction.float() - edge_latents.float()).square()).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -679,8 +742,21 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         sketch_polarity=args.sketch_polarity,
         map_kind=map_kind,
         map_normalization=map_normalization,
+        target=args.target,
+        target_scale=args.target_scale,
     )
+    if args.stroke_weight != 1 and map_kind != "edges":
+        raise ValueError(f"`--stroke_weight` weighs the strokes of edge maps; this LGP learns {map_kind!r} maps.")
     lgp_config = lgp.config
+    target_model = lgp  # unwrapped: what computes the targets
+
+    def targets_and_weights(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        targets = lgp_targets(base, target_model, maps)
+        if args.stroke_weight == 1:
+            return targets, None
+        light = lgp_config.sketch_polarity == "light_on_dark"
+        return targets, stroke_loss_weights(maps, targets.shape[-2:], args.stroke_weight, light).to(targets.device)
+
     lgp.train()
     optimizer = torch.optim.AdamW(
         lgp.parameters(),
@@ -718,15 +794,18 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     stop_block = unet.get_submodule(last_block)
 
     if args.cache_latents:
-        image_latents, edge_latents = [], []
+        image_latents, edge_latents, loss_weights = [], [], []
         loader = DataLoader(
             dataset, batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers
         )
         with torch.no_grad():
             for batch in tqdm(loader, desc="Caching latents", disable=not accelerator.is_local_main_process):
                 image_latents.append(encode_latents(base, batch["pixel_values"]).cpu())
-                edge_latents.append(encode_latents(base, batch["edge_values"]).cpu())
-        dataset = CachedLatents(torch.cat(image_latents), torch.cat(edge_latents), [e.caption for e in examples])
+                targets, weights = targets_and_weights(batch["edge_values"])
+                edge_latents.append(targets.cpu())
+                loss_weights.append((torch.ones_like(targets[:, :1]) if weights is None else weights).cpu())
+        captions = [e.caption for e in examples]
+        dataset = CachedLatents(torch.cat(image_latents), torch.cat(edge_latents), torch.cat(loss_weights), captions)
 
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -757,9 +836,10 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
                 if args.cache_latents:
                     image_latents = batch["image_latents"].to(accelerator.device)
                     edge_latents = batch["edge_latents"].to(accelerator.device)
+                    loss_weights = batch["loss_weights"].to(accelerator.device)
                 else:
                     image_latents = encode_latents(base, batch["pixel_values"])
-                    edge_latents = encode_latents(base, batch["edge_values"])
+                    edge_latents, loss_weights = targets_and_weights(batch["edge_values"])
                 embeds, unet_kwargs = encode_captions(
                     base, batch["caption"], lgp_config.feature_branch, args.resolution
                 )
@@ -785,6 +865,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
                 noise_scheduler,
                 stop_block,
                 unet_kwargs,
+                loss_weights,
             )
             accelerator.backward(loss)
             optimizer.step()
@@ -844,9 +925,7 @@ def save_final_model(model: LGPModel, output_dir: str) -> None:
 def push_lgp_to_hub(model: LGPModel, args: argparse.Namespace, result: TrainingResult) -> str:
     """Publish the LGP to `--hub_model_id`: with its model card and code through `pipeline_sketch_guided.hub` where
     that module is installed, otherwise config and weights alone with `LGPModel.push_to_hub`."""
-    commit_message = (
-        f"LGP for {args.pretrained_model_name_or_path}, trained with pipeline_sketch_guided/training/train_lgp.py"
-    )
+    commit_message = f"LGP for {args.pretrained_model_name_or_path}, trained with training/train_lgp.py"
     try:
         from pipeline_sketch_guided.hub import push_lgp_to_hub as push_with_card
     except ImportError:
@@ -864,7 +943,7 @@ def push_lgp_to_hub(model: LGPModel, args: argparse.Namespace, result: TrainingR
     final_loss = f", final loss {np.mean(result.losses[-10:]):.4f}" if result.losses else ""
     training_details = (
         f"{result.global_step} steps of {args.train_batch_size} images per process, learning rate"
-        f" {args.learning_rate}{final_loss}, with `pipeline_sketch_guided/training/train_lgp.py`."
+        f" {args.learning_rate}{final_loss}, with `training/train_lgp.py`."
     )
     validations = sorted(Path(args.output_dir, "validation").glob("step-*"))
     figures = sorted(validations[-1].glob("*_image.png")) if validations else []

@@ -37,9 +37,14 @@ import torch
 from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline, prepare_sketch
 from pipeline_sketch_guided.batch import run_rows
 from pipeline_sketch_guided.sketch import prepare_map
+from pipeline_sketch_guided.training.prepare_data import (
+    DEFAULT_CANNY_HIGH,
+    DEFAULT_CANNY_LOW,
+    METADATA_FILE,
+    canny_edges,
+    load_prepared_dataset,
+)
 from pipeline_sketch_guided.utils import dtype_kwargs
-
-from .prepare_data import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, METADATA_FILE, canny_edges, load_prepared_dataset
 
 logger = logging.getLogger(__name__)
 

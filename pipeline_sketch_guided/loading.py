@@ -1,0 +1,68 @@
+"""Loading a sketch-guided pipeline by name: the shipped demo model or any saved Stable Diffusion model, with an LGP.
+Shared by the command line, the training programs and the benchmarks."""
+
+from __future__ import annotations
+
+# Scheduler names (the command line's `--scheduler`): diffusers' schedulers for Stable Diffusion
+# (KarrasDiffusionSchedulers), by their usual names.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "dpm++_single": "DPMSolverSinglestepScheduler",
+    "dpm2": "KDPM2DiscreteScheduler",
+    "dpm2_a": "KDPM2AncestralDiscreteScheduler",
+    "deis": "DEISMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "dpm_sde": "DPMSolverSDEScheduler",
+    "edm_euler": "EDMEulerScheduler",
+}
+
+
+def load_pipeline(
+    model: str | None,
+    lgp: str | None,
+    device: str | None = None,
+    torch_dtype=None,
+    demo_map: str | None = None,
+    **kwargs,
+):
+    """The demo pipeline (`model=None`, with its LGP for `demo_map`, edges by default) or the Stable Diffusion model at
+    `model` (a folder or Hub id, loaded with `kwargs` as for `from_pretrained`), with the LGP at `lgp` when given, on
+    `device`.
+
+    `torch_dtype` defaults to float16 on a GPU and float32 on the CPU.
+    """
+    import torch
+
+    from .demo import load_demo_pipeline
+    from .lgp import LGPModel
+    from .utils import dtype_kwargs
+
+    if torch_dtype is None:
+        torch_dtype = torch.float16 if device is not None and device.startswith("cuda") else torch.float32
+    if model is None:
+        pipe = load_demo_pipeline(torch_dtype=torch_dtype, map=demo_map or "edges")
+    else:
+        pipeline_class = pipeline_class_for(model, revision=kwargs.get("revision"))
+        pipe = pipeline_class.from_pretrained(model, **dtype_kwargs(torch_dtype), **kwargs)
+    if lgp is not None:
+        pipe.lgp = LGPModel.from_pretrained(lgp, **dtype_kwargs(torch_dtype))
+    return pipe.to(device) if device is not None else pipe
+
+
+def pipeline_class_for(model: str, revision: str | None = None):
+    """The sketch-guided pipeline for a saved model, by the class its `model_index.json` names: the SDXL one for
+    Stable Diffusion XL, the SD 1.x/2.x one otherwise."""
+    from diffusers import DiffusionPipeline
+
+    from .pipeline import SketchGuidedStableDiffusionPipeline
+    from .pipeline_xl import SketchGuidedStableDiffusionXLPipeline
+
+    class_name = DiffusionPipeline.load_config(model, revision=revision).get("_class_name", "")
+    return SketchGuidedStableDiffusionXLPipeline if "XL" in class_name else SketchGuidedStableDiffusionPipeline
