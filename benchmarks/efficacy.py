@@ -45,7 +45,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +143,11 @@ MAPS = ("edges", "silhouette")
 # Where the held-out sketches lie: "inside" (radius 12 to 20, the whole sketch at least 2 pixels inside the frame: the
 # development set the defaults were chosen on) or "anywhere" (radius 8 to 32, from small to filling the frame, the
 # centre anywhere that keeps 60% of the radius inside: large, off-centre and edge-touching sketches as users draw).
-PLACEMENTS = ("inside", "anywhere")
+# "freehand" lays sketches out as "inside" does, from a third random stream, but draws them with `scribble_sketch`, a
+# second drawer unlike both the training renderer and `freehand_sketch`: sketchy repeated strokes, corners overshot,
+# uneven pressure and pencil tones. No choice is made on it: it stands for the sketches of users no one here tuned to.
+PLACEMENTS = ("inside", "anywhere", "freehand")
+STREAMS = {"inside": 0, "anywhere": 500_000, "freehand": 1_500_000}
 
 
 @dataclass
@@ -210,7 +214,7 @@ def held_out_cases(
         raise ValueError(f"`num_cases` must be at least 1, got {num_cases}.")
     if map not in MAPS:
         raise ValueError(f"The benchmark has held-out cases for the maps {MAPS}, not {map!r}.")
-    stream = HELD_OUT_SEED + (0 if placement == "inside" else 500_000)  # cases and their sketches
+    stream = HELD_OUT_SEED + STREAMS[placement]  # cases and their sketches
     rng = random.Random(stream + seed)
     colours = list(COLOURS)
     rng.shuffle(colours)
@@ -222,8 +226,8 @@ def held_out_cases(
         background = rng.choice(list(BACKGROUNDS))
         style = STYLES[index % len(STYLES)]
         dark_on_light = index % 2 == 0
-        radius = rng.uniform(12, 20) if placement == "inside" else rng.uniform(8, 32)
-        margin = radius + 2 if placement == "inside" else min(0.6 * radius, DEMO_IMAGE_SIZE / 2)
+        radius = rng.uniform(8, 32) if placement == "anywhere" else rng.uniform(12, 20)
+        margin = min(0.6 * radius, DEMO_IMAGE_SIZE / 2) if placement == "anywhere" else radius + 2
         center = (rng.uniform(margin, DEMO_IMAGE_SIZE - margin), rng.uniform(margin, DEMO_IMAGE_SIZE - margin))
         rotation = rng.uniform(0, 360)
         sketch_seed = stream + 1000 * seed + index
@@ -233,6 +237,11 @@ def held_out_cases(
                 kind, center, radius, rotation, seed=sketch_seed, wobble=style.wobble, size=4 * image_size
             )
             mask = filled_mask([(x * scale, y * scale) for x, y in points], image_size)
+        elif placement == "freehand":
+            style = SketchStyle("scribble")
+            sketch = scribble_sketch(kind, center, radius, rotation, sketch_seed, dark_on_light, size=4 * image_size)
+            polygon = shape_polygon(kind, (center[0] * scale, center[1] * scale), radius * scale, rotation)
+            mask = filled_mask(polygon, image_size)
         else:
             sketch, mask = _sketch_case(kind, center, radius, rotation, sketch_seed, style, dark_on_light, image_size)
         cases.append(
@@ -283,6 +292,80 @@ def _sketch_case(
     )
     polygon = shape_polygon(kind, (center[0] * scale, center[1] * scale), radius * scale, rotation)
     return sketch, filled_mask(polygon, image_size)
+
+
+def _smooth_noise(rng: random.Random, amplitude: float, waves: int = 3) -> Callable[[float], float]:
+    """A smooth random function of t in [0, 1]: a few sines of low, random frequency and phase."""
+    terms = [
+        (rng.uniform(-1, 1) * amplitude / waves, rng.randint(1, 4), rng.uniform(0, 2 * math.pi)) for _ in range(waves)
+    ]
+    return lambda t: sum(a * math.sin(2 * math.pi * f * t + phase) for a, f, phase in terms)
+
+
+def scribble_sketch(
+    kind: str,
+    center: tuple[float, float],
+    radius: float,
+    rotation: float,
+    seed: int,
+    dark_on_light: bool,
+    size: int = 256,
+) -> PIL.Image.Image:
+    """A sketch drawn as people scribble, unlike `freehand_sketch` and the training renderer's Canny edges.
+
+    Each side of the shape (a circle: each quarter) is its own stroke, drawn one to three times over: every pass starts
+    and ends past the corners (overshoot of up to 15% of the side), drifts off the true outline by a smooth random
+    offset of up to 9% of the radius, and is broken where the pen lifts (sometimes). The pen's pressure varies along a
+    stroke (width 0.5x to 1.5x of a base width of 0.8 to 2.6 pixels at 64x64), the ink is a pencil grey (30% to 100% of
+    full contrast), and either polarity. Coordinates are in the 64x64 frame of the demo model, scaled to `size`.
+    """
+    rng = random.Random(seed)
+    outline = shape_polygon(kind, center, radius, rotation)
+    if kind == "circle":  # four arcs, each a stroke
+        quarter = len(outline) // 4
+        sides = [outline[i * quarter : (i + 1) * quarter + 1] for i in range(4)]
+        sides[-1] = outline[3 * quarter :] + outline[:1]
+    else:
+        sides = [[outline[i], outline[(i + 1) % len(outline)]] for i in range(len(outline))]
+    scale = size / DEMO_IMAGE_SIZE
+    contrast = rng.uniform(0.3, 1.0)
+    paper = rng.uniform(235, 255) if dark_on_light else rng.uniform(0, 20)
+    ink = paper - contrast * paper if dark_on_light else paper + contrast * (255 - paper)
+    image = PIL.Image.new("L", (size, size), round(paper))
+    draw = PIL.ImageDraw.Draw(image)
+    base_width = rng.uniform(0.8, 2.6)
+    for side in sides:
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            # The side as a dense polyline, extended past both ends.
+            start, end = rng.uniform(0, 0.15), rng.uniform(0, 0.15)
+            dense = []
+            for a, b in zip(side[:-1], side[1:], strict=True):
+                dense += [(a[0] + (b[0] - a[0]) * k / 12, a[1] + (b[1] - a[1]) * k / 12) for k in range(12)]
+            dense.append(side[-1])
+            (x0, y0), (x1, y1) = dense[0], dense[1]
+            (xn, yn), (xm, ym) = dense[-1], dense[-2]
+            length = math.dist(side[0], side[-1]) or radius
+            head = math.dist((x0, y0), (x1, y1)) or 1.0
+            tail = math.dist((xn, yn), (xm, ym)) or 1.0
+            dense.insert(0, (x0 - (x1 - x0) * start * length / head, y0 - (y1 - y0) * start * length / head))
+            dense.append((xn + (xn - xm) * end * length / tail, yn + (yn - ym) * end * length / tail))
+            drift_x, drift_y = _smooth_noise(rng, 0.09 * radius), _smooth_noise(rng, 0.09 * radius)
+            pressure = _smooth_noise(rng, 0.5)
+            lift = rng.uniform(0.2, 0.8) if rng.random() < 0.35 else None  # where the pen lifts, if it does
+            count = len(dense)
+            for index in range(count - 1):
+                t = index / (count - 1)
+                if lift is not None and abs(t - lift) < 0.06:
+                    continue
+                (ax, ay), (bx, by) = dense[index], dense[index + 1]
+                u = (index + 1) / (count - 1)
+                width = max(1, round(base_width * (1 + pressure(t)) * scale))
+                segment = [
+                    ((ax + drift_x(t)) * scale, (ay + drift_y(t)) * scale),
+                    ((bx + drift_x(u)) * scale, (by + drift_y(u)) * scale),
+                ]
+                draw.line(segment, fill=round(ink), width=width, joint="curve")
+    return image
 
 
 # ---------------------------------------------------------------------------------------------------------------------

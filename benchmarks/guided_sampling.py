@@ -696,7 +696,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--efficacy_placement",
         default="inside",
-        choices=("inside", "anywhere"),  # benchmarks.efficacy.PLACEMENTS, imported only with --efficacy
+        choices=("inside", "anywhere", "freehand"),  # benchmarks.efficacy.PLACEMENTS, imported only with --efficacy
         help="Which held-out sketches for --efficacy (`benchmarks.efficacy --placement`).",
     )
     parser.add_argument("--efficacy_steps", type=int, default=None, help="Steps for --efficacy; default: --steps.")

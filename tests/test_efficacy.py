@@ -145,6 +145,29 @@ def test_held_out_cases_are_fixed_and_cover_every_style():
         assert 0.01 < case.mask.mean() < 0.6
 
 
+def test_the_freehand_set_scribbles_the_intended_shape_unlike_the_development_drawer():
+    import cv2
+
+    cases = held_out_cases(10, placement="freehand")
+    assert [c.describe() for c in cases] == [c.describe() for c in held_out_cases(10, placement="freehand")]
+    assert {c.dark_on_light for c in cases} == {True, False} and {c.kind for c in cases} == set(SHAPES)
+    development = held_out_cases(10)
+    for case, other in zip(cases, development, strict=True):
+        assert case.style.name == "scribble" and case.describe() != other.describe()
+        sketch = np.asarray(case.sketch.resize((64, 64), PIL.Image.Resampling.BOX), dtype=np.float32)
+        paper = np.median(sketch)
+        strokes = np.abs(sketch - paper) > 0.25 * np.abs(sketch - paper).max()
+        # The strokes follow the intended outline: nearly all lie within a few pixels of it, and they cover most of it.
+        outline = cv2.Canny(case.mask.astype(np.uint8) * 255, 100, 200) > 0
+        to_outline = cv2.distanceTransform((~outline).astype(np.uint8), cv2.DIST_L2, 3)
+        to_strokes = cv2.distanceTransform((~strokes).astype(np.uint8), cv2.DIST_L2, 3)
+        assert (to_outline[strokes] <= 4).mean() > 0.9, case.describe()
+        assert (to_strokes[outline] <= 2).mean() > 0.8, case.describe()
+    # Its pencil is not the development drawer's: grey tones, not only paper and full ink.
+    tones = np.concatenate([np.unique(np.asarray(c.sketch)) for c in cases])
+    assert ((tones > 40) & (tones < 215)).any()
+
+
 def test_held_out_cases_scale_to_the_image_size():
     small, large = held_out_cases(4, image_size=32), held_out_cases(4, image_size=64)
     for a, b in zip(small, large, strict=True):

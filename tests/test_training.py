@@ -394,6 +394,36 @@ def test_training_programs_run_as_scripts_of_the_checkout(module):
     assert "usage:" in completed.stdout
 
 
+def test_train_lgp_trains_a_map_target_with_stroke_weights_and_resumes_exactly(base_model, prepared, tmp_path):
+    data, _ = prepared
+    extra = ["--target", "map", "--target_scale", "2", "--stroke_weight", "4", "--checkpointing_steps", "2"]
+    whole = train_lgp.main(train_args(base_model, data, tmp_path / "whole", "--max_train_steps", "4", *extra))
+    lgp = LGPModel.from_pretrained(tmp_path / "whole")
+    assert (lgp.config.target, lgp.config.target_scale, lgp.config.out_channels) == ("map", 2, 4)
+    # Stopped after 2 steps and resumed: the same losses as the run that was not stopped.
+    train_lgp.main(train_args(base_model, data, tmp_path / "parts", "--max_train_steps", "2", *extra))
+    resumed = train_lgp.main(
+        train_args(base_model, data, tmp_path / "parts", "--max_train_steps", "4", *extra)
+        + ["--resume_from_checkpoint", "latest"]
+    )
+    assert np.allclose(resumed.losses, whole.losses[2:], rtol=1e-5)
+    with pytest.raises(ValueError, match="--target_scale"):
+        train_lgp.main(train_args(base_model, data, tmp_path / "bad", "--target_scale", "2"))
+
+
+def test_the_trainers_targets_are_the_pipelines_targets(base_model, prepared):
+    data, _ = prepared
+    base = train_lgp.load_base(base_model, torch.float32)
+    lgp = LGPModel.from_unet(base.unet, target="map", target_scale=2)
+    dataset = train_lgp.EdgeDataset(prepare_data.load_prepared_dataset(str(data)), RESOLUTION)
+    edges = dataset[0]["edge_values"][None]
+    base.lgp = lgp  # the frozen base is a sketch-guided pipeline, as users guide with
+    # An edge map handed to the pipeline as a sketch becomes exactly the target the LGP was trained on.
+    sketch = PIL.Image.fromarray(((edges[0, 0].numpy() + 1) * 127.5).round().astype(np.uint8))
+    expected = base.prepare_sketch_latents(sketch, 1, RESOLUTION, RESOLUTION, "cpu")
+    assert torch.allclose(train_lgp.lgp_targets(base, lgp, edges), expected)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # SDXL
 
