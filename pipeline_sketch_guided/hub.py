@@ -118,6 +118,15 @@ def _is_hub_repo_id(name: str | None) -> bool:
     return True
 
 
+def card_target_text(config) -> str:
+    """How a model card names what the LGP predicts (`target`: configs from before targets predict VAE latents)."""
+    if getattr(config, "target", "vae_latent") == "map":
+        scale = config.target_scale
+        where = "the latent resolution" if scale == 1 else f"{scale}x the latent resolution"
+        return f'the map itself (`target="map"`), area-averaged to {where}'
+    return 'the VAE latent of the map (`target="vae_latent"`, the paper\'s)'
+
+
 def card_map_text(config) -> dict[str, str]:
     """How a model card names the LGP's map (`map_kind`: configs from before map kinds are edge LGPs) and tells a
     user what to pass."""
@@ -211,6 +220,7 @@ def build_model_card(
         feature_branch=config.feature_branch,
         sketch_polarity=config.sketch_polarity,
         map=card_map_text(config),
+        target=card_target_text(config),
         num_noise_frequencies=config.num_noise_frequencies,
         num_parameters=sum(p.numel() for p in lgp.parameters()),
         training_data=training_data or (source.training_data if source else None),

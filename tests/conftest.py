@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline
 from pipeline_sketch_guided.testing import random_lgp, tiny_components
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (`-n 2`) the workers share the cores: each takes its share of torch's threads, since more
+    # threads than cores run many times slower than one each.
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 @pytest.fixture

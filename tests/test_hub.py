@@ -109,6 +109,17 @@ def test_card_of_an_lgp_for_another_map_names_it_and_passes_guidance_map():
         assert 'guidance_map="depth.png"' in snippet
 
 
+def test_card_names_what_the_lgp_predicts():
+    torch.manual_seed(0)
+    config = SKETCH2IMG_SD15.lgp_config(hidden_dims=[32, 16], out_channels=4)
+    paper = build_model_card(LGPModel(**config).eval(), REPO_ID).text
+    assert '| Target | the VAE latent of the map (`target="vae_latent"`, the paper\'s) |' in paper
+    own = LGPModel(**{**config, "out_channels": 4}, target="map", target_scale=2).eval()
+    assert '| Target | the map itself (`target="map"`), area-averaged to 2x the latent resolution |' in (
+        build_model_card(own, REPO_ID).text
+    )
+
+
 def test_card_of_converted_weights_credits_the_source():
     card = build_model_card(sd15_lgp(SKETCH_GUIDED_SD_SD15), REPO_ID, license="other", source=SKETCH_GUIDED_SD_SD15)
     assert card.data.license == "other"

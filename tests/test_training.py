@@ -3,8 +3,10 @@ loading the result into the pipeline. A tiny base model is saved in a temporary 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -370,28 +372,33 @@ def test_images_without_a_metadata_row_are_named_in_the_report(tmp_path):
     assert saved["skipped_files"] == report["skipped_files"]
 
 
-@pytest.mark.parametrize("module", ["prepare_data", "train_lgp", "evaluate"])
-def test_training_programs_run_from_any_folder_with_the_package_installed(tmp_path, module):
-    sketch_guided = shutil.which("sketch-guided") or pytest.fail("the sketch-guided command is not installed")
-    for command in (
-        [sys.executable, "-m", f"pipeline_sketch_guided.training.{module}", "--help"],
-        [sketch_guided, "train", module, "--help"],
+TRAINING_PROGRAMS = ["prepare_data", "train_lgp", "evaluate", "train_controlnet", "shapes"]
+
+
+@pytest.mark.parametrize("module", TRAINING_PROGRAMS)
+def test_training_programs_run_as_the_checkouts_scripts_and_as_modules(module, monkeypatch, capsys):
+    # One copy of each: the layout's `training/` folder is the installed `pipeline_sketch_guided.training`.
+    script = REPO_ROOT / "training" / f"{module}.py"
+    assert script.samefile(importlib.import_module(f"pipeline_sketch_guided.training.{module}").__file__)
+    # Run as a script of the checkout (as `accelerate launch training/train_lgp.py` does) and as a module
+    # (`python -m pipeline_sketch_guided.training.<module>`), in-process: a subprocess each would cost seconds.
+    for run in (
+        lambda: runpy.run_path(str(script), run_name="__main__"),
+        lambda: runpy.run_module(f"pipeline_sketch_guided.training.{module}", run_name="__main__"),
     ):
-        completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert completed.returncode == 0, completed.stderr
-        assert "usage:" in completed.stdout and "--output_dir" in completed.stdout
+        monkeypatch.setattr(sys, "argv", [module, "--help"])
+        with pytest.raises(SystemExit) as exit_:
+            run()
+        assert exit_.value.code == 0 and "--output_dir" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("module", ["prepare_data", "train_lgp", "evaluate", "train_controlnet", "shapes"])
-def test_training_programs_run_as_scripts_of_the_checkout(module):
-    # The layout's `training/` folder, run as diffusers' examples are; the installed package is the same files.
-    assert (REPO_ROOT / "training" / f"{module}.py").samefile(
-        Path(__import__(f"pipeline_sketch_guided.training.{module}", fromlist=["main"]).__file__)
-    )
-    command = [sys.executable, f"training/{module}.py", "--help"]
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+def test_the_installed_command_runs_a_training_program_from_any_folder(tmp_path):
+    command = [shutil.which("sketch-guided") or pytest.fail("sketch-guided is not installed"), "train", "train_lgp"]
+    completed = subprocess.run([*command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
-    assert "usage:" in completed.stdout
+    assert "--pretrained_model_name_or_path" in completed.stdout
+    unknown = subprocess.run([command[0], "train", "train_everything"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "invalid choice: 'train_everything'" in unknown.stderr
 
 
 def test_train_lgp_trains_a_map_target_with_stroke_weights_and_resumes_exactly(base_model, prepared, tmp_path):
