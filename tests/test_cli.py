@@ -216,3 +216,32 @@ def test_a_sketch_mask_reaches_the_pipeline_and_the_metadata(tmp_path, sketch):
     assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(PIL.Image.open(plain)))
     with pytest.raises(SystemExit, match="--sketch-mask needs --sketch"):
         cli.main(generate_args(tmp_path / "x.png", "--sketch-mask", str(mask)))
+
+
+def test_the_command_line_is_the_top_of_the_house():
+    # Nothing below the command line imports it: the pipelines, batch, the canvas, the training programs and the
+    # benchmarks share what they need from modules below it (loading.py, saving.py).
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    below = [p for p in (root / "pipeline_sketch_guided").glob("*.py") if p.name != "__main__.py"]
+    below += [*(root / "training").glob("*.py"), *(root / "benchmarks").glob("*.py")]
+    offenders = []
+    for path in below:
+        package = "pipeline_sketch_guided" if path.parent.name == "pipeline_sketch_guided" else None
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level and package:
+                    module = f"{package}.{module}" if module else package
+                names = [f"{module}.{alias.name}" for alias in node.names] + [module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            if any(
+                name == "pipeline_sketch_guided.cli" or name.startswith("pipeline_sketch_guided.cli.") for name in names
+            ):
+                offenders.append(path.relative_to(root).as_posix())
+    assert offenders == []
