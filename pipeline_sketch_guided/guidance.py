@@ -494,8 +494,8 @@ class SketchGuidanceMixin:
         if output_type == "latent":
             return edge_latents
         if self.lgp.config.target == "map":
-            scale = self.vae_scale_factor // self.lgp.config.target_scale
-            maps = torch.nn.functional.interpolate(edge_latents.float(), scale_factor=scale, mode="nearest")
+            size = [side * self.vae_scale_factor // self.lgp.config.target_scale for side in edge_latents.shape[-2:]]
+            maps = torch.nn.functional.interpolate(edge_latents.float(), size=size, mode="nearest")
             maps = maps.expand(-1, 3, -1, -1) if maps.shape[1] == 1 else maps
             return self.image_processor.postprocess(maps.clamp(-1, 1), output_type=output_type)
         dtype = self._vae_dtype()
