@@ -104,3 +104,15 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         prepare_sketch(42, 32, 32)
     with pytest.raises(ValueError, match="polarity"):
         prepare_sketch(draw_square(), 32, 32, polarity="sideways")
+
+
+def test_a_pencils_grey_strokes_are_the_same_instruction_as_black_ones(reference):
+    square = np.asarray(draw_square(32), dtype=np.float32) / 255  # black strokes on white
+    pencil = 0.85 - 0.45 * (1 - square)  # grey strokes (0.40) on grey paper (0.85)
+    assert torch.allclose(prepare_sketch(pencil, 32, 32), reference, atol=1e-6)
+    chalk = 0.1 + 0.5 * (1 - square)  # light grey strokes on a dark board
+    assert torch.allclose(prepare_sketch(chalk, 32, 32), reference, atol=1e-6)
+    # A faint stroke is made stronger, at most 4 times: page grain is not made into strokes.
+    faint = 1.0 - 0.1 * (1 - square)
+    strokes = (prepare_sketch(faint, 32, 32)[0, 0] + 1) / 2
+    assert torch.allclose(strokes.max(), torch.tensor(0.4), atol=0.02) and strokes.min() == 0  # 8-bit tones
