@@ -38,7 +38,8 @@ logger = logging.get_logger(__name__)
 # sketch agreement whose prompt colour agreement stays within 5 points of unguided, among settings that guide at most
 # 30% of the steps. That cost limit keeps a whole SD1.5 generation on a CPU within 1.25x of an unguided one (README,
 # "Cost"). The paper's sample files use beta = 1.6, and the community guides the first half of the steps; sweep your own
-# base model and LGP with the same benchmark.
+# base model and LGP with the same benchmark. With the map-target LGP shipped since, the rule picks beta 4 (IoU 0.760
+# against 0.746); 2.5 stays, since beta 4 drew one shape in 77-81% of the other sets' images (docs/fidelity.md).
 DEFAULT_SKETCH_GUIDANCE_SCALE = 2.5
 DEFAULT_SKETCH_GUIDANCE_END = 0.3
 # Far above the useful range (about 1 to 4) a guidance step outweighs the denoising step many times over and the image

@@ -31,8 +31,7 @@ STROKE_INK_QUANTILE = 0.999
 # ... by at most 1 / this: a stroke fainter than a quarter of full contrast is made stronger but not full, so that the
 # grain of a scanned page is not made into strokes. Edge detectors' maps, on which LGPs are trained, have full-contrast
 # strokes; a pencil's grey line or a thin line shrunk to the output size is the same instruction. On the free-hand
-# efficacy set (pencil tones) this took the map-target LGP from IoU 0.595 to 0.716 at the defaults, and left the
-# development set as it was (0.735 and 0.734): docs/fidelity.md.
+# efficacy set (pencil tones) this took a map-target LGP from IoU 0.595 to 0.716 at the defaults (docs/fidelity.md).
 MAX_STROKE_GAIN_DIVISOR = 0.25
 # Aspect ratios closer than this (relative) count as equal: the sketch is resized to the output without padding.
 ASPECT_TOLERANCE = 0.02
