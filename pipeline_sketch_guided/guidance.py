@@ -450,9 +450,11 @@ class SketchGuidanceMixin:
         return latents
 
     def prepare_sketch_masks(self, sketch_mask, num_images: int, height: int, width: int, device) -> torch.Tensor:
-        """Where the sketch applies, per latent pixel in [0, 1]: `(num_images, 1, height / f, width / f)`."""
+        """Where the sketch applies, per pixel of the LGP's output in [0, 1]: `(num_images, 1, height / f, width / f)`
+        (times `target_scale` for an LGP that predicts its map above the latent resolution)."""
         masks = sketch_list(sketch_mask)
-        size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        scale = self.lgp.config.target_scale
+        size = (height // self.vae_scale_factor * scale, width // self.vae_scale_factor * scale)
         weights = torch.cat([prepare_sketch_mask(mask, *size) for mask in masks]).to(device)
         return weights.repeat_interleave(num_images // len(masks), dim=0)
 
@@ -694,8 +696,6 @@ class SketchGuidanceMixin:
             edge_latents = self.lgp(features, noise_level_map(epsilon, alpha_bar))
         error = (edge_latents.float() - sketch_latents.float()).square()
         if sketch_mask is not None:
-            if sketch_mask.shape[-2:] != error.shape[-2:]:  # an LGP predicting its map above latent resolution
-                sketch_mask = torch.nn.functional.interpolate(sketch_mask, size=error.shape[-2:], mode="nearest")
             error = error * sketch_mask
         # Summed per image, so each image's gradient is its own; the loss is in float32 whatever the UNet's dtype.
         return error.sum(), leaf, prediction.detach(), edge_latents
