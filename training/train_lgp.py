@@ -2,16 +2,20 @@
 
 The base model (UNet, VAE, text encoder) is frozen; only the LGP learns. For each batch of (image x, edge map e,
 caption c) from a folder made by `pipeline_sketch_guided.training.prepare_data`: z_t = add_noise(E(x), noise, t), one
-UNet forward on (z_t, t, c) without gradients captures the LGP's blocks, and the LGP is fitted to E(e) at every latent
-pixel (mean squared error), given the noise level n = sqrt(1 - alphabar_t) * noise.
+UNet forward on (z_t, t, c) without gradients captures the LGP's blocks, and the LGP is fitted at every latent pixel
+(mean squared error, `--stroke_weight` weighing an edge map's strokes) to E(e), or with `--target map` to e itself at
+its output resolution, given the noise level n = sqrt(1 - alphabar_t) * noise.
 
-Runs on the CPU, one GPU, or many GPUs and nodes through accelerate:
+Runs on the CPU, one GPU, or many GPUs and nodes through accelerate, from a checkout's root:
 
-    python -m pipeline_sketch_guided.training.train_lgp \
+    python training/train_lgp.py \
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --train_data_dir data/lgp --output_dir lgp-sd15 --mixed_precision fp16
     # the same arguments, on every GPU that accelerate is configured for:
-    accelerate launch -m pipeline_sketch_guided.training.train_lgp ...
+    accelerate launch training/train_lgp.py ...
+
+Installed, the same program is `sketch-guided train train_lgp ...` or
+`python -m pipeline_sketch_guided.training.train_lgp`.
 
 The result loads with `LGPModel.from_pretrained(output_dir)`. Checkpoints (`output_dir/checkpoint-<step>`) are written
 to a temporary folder and renamed when complete, so a run killed at any moment leaves its last checkpoint loadable;
