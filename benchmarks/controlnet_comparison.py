@@ -21,7 +21,7 @@ encoder and UNet trained further on a style the base never saw, by `train_demo_m
 striped`), every method is measured again on the fine-tune with its weights unchanged: an LGP reads the UNet's
 activations, so does it still guide a fine-tune of its base?
 
-Writes `comparison.json` and `comparison.md` (the README's table) to `--output_dir`.
+Writes `comparison.json` and `comparison.md` (the table in docs/controlnet.md) to `--output_dir`.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@
 4. LGP training throughput (`benchmarks.train_throughput`): the demo-size LGP for a few hundred steps, and an SD1.5 LGP
    at 512 px in float16.
 
-It writes `gpu_check.json` and `gpu_check.md` (the README's table) to `--output_dir`, and exits non-zero if a test or a
-section failed (each section runs even when one before it failed).
+It writes `gpu_check.json` and `gpu_check.md` (the tables in docs/cost.md) to `--output_dir`, and exits non-zero if a
+test or a section failed (each section runs even when one before it failed).
 
     bash benchmarks/gpu_check.sh                      # on the GPU machine, a few minutes
     python -m benchmarks.gpu_check --dry-run          # the same machinery on the CPU, tiny sizes, seconds
@@ -157,7 +157,7 @@ def training_throughput(dry_run: bool) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The figures as the README's Markdown tables."""
+    """The figures as the Markdown tables of docs/cost.md."""
     env = report["environment"]
     lines = [
         f"GPU check on {env['device']}: torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}"

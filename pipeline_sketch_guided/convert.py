@@ -346,7 +346,7 @@ def convert_community_lgp(
         filename: the file in the Hub repo; defaults to the known file of the two repos above.
         source_format: `"sketch2img"` or `"sketch-guided-stable-diffusion"`; by default told from the weights.
         sketch_polarity: `"dark_on_light"` or `"light_on_dark"`, the look of the edge maps it was trained on, when
-            it is not the format's recorded one (sketch2img's history has both; README, "Which way round").
+            it is not the format's recorded one (sketch2img's history has both; docs/polarity.md).
         download_kwargs: passed to `huggingface_hub.hf_hub_download` (`revision`, `cache_dir`, `token`, ...).
 
     Returns:

@@ -54,7 +54,7 @@ def load_demo_pipeline(
     if not (DEMO_MODEL_DIR / "model_index.json").is_file() or not (lgp_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"The demo model (or its {map} LGP) is missing from {DEMO_MODEL_DIR}. Reinstall the package, or train it"
-            " with `python -m pipeline_sketch_guided.training.train_demo_model` (see the README)."
+            " with `python -m pipeline_sketch_guided.training.train_demo_model` (see docs/demo_model.md)."
         )
     # Another map's LGP replaces the pipeline's own (which is then never loaded).
     extra = {} if map == "edges" else {"lgp": LGPModel.from_pretrained(lgp_dir, **dtype_kwargs(torch_dtype))}

@@ -34,12 +34,13 @@ from .sketch import SKETCH_POLARITIES, SketchInput, prepare_map, prepare_sketch_
 
 logger = logging.get_logger(__name__)
 
-# Chosen by `python -m benchmarks.efficacy --max_end 0.3` on the demo model (README, "The demo model"): the highest
+# Chosen by `python -m benchmarks.efficacy --max_end 0.3` on the demo model (docs/demo_model.md): the highest
 # sketch agreement whose prompt colour agreement stays within 5 points of unguided, among settings that guide at most
-# 30% of the steps. That cost limit keeps a whole SD1.5 generation on a CPU within 1.25x of an unguided one (README,
-# "Cost"). The paper's sample files use beta = 1.6, and the community guides the first half of the steps; sweep your own
-# base model and LGP with the same benchmark. With the map-target LGP shipped since, the rule picks beta 4 (IoU 0.760
-# against 0.746); 2.5 stays, since beta 4 drew one shape in 77-81% of the other sets' images (docs/fidelity.md).
+# 30% of the steps. That cost limit keeps a whole SD1.5 generation on a CPU within 1.25x of an unguided one
+# (docs/cost.md). The paper's sample files use beta = 1.6, and the community guides the first half of the steps; sweep
+# your own base model and LGP with the same benchmark. With the map-target LGP shipped since, the rule picks beta 4
+# (IoU 0.760 against 0.746); 2.5 stays, since beta 4 drew one shape in 77-81% of the other sets' images
+# (docs/fidelity.md).
 DEFAULT_SKETCH_GUIDANCE_SCALE = 2.5
 DEFAULT_SKETCH_GUIDANCE_END = 0.3
 # Far above the useful range (about 1 to 4) a guidance step outweighs the denoising step many times over and the image
@@ -49,7 +50,7 @@ MAX_SKETCH_GUIDANCE_SCALE = 50.0
 # How a guided step runs the classifier-free guidance branches. "split": the LGP's branch with autograd, the other
 # without (the backward goes through one half only). "batched": one UNet call on the batch of 2 with autograd, as the
 # unguided step runs it (the backward goes through both halves, but one batched forward replaces two). Which is faster
-# depends on the device, measured by `benchmarks/gpu_check.py` and `benchmarks/guided_sampling.py` (README, "Cost"): on
+# depends on the device, measured by `benchmarks/gpu_check.py` and `benchmarks/guided_sampling.py` (docs/cost.md): on
 # an H100 (SD1.5 architecture, 512x512, float16) a batched guided step takes 0.68x the split one's time, a whole
 # generation guided at the defaults 0.87x; on a 2-core CPU (SD1.5 architecture, 256x256, float32) the batched step
 # takes 1.45x the split one's time, since there a batch of 2 costs nearly two batches of 1.
@@ -60,7 +61,7 @@ DEFAULT_GUIDED_STEP_MODES = {"cpu": "split", "cuda": "batched"}
 # gradient, and every k-th step after them does. There the latents change most from step to step, so a gradient from
 # the step before points elsewhere: on demo model v2, guiding half of 30 steps with every 2nd gradient computed from the
 # first step followed the sketch with IoU 0.653; with the first 3 steps (10%) computed and every 2nd after them, 0.719,
-# as much as computing every gradient (0.712), for 9 backward passes instead of 15 (README, "Cost").
+# as much as computing every gradient (0.712), for 9 backward passes instead of 15 (docs/cost.md).
 EVERY_STEP_FRACTION = 0.1
 
 # diffusers' memory savers whose hooks swap each layer's weights in place after its forward (`param.data = ...`): to
@@ -287,7 +288,7 @@ class SketchGuidanceMixin:
     # With `sketch_guidance_interval` > 1, the steps of the guided range between two computed gradients take a guidance
     # step along the last one (sized by their own denoising step) instead of none. On demo model v2, guiding half of 30
     # steps with `sketch_guidance_interval=2`: IoU 0.719 with reuse, 0.669 without, 0.712 with every gradient computed
-    # (README, "Cost"). False gives the plain interval mode.
+    # (docs/cost.md). False gives the plain interval mode.
     sketch_gradient_reuse: bool = True
     # Encoded sketches kept for the next calls (trying seeds or prompts with one sketch pays its VAE encode once: 2-3 s
     # at 256x256 on a CPU); 0 keeps none. Each is one latent image (64 KiB at 512x512 in float32).
@@ -305,7 +306,7 @@ class SketchGuidanceMixin:
 
     def set_sketch_polarity(self, polarity: str) -> None:
         """Say how the LGP's training edge maps looked, `"light_on_dark"` or `"dark_on_light"`, where its recorded
-        polarity is wrong or unsure (the converted sketch2img LGP: README, "Which way round"). Sketches of either look
+        polarity is wrong or unsure (the converted sketch2img LGP: docs/polarity.md). Sketches of either look
         are still accepted; this sets what they are turned into. It is stored in the LGP's config, so
         `save_pretrained` keeps it."""
         if polarity not in SKETCH_POLARITIES:

@@ -140,7 +140,7 @@ class SketchGuidedApp:
         if getattr(pipe, "lgp", None) is None:
             raise ValueError(
                 f"{model_name} has no LGP to guide with: pass one (`--lgp`, a folder or Hub id of an LGP trained for"
-                " this base model; see the README's 'Train an LGP')."
+                " this base model; see docs/training.md)."
             )
         self.pipe = pipe
         self.output_dir = Path(output_dir).resolve()

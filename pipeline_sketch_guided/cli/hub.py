@@ -31,7 +31,7 @@ def add_convert_parser(subparsers) -> None:
         "--sketch-polarity",
         choices=["dark_on_light", "light_on_dark"],
         help="how the LGP's training edge maps looked, where it is not the format's recorded one (sketch2img's"
-        " history has both; the README's 'Which way round' shows a one-minute check)",
+        " history has both; docs/polarity.md shows a one-minute check)",
     )
     parser.set_defaults(func=run_convert)
 
