@@ -838,6 +838,7 @@ def run_benchmark(
     scales: Sequence[float] = DEFAULT_SCALES,
     ends: Sequence[float] = DEFAULT_ENDS,
     sketch_guidance_start: float = 0.0,
+    sketch_guidance_interval: int = 1,
     num_inference_steps: int = DEFAULT_STEPS,
     guidance_scale: float = DEFAULT_CFG,
     image_size: int | None = None,
@@ -909,6 +910,7 @@ def run_benchmark(
                 "sketch_guidance_scale": scale,
                 "sketch_guidance_start": sketch_guidance_start,
                 "sketch_guidance_end": end,
+                "sketch_guidance_interval": sketch_guidance_interval,
             }
             metrics, images = measure_all(guidance)
             row = {"sketch_guidance_scale": scale, "sketch_guidance_end": end, **summarize(list(metrics.values()))}
@@ -925,6 +927,7 @@ def run_benchmark(
         "sketch_guidance_scale": best_key[0],
         "sketch_guidance_start": sketch_guidance_start,
         "sketch_guidance_end": best_key[1],
+        "sketch_guidance_interval": sketch_guidance_interval,
     }
     timing = None
     if timing_runs:
@@ -959,6 +962,7 @@ def run_benchmark(
             "scales": list(scales),
             "ends": list(ends),
             "sketch_guidance_start": sketch_guidance_start,
+            "sketch_guidance_interval": sketch_guidance_interval,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
             "image_size": image_size,
@@ -1021,6 +1025,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="sketch_guidance_scale")
     parser.add_argument("--ends", type=float, nargs="+", default=list(DEFAULT_ENDS), help="sketch_guidance_end")
     parser.add_argument("--sketch_guidance_start", type=float, default=0.0)
+    parser.add_argument(
+        "--interval",
+        type=int,
+        default=1,
+        help="sketch_guidance_interval of every guided setting: compute the gradient at every k-th guided step after"
+        " the first 10%% of the schedule, reusing the last one between them (1: every step computes its own)",
+    )
+    parser.add_argument(
+        "--recurrence",
+        type=int,
+        default=1,
+        help="experimental: run each guided step of the first 10%% of the schedule this many times (the pipeline's"
+        " `sketch_guidance_recurrence`)",
+    )
     parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--guidance_scale", type=float, default=DEFAULT_CFG)
     parser.add_argument("--image_size", type=int, default=None, help="default: the model's native size")
@@ -1056,6 +1074,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, args.lgp, args.map)
+    pipe.sketch_guidance_recurrence = args.recurrence
     return run_benchmark(
         pipe,
         args.output_dir,
@@ -1064,6 +1083,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         scales=args.scales,
         ends=args.ends,
         sketch_guidance_start=args.sketch_guidance_start,
+        sketch_guidance_interval=args.interval,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         image_size=args.image_size,

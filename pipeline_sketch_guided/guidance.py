@@ -1,20 +1,23 @@
-"""Sketch guidance, shared by every sketch-guided pipeline (Stable Diffusion 1.x/2.x and SDXL).
+"""Sketch guidance, shared by every sketch-guided pipeline (Stable Diffusion 1.x/2.x, SDXL, SD3 and FLUX).
 
 A pipeline mixes in `SketchGuidanceMixin` and runs its parent's own `__call__` inside `self.sketch_guidance(...)`. For
-that call the UNet's forward and the scheduler's step are wrapped (`GuidedCall`), so that each guided step of the
-parent's denoising loop does what DESIGN.md's method says, and nothing else in the loop changes:
+that call the denoiser's forward (the UNet's, or the transformer's) and the scheduler's step are wrapped
+(`GuidedCall`), so that each guided step of the parent's denoising loop does what DESIGN.md's method says, and nothing
+else in the loop changes:
 
-1. the UNet runs on the branch the LGP reads with autograd (through the capture hooks the same forward gives the LGP's
-   features), `sketch_loss` compares the LGP's prediction with the sketch's latents, and g = dL/dz_t;
-2. the loop combines the noise predictions (classifier-free guidance) and the scheduler steps from z_t to z_{t-1};
+1. the denoiser runs on the branch the LGP reads with autograd (through the capture hooks the same forward gives the
+   LGP's features), `sketch_loss` compares the LGP's prediction with the sketch's target, and g = dL/dz_t;
+2. the loop combines the predictions (classifier-free guidance) and the scheduler steps from z_t to z_{t-1};
 3. z_{t-1} <- z_{t-1} - alpha * g, with alpha = beta * ||z_t - z_{t-1}|| / ||g|| (`sketch_guidance_step`).
 
-The guided step reads top to bottom in `GuidedCall.unet_forward`, `SketchGuidanceMixin.sketch_loss` and
-`GuidedCall.scheduler_step`.
+The guided step reads top to bottom in `GuidedCall.denoiser_forward`, `SketchGuidanceMixin.sketch_loss` and
+`GuidedCall.scheduler_step`. What differs between the UNet and the transformer pipelines (the argument names, FLUX's
+packed latents, the flow-matching schedule) is in the mixin's "denoiser" methods, which a pipeline overrides.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import numbers
@@ -24,7 +27,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils import logging
 
@@ -63,6 +68,8 @@ DEFAULT_GUIDED_STEP_MODES = {"cpu": "split", "cuda": "batched"}
 # first step followed the sketch with IoU 0.653; with the first 3 steps (10%) computed and every 2nd after them, 0.719,
 # as much as computing every gradient (0.712), for 9 backward passes instead of 15 (docs/cost.md).
 EVERY_STEP_FRACTION = 0.1
+# With `sketch_guidance_recurrence` N > 1, the guided steps in this first fraction of the schedule are each run N times.
+RECURRENCE_FRACTION = 0.1
 
 # diffusers' memory savers whose hooks swap each layer's weights in place after its forward (`param.data = ...`): to
 # float8 storage (layerwise casting) or to the offload device (group offloading). Autograd keeps the parameter, not a
@@ -120,7 +127,7 @@ def sketch_guidance_step(
     gradient_norm = gradient.flatten(1).norm(dim=1)
     # A zero gradient (an image whose guidance was skipped) takes no step, rather than 0 * inf.
     alpha = torch.where(gradient_norm > 0, scale * step_norm / gradient_norm, torch.zeros_like(gradient_norm))
-    return (next_latents.float() - alpha.view(-1, 1, 1, 1) * gradient).to(next_latents.dtype)
+    return (next_latents.float() - alpha.view(-1, *[1] * (gradient.ndim - 1)) * gradient).to(next_latents.dtype)
 
 
 @contextmanager
@@ -201,17 +208,19 @@ def _finite_or_skipped(gradient: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             f"The sketch gradient at timestep {int(t)} is not finite for {int((~finite).sum())} image(s), whose"
             " guidance is skipped at this step. In float16, bfloat16 often avoids this."
         )
-        gradient = torch.where(finite.view(-1, 1, 1, 1), gradient, torch.zeros_like(gradient))
+        gradient = torch.where(finite.view(-1, *[1] * (gradient.ndim - 1)), gradient, torch.zeros_like(gradient))
     return gradient
 
 
 class GuidedCall:
     """One pipeline call's sketch guidance, run inside the pipeline's own denoising loop.
 
-    `unet_forward` stands in for the UNet's forward: on a guided step it runs `SketchGuidanceMixin.noise_and_sketch_
-    gradient` (the noise prediction the loop asked for, and the gradient g), on the others the UNet as it is.
-    `scheduler_step` stands in for the scheduler's step and, after a guided step, moves z_{t-1} down g. The UNet is
-    called once per step of the loop in every diffusers pipeline, so the calls count the steps.
+    `denoiser_forward` stands in for the denoiser's forward (the UNet's or the transformer's): at the first call of a
+    guided step it runs `SketchGuidanceMixin.noise_and_sketch_gradient` (the prediction the loop asked for, and the
+    gradient g); every other call runs the denoiser as it is (the second call of a step where the loop makes two: FLUX's
+    negative prompt with `true_cfg_scale`, SD3's skip-layer guidance). `scheduler_step` stands in for the scheduler's
+    step and, after a guided step, moves z_{t-1} down g; every diffusers loop steps the scheduler once per step, so its
+    calls count the steps.
     """
 
     def __init__(
@@ -223,59 +232,105 @@ class GuidedCall:
         start: float,
         end: float,
         interval: int,
-        unet_forward: Callable[..., Any],
+        denoiser_forward: Callable[..., Any],
         scheduler_step: Callable[..., Any],
     ):
         self.pipe, self.sketch_latents, self.sketch_mask = pipe, sketch_latents, sketch_mask
         self.scale, self.start, self.end, self.interval = scale, start, end, interval
-        self.original_unet_forward, self.original_scheduler_step = unet_forward, scheduler_step
+        self.original_forward, self.original_scheduler_step = denoiser_forward, scheduler_step
         self.step_index = 0
+        self.step_started = False  # whether the denoiser has run in the current step
         self.guided_steps: set[int] | None = None
         self.reused_steps: set[int] = set()  # steps between guided ones that reuse the last gradient
         self.gradient: torch.Tensor | None = None
         self.last_gradient: torch.Tensor | None = None
         self.edge_latents: torch.Tensor | None = None
+        self.step_call: tuple | None = None  # (step index, model input batch, encoder_hidden_states, other kwargs)
 
-    def unet_forward(self, sample: torch.Tensor, timestep: torch.Tensor, *args, **kwargs):
+    def denoiser_forward(self, *args, **kwargs):
         if self.guided_steps is None:  # the loop's length is known once it runs (SDXL's denoising_end shortens it)
             num_steps = self.pipe.num_timesteps
             self.guided_steps = set(guided_step_indices(num_steps, self.start, self.end, self.interval))
             if self.pipe.sketch_gradient_reuse:
                 in_range = guided_step_indices(num_steps, self.start, self.end, 1)
                 self.reused_steps = {i for i in in_range if i > min(self.guided_steps)} - self.guided_steps
-        step_index, self.step_index = self.step_index, self.step_index + 1
-        if step_index not in self.guided_steps:
-            if step_index in self.reused_steps and self.last_gradient is not None:
+        first_call, self.step_started = not self.step_started, True
+        if not first_call or self.step_index not in self.guided_steps:
+            if first_call and self.step_index in self.reused_steps and self.last_gradient is not None:
                 self.gradient = self.last_gradient  # applied by scheduler_step, scaled to this step's size
-            return self.original_unet_forward(sample, timestep, *args, **kwargs)
+            return self.original_forward(*args, **kwargs)
 
         return_dict = kwargs.pop("return_dict", True)
-        encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
-        if args:  # encoder_hidden_states given by position
-            encoder_hidden_states, *args = args
-        noise_pred, self.last_gradient, self.edge_latents = self.pipe.noise_and_sketch_gradient(
+        sample, timestep, encoder_hidden_states, kwargs = self.pipe.denoiser_call_arguments(args, kwargs)
+        self.step_call = (self.step_index, sample.shape[0], encoder_hidden_states, {**kwargs, "return_dict": False})
+        prediction, self.last_gradient, self.edge_latents = self.pipe.noise_and_sketch_gradient(
             sample,
             timestep,
             encoder_hidden_states,
             {**kwargs, "return_dict": False},
             self.sketch_latents,
             self.sketch_mask,
-            forward=self.original_unet_forward,
+            forward=self.original_forward,
         )
         self.gradient = self.last_gradient
-        return UNet2DConditionOutput(sample=noise_pred) if return_dict else (noise_pred,)
+        return self.pipe.denoiser_output(prediction, return_dict)
 
     def scheduler_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *args, **kwargs):
+        self.step_index, self.step_started = self.step_index + 1, False
+        state = self._scheduler_state() if self.pipe.sketch_guidance_recurrence > 1 else None
         output = self.original_scheduler_step(model_output, timestep, sample, *args, **kwargs)
         if self.gradient is None:
             return output
         gradient, self.gradient = self.gradient, None
         next_latents = output[0] if isinstance(output, tuple) else output.prev_sample
         guided = sketch_guidance_step(sample, next_latents, gradient, self.scale)
+        repeats = self.pipe.sketch_guidance_recurrence if self.step_call is not None else 1
+        if repeats > 1 and self.step_call[0] / self.pipe.num_timesteps < RECURRENCE_FRACTION:
+            guided = self.recur(guided, timestep, state, repeats - 1)
+        self.step_call = None
         if isinstance(output, tuple):
             return (guided, *output[1:])
         output.prev_sample = guided
         return output
+
+    def _scheduler_state(self) -> dict[str, Any]:
+        return copy.deepcopy({k: v for k, v in self.pipe.scheduler.__dict__.items() if k != "step"})
+
+    def recur(self, latents: torch.Tensor, timestep, state: dict[str, Any], times: int) -> torch.Tensor:
+        """Recurrence (Bansal et al., "Universal Guidance"): `times` more times, take the guided z_{t-1} back to the
+        noise level of t with fresh noise and run the guided step again from there. DDPM-schedule schedulers only."""
+        scheduler, pipe = self.pipe.scheduler, self.pipe
+        step_index, batch, states, denoiser_kwargs = self.step_call
+        timesteps = scheduler.timesteps
+        position = int((timesteps == timestep).nonzero()[0])
+        alphas = scheduler.alphas_cumprod.to(latents.device)
+        alpha_t = alphas[int(timestep)]
+        alpha_prev = alphas[int(timesteps[position + 1])] if position + 1 < len(timesteps) else alphas[0]
+        ratio = alpha_t / alpha_prev
+        generator = torch.Generator().manual_seed(7919 * step_index)
+        num_branches = batch // latents.shape[0]
+        for _ in range(times):
+            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
+            sample = (ratio.sqrt() * latents.float() + (1 - ratio).sqrt() * noise).to(latents.dtype)
+            scheduler.__dict__.update(copy.deepcopy(state))
+            model_input = scheduler.scale_model_input(torch.cat([sample] * num_branches), timestep)
+            prediction, gradient, self.edge_latents = pipe.noise_and_sketch_gradient(
+                model_input,
+                timestep,
+                states,
+                denoiser_kwargs,
+                self.sketch_latents,
+                self.sketch_mask,
+                forward=self.original_forward,
+            )
+            if num_branches > 1:
+                unconditional, text = prediction.chunk(2)
+                prediction = unconditional + pipe.guidance_scale * (text - unconditional)
+                if getattr(pipe, "guidance_rescale", 0.0) > 0:
+                    prediction = rescale_noise_cfg(prediction, text, guidance_rescale=pipe.guidance_rescale)
+            output = self.original_scheduler_step(prediction, timestep, sample, return_dict=False)
+            latents = sketch_guidance_step(sample, output[0], gradient, self.scale)
+        return latents
 
 
 class SketchGuidanceMixin:
@@ -290,6 +345,9 @@ class SketchGuidanceMixin:
     # steps with `sketch_guidance_interval=2`: IoU 0.719 with reuse, 0.669 without, 0.712 with every gradient computed
     # (docs/cost.md). False gives the plain interval mode.
     sketch_gradient_reuse: bool = True
+    # Experimental (docs/fidelity.md): run each guided step of the first RECURRENCE_FRACTION of the schedule this many
+    # times, re-noising its guided result back to the step's noise level in between.
+    sketch_guidance_recurrence: int = 1
     # Encoded sketches kept for the next calls (trying seeds or prompts with one sketch pays its VAE encode once: 2-3 s
     # at 256x256 on a CPU); 0 keeps none. Each is one latent image (64 KiB at 512x512 in float32).
     sketch_cache_size: int = 16
@@ -298,11 +356,57 @@ class SketchGuidanceMixin:
         super().__setattr__(name, value)
         if name == "vae":  # encoded sketches belong to the VAE that encoded them
             self.__dict__.pop("_sketch_cache", None)
-        # Check when the LGP or the UNet is set, so that a mismatch names the block now, not in a matmul later.
+        # Check when the LGP or the denoiser is set, so that a mismatch names the block now, not in a matmul later.
         # (Read from __dict__: while a module is being registered, getattr would find it in the config instead.)
-        lgp, unet = self.__dict__.get("lgp"), self.__dict__.get("unet")
-        if name in ("lgp", "unet") and lgp is not None and unet is not None:
-            lgp.check_unet(unet)
+        lgp, denoiser = self.__dict__.get("lgp"), self.__dict__.get(self.denoiser_name)
+        if name in ("lgp", self.denoiser_name) and lgp is not None and denoiser is not None:
+            lgp.check_unet(denoiser)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # The denoiser: what the UNet pipelines and the transformer pipelines call differently
+
+    # The component that predicts the noise (or the velocity), and the name of its forward's first argument.
+    denoiser_name: str = "unet"
+    denoiser_sample_argument: str = "sample"
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet, or the transformer of a transformer pipeline."""
+        return getattr(self, self.denoiser_name)
+
+    def denoiser_call_arguments(self, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
+        """(sample, timestep, encoder_hidden_states, the other keyword arguments) of a call the loop made."""
+        names = (self.denoiser_sample_argument, "timestep", "encoder_hidden_states")
+        kwargs = {**dict(zip(names, args, strict=False)), **kwargs}
+        return kwargs.pop(names[0]), kwargs.pop("timestep"), kwargs.pop("encoder_hidden_states", None), kwargs
+
+    def call_denoiser(self, forward: Callable[..., Any], sample, timestep, encoder_hidden_states, kwargs) -> Any:
+        """`forward` (the denoiser's) on the arguments `denoiser_call_arguments` took apart."""
+        arguments = {self.denoiser_sample_argument: sample, "timestep": timestep}
+        return forward(**arguments, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+    def denoiser_output(self, prediction: torch.Tensor, return_dict: bool) -> Any:
+        """The prediction as the denoiser returns it."""
+        if return_dict:
+            return (UNet2DConditionOutput if self.denoiser_name == "unet" else Transformer2DModelOutput)(prediction)
+        return (prediction,)
+
+    @property
+    def denoiser_branches(self) -> int:
+        """How many classifier-free guidance branches one denoiser call of the loop stacks in its batch."""
+        return 2 if self.do_classifier_free_guidance else 1
+
+    def latents_to_spatial(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as `(B, C, h, w)` maps (FLUX's packed latents are unpacked); the LGP's noise level input."""
+        return latents
+
+    def is_flow_matching(self) -> bool:
+        """Whether the scheduler samples a flow x_t = (1 - sigma) x_0 + sigma epsilon, the model predicting the
+        velocity epsilon - x_0 (SD3, FLUX)."""
+        config = self.scheduler.config
+        return getattr(config, "prediction_type", None) == "flow_prediction" or (
+            "FlowMatch" in type(self.scheduler).__name__
+        )
 
     def set_sketch_polarity(self, polarity: str) -> None:
         """Say how the LGP's training edge maps looked, `"light_on_dark"` or `"dark_on_light"`, where its recorded
@@ -377,21 +481,28 @@ class SketchGuidanceMixin:
                 f" noise schedule (`alphas_cumprod`) or noise levels (`sigmas`); {type(self.scheduler).__name__} has"
                 " neither."
             )
-        if self.lgp.config.feature_branch == "unconditional" and not self.do_classifier_free_guidance:
+        if self.lgp.config.feature_branch == "unconditional" and self.denoiser_branches == 1:
             raise ValueError(
-                "This LGP reads the UNet's unconditional branch, which runs only with classifier-free guidance:"
-                " use `guidance_scale` > 1."
+                "This LGP reads the unconditional branch, which runs in this pipeline's batch only with"
+                " classifier-free guidance: use `guidance_scale` > 1 (FLUX has no such branch: use an LGP trained on"
+                " the conditional one)."
             )
-        unsafe = backward_unsafe_memory_saver(self.unet)
+        if self.sketch_guidance_recurrence > 1 and not hasattr(self.scheduler, "alphas_cumprod"):
+            raise ValueError(
+                "`sketch_guidance_recurrence` re-noises on a DDPM noise schedule, which"
+                f" {type(self.scheduler).__name__} does not have; set it to 1."
+            )
+        name = "UNet" if self.denoiser_name == "unet" else "transformer"
+        unsafe = backward_unsafe_memory_saver(self.denoiser)
         if unsafe is not None:
             raise ValueError(
-                f"Sketch guidance back-propagates through the UNet, and {unsafe} puts other weights in place of the"
-                " ones the backward needs. Load the UNet without it to guide with a sketch (enable_model_cpu_offload()"
-                " saves memory and works with guidance), or pass no sketch."
+                f"Sketch guidance back-propagates through the {name}, and {unsafe} puts other weights in place of the"
+                f" ones the backward needs. Load the {name} without it to guide with a sketch"
+                " (enable_model_cpu_offload() saves memory and works with guidance), or pass no sketch."
             )
-        if self._execution_device.type == "cpu" and self.unet.dtype == torch.float16:
+        if self._execution_device.type == "cpu" and self.denoiser.dtype == torch.float16:
             raise ValueError(
-                "Sketch guidance back-propagates through the UNet, which is not supported in float16 on the CPU."
+                f"Sketch guidance back-propagates through the {name}, which is not supported in float16 on the CPU."
                 " Use float32 or bfloat16 on the CPU, or float16 on a GPU."
             )
 
@@ -400,7 +511,7 @@ class SketchGuidanceMixin:
         are given, else `height` x `width`, else the UNet's sample size."""
         if latents is not None:
             return tuple(size * self.vae_scale_factor for size in latents.shape[-2:])
-        sample_size = self.unet.config.sample_size
+        sample_size = getattr(self, "default_sample_size", None) or self.denoiser.config.sample_size
         default = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
         return (height or default[0] * self.vae_scale_factor, width or default[1] * self.vae_scale_factor)
 
@@ -490,7 +601,8 @@ class SketchGuidanceMixin:
         statistics = self._latents_mean_std(encoded)
         if statistics is not None:
             return (encoded - statistics[0]) * self.vae.config.scaling_factor / statistics[1]
-        return encoded * self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (encoded - shift) * self.vae.config.scaling_factor
 
     def decode_edge_maps(self, edge_latents: torch.Tensor, output_type: str):
         """The LGP's predicted edge latents as images, decoded like the pipeline's images (an LGP with
@@ -507,7 +619,8 @@ class SketchGuidanceMixin:
         if statistics is not None:
             latents = edge_latents * statistics[1] / self.vae.config.scaling_factor + statistics[0]
         else:
-            latents = edge_latents / self.vae.config.scaling_factor
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            latents = edge_latents / self.vae.config.scaling_factor + shift
         with self._vae_in(dtype):
             images = self.vae.decode(latents.to(dtype), return_dict=False)[0]
         return self.image_processor.postprocess(images, output_type=output_type)
@@ -589,21 +702,23 @@ class SketchGuidanceMixin:
     ) -> Iterator[GuidedCall]:
         """Inside the context, the pipeline's own `__call__` generates with sketch guidance (see `GuidedCall`); the
         context yields the `GuidedCall`, whose `edge_latents` hold the LGP's last prediction afterwards."""
-        unet, scheduler = self.unet, self.scheduler
+        denoiser, scheduler = self.denoiser, self.scheduler
         # The instances' own attributes, if any (accelerate's offload hooks put a `forward` there), to restore after.
-        saved_forward, saved_step = unet.__dict__.get("forward"), scheduler.__dict__.get("step")
-        call = GuidedCall(self, sketch_latents, sketch_mask, scale, start, end, interval, unet.forward, scheduler.step)
+        saved_forward, saved_step = denoiser.__dict__.get("forward"), scheduler.__dict__.get("step")
+        call = GuidedCall(
+            self, sketch_latents, sketch_mask, scale, start, end, interval, denoiser.forward, scheduler.step
+        )
         # BatchNorm must use its running statistics while sampling.
         self.lgp.eval()
         # Frozen for the whole loop (toggling ~700 flags per step would cost milliseconds), so that gradient
         # checkpointing's recomputation in a backward sees the same flags as the forward did.
-        with frozen_parameters(unet, self.lgp):
-            unet.forward = call.unet_forward
+        with frozen_parameters(denoiser, self.lgp):
+            denoiser.forward = call.denoiser_forward
             scheduler.step = call.scheduler_step
             try:
                 yield call
             finally:
-                for obj, attr, saved in ((unet, "forward", saved_forward), (scheduler, "step", saved_step)):
+                for obj, attr, saved in ((denoiser, "forward", saved_forward), (scheduler, "step", saved_step)):
                     if saved is None:
                         del obj.__dict__[attr]
                     else:
@@ -631,10 +746,10 @@ class SketchGuidanceMixin:
             (the noise prediction, as the UNet would have returned it; the gradient, one per image; the LGP's
             predicted edge latents)
         """
-        forward = forward or self.unet
+        forward = forward or self.denoiser
         read = self.lgp.config.feature_branch
-        cfg = self.do_classifier_free_guidance
-        num_branches = 2 if cfg else 1
+        num_branches = self.denoiser_branches
+        cfg = num_branches == 2
         branch = ("unconditional", "conditional").index(read) if cfg else 0
         target = (sketch_latents, sketch_mask)
         if not cfg or self.resolve_guided_step_mode() == "batched":
@@ -653,7 +768,7 @@ class SketchGuidanceMixin:
             loss, leaf, branch_prediction, edge_latents = self.sketch_loss(*inputs(branch), *target, forward=forward)
             (gradient,) = torch.autograd.grad(loss, leaf)
         other_input, other_t, other_states, other_kwargs = inputs(1 - branch)
-        other_prediction = forward(other_input, other_t, encoder_hidden_states=other_states, **other_kwargs)[0]
+        other_prediction = self.call_denoiser(forward, other_input, other_t, other_states, other_kwargs)[0]
         halves = [other_prediction, branch_prediction] if branch else [branch_prediction, other_prediction]
         return torch.cat(halves), _finite_or_skipped(gradient, t), edge_latents.detach()
 
@@ -674,27 +789,28 @@ class SketchGuidanceMixin:
         `model_input` holds `num_branches` branches (stacked as the loop stacks them; `encoder_hidden_states` and
         `unet_kwargs` likewise) and the LGP reads the `branch`-th, the only one the leaf enters. m is `sketch_mask`
         (1 everywhere without one). Autograd records nothing after the last block the LGP reads. Run it with gradients
-        enabled; inside `frozen_parameters(self.unet, self.lgp)`, as `sketch_guidance` does, it also keeps nothing for
+        enabled; inside `frozen_parameters(self.denoiser, self.lgp)`, as `sketch_guidance` does, it also keeps nothing for
         weight gradients.
 
         Returns:
             (L summed over the images, the LGP's branch of `model_input` as the leaf to differentiate L by, the UNet's
             noise prediction for all branches (detached), the LGP's predicted edge latents)
         """
-        forward = forward or self.unet
+        forward = forward or self.denoiser
         parts = list(model_input.detach().chunk(num_branches))
         leaf = parts[branch].requires_grad_(True)
         alpha_bar = self.noise_level_alpha_bar(t, model_input.device)
         blocks, output_index = self.lgp.config.blocks, self.lgp.config.tuple_output_index
-        with capture_activations(self.unet, blocks, output_index) as features, autograd_until(self.unet, blocks):
-            prediction = forward(torch.cat(parts), t, encoder_hidden_states=encoder_hidden_states, **unet_kwargs)[0]
+        denoiser = self.denoiser
+        with capture_activations(denoiser, blocks, output_index) as features, autograd_until(denoiser, blocks):
+            prediction = self.call_denoiser(forward, torch.cat(parts), t, encoder_hidden_states, unet_kwargs)[0]
         if num_branches > 1:
             features = {name: feature.chunk(num_branches)[branch] for name, feature in features.items()}
         # The noise level is conditioning for the LGP, not something to optimise: no gradient through it.
         branch_prediction = prediction.detach().chunk(num_branches)[branch]
         epsilon = self.predict_noise_epsilon(branch_prediction.float(), leaf.detach().float(), alpha_bar)
         with self.lgp.smooth_relu_gradients():
-            edge_latents = self.lgp(features, noise_level_map(epsilon, alpha_bar))
+            edge_latents = self.lgp(features, noise_level_map(self.latents_to_spatial(epsilon), alpha_bar))
         error = (edge_latents.float() - sketch_latents.float()).square()
         if sketch_mask is not None:
             error = error * sketch_mask
@@ -702,16 +818,26 @@ class SketchGuidanceMixin:
         return error.sum(), leaf, prediction.detach(), edge_latents
 
     def noise_level_alpha_bar(self, t: torch.Tensor, device) -> torch.Tensor:
-        """alphabar of the current step, for the LGP's noise-level input: from the scheduler's DDPM schedule, or, for
-        schedulers that have none (EDM), from its noise level sigma as 1 / (1 + sigma^2). Call it after the step's
-        `scale_model_input`, which sets a sigma scheduler's step index."""
+        """alphabar of the current step, for the LGP's noise-level input: from the scheduler's DDPM schedule; for
+        flow matching, 1 - sigma^2 (so that sqrt(1 - alphabar) epsilon = sigma epsilon is the noise in the sample, as
+        on a DDPM schedule); for other schedulers without one (EDM), from the noise level sigma as 1 / (1 + sigma^2).
+        Call it after the step's `scale_model_input`, which sets a sigma scheduler's step index."""
+        if self.is_flow_matching():
+            scheduler = self.scheduler
+            # Before the loop's first step, FLUX's and SD3's schedulers have a begin index but no step index.
+            index = scheduler.step_index if scheduler.step_index is not None else (scheduler.begin_index or 0)
+            sigma = scheduler.sigmas[index].to(device=device, dtype=torch.float32)
+            return 1.0 - sigma**2
         if hasattr(self.scheduler, "alphas_cumprod"):
             return self.scheduler.alphas_cumprod[int(torch.as_tensor(t).flatten()[0].round())].to(device)
         sigma = self.scheduler.sigmas[self.scheduler.step_index].to(device=device, dtype=torch.float32)
         return 1.0 / (1.0 + sigma**2)
 
     def predict_noise_epsilon(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor):
-        """The UNet's estimate of epsilon, whatever it predicts (`prediction_type` of the scheduler)."""
+        """The denoiser's estimate of epsilon, whatever it predicts (`prediction_type` of the scheduler; a flow
+        matching model's velocity v = epsilon - x_0, from which epsilon = x_t + (1 - sigma) v)."""
+        if self.is_flow_matching():
+            return sample + (1 - (1 - alpha_bar).sqrt()) * model_output
         prediction_type = self.scheduler.config.prediction_type
         if prediction_type == "epsilon":
             return model_output

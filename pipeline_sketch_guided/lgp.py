@@ -21,6 +21,10 @@ FEATURE_BRANCHES = ("conditional", "unconditional")
 # area-averaged to `target_scale` times the latent resolution (one channel for grey maps, three for colour maps),
 # where a thin stroke is a stroke and not whatever the VAE makes of it.
 LGP_TARGETS = ("vae_latent", "map")
+# How the LGP reads the features: "mlp", the paper's per-pixel MLP (each latent pixel on its own); or "conv", the same
+# MLP with a residual block of two 3x3 convolutions over its last hidden layer, so each output also sees the
+# pixels around it (docs/fidelity.md measures one against the other).
+LGP_HEADS = ("mlp", "conv")
 
 # Widths of the community LGP, said to follow section 4.1 of the paper (see DESIGN.md, "Published details").
 DEFAULT_HIDDEN_DIMS = (512, 256, 128, 64)
@@ -132,6 +136,10 @@ class LGPModel(ModelMixin, ConfigMixin):
             `"vae_latent"`.
         target_scale (`int`, defaults to 1): with `target="map"`, how many map pixels each latent pixel predicts along
             each side (its outputs are rearranged by `pixel_shuffle`); 1 for `"vae_latent"`.
+        head (`str`, defaults to `"mlp"`): `"mlp"` (the paper's: every latent pixel predicted from its own features)
+            or `"conv"` (the MLP, then h + conv(relu(conv(h))) with 3x3 convolutions over its last hidden layer h,
+            the second initialised to zero, before the output layer: a spatial head of 2 x 9 x `hidden_dims[-1]`^2
+            more weights). Configs written before load as `"mlp"`.
     """
 
     @register_to_config
@@ -150,6 +158,7 @@ class LGPModel(ModelMixin, ConfigMixin):
         map_normalization: str = "none",
         target: str = "vae_latent",
         target_scale: int = 1,
+        head: str = "mlp",
     ):
         super().__init__()
         if len(blocks) == 0 or len(blocks) != len(block_channels):
@@ -169,6 +178,8 @@ class LGPModel(ModelMixin, ConfigMixin):
             raise ValueError(f"Edge maps take `map_normalization='none'`, got {map_normalization!r}.")
         if len(hidden_dims) == 0:
             raise ValueError("`hidden_dims` must name at least one hidden width.")
+        if head not in LGP_HEADS:
+            raise ValueError(f"`head` must be one of {LGP_HEADS}, got {head!r}.")
         if target not in LGP_TARGETS:
             raise ValueError(f"`target` must be one of {LGP_TARGETS}, got {target!r}.")
         if target == "vae_latent" and target_scale != 1:
@@ -187,6 +198,14 @@ class LGPModel(ModelMixin, ConfigMixin):
         for width_in, width_out in zip(widths[1:], [*hidden_dims[1:], out_channels], strict=True):
             layers += [nn.ReLU(), nn.BatchNorm1d(width_in), nn.Linear(width_in, width_out)]
         self.layers = nn.Sequential(*layers)
+        if head == "conv":
+            width = hidden_dims[-1]
+            self.spatial = nn.Sequential(
+                nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)
+            )
+            # Zero: a new conv head starts as the per-pixel MLP.
+            nn.init.zeros_(self.spatial[2].weight)
+            nn.init.zeros_(self.spatial[2].bias)
         # Not config: a property of how gradients are taken while sampling, see `smooth_relu_gradients`.
         self.relu_gradient_temperature: float | None = None
 
@@ -322,15 +341,23 @@ class LGPModel(ModelMixin, ConfigMixin):
             hidden = hidden + projected
 
         pixels = hidden.permute(0, 2, 3, 1).reshape(batch * height * width, -1)
-        for layer in self.layers[1:]:
-            if isinstance(layer, nn.ReLU) and self.relu_gradient_temperature is not None:
-                pixels = _ReLUWithSmoothGradient.apply(pixels, self.relu_gradient_temperature)
-            else:
-                pixels = layer(pixels)
+        for layer in self.layers[1:-1]:
+            pixels = self._relu(pixels) if isinstance(layer, nn.ReLU) else layer(pixels)
+        if self.config.head == "conv":
+            spatial = pixels.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+            first_conv, _, second_conv = self.spatial
+            spatial = spatial + second_conv(self._relu(first_conv(spatial)))
+            pixels = spatial.permute(0, 2, 3, 1).reshape(batch * height * width, -1)
+        pixels = self.layers[-1](pixels)
         out = pixels.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
         if self.config.target_scale > 1:
             out = F.pixel_shuffle(out, self.config.target_scale)
         return out
+
+    def _relu(self, x: torch.Tensor) -> torch.Tensor:
+        if self.relu_gradient_temperature is not None:
+            return _ReLUWithSmoothGradient.apply(x, self.relu_gradient_temperature)
+        return F.relu(x)
 
     def target_from_map(self, maps: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
         """The `target="map"` LGP's training target and guidance target for prepared maps `(B, 3, H, W)` in [-1, 1]

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from pipeline_sketch_guided import BLOCK_PRESETS, LGPModel, capture_activations
 from pipeline_sketch_guided.capture import resolve_blocks
-from pipeline_sketch_guided.lgp import FEATURE_BRANCHES, LGP_TARGETS, SKETCH_POLARITIES, noise_level_map
+from pipeline_sketch_guided.lgp import FEATURE_BRANCHES, LGP_HEADS, LGP_TARGETS, SKETCH_POLARITIES, noise_level_map
 from pipeline_sketch_guided.loading import pipeline_class_for
 from pipeline_sketch_guided.sketch import MAP_KINDS, MAP_NORMALIZATIONS
 from pipeline_sketch_guided.training.prepare_data import (
@@ -120,6 +120,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="vae_latent",
         choices=LGP_TARGETS,
         help="What the LGP predicts: the VAE latent of the map (the paper's) or the map itself (see LGPModel).",
+    )
+    parser.add_argument(
+        "--head",
+        type=str,
+        default="mlp",
+        choices=LGP_HEADS,
+        help="The LGP's head: the paper's per-pixel MLP, or the MLP with two 3x3 convolutions after it (see LGPModel).",
     )
     parser.add_argument(
         "--target_scale",
@@ -560,7 +567,7 @@ def load_checkpoint(
     state = json.loads(Path(path, TRAINING_STATE_FILE).read_text())
     saved = LGPModel.from_pretrained(os.path.join(path, "lgp"))
     model = accelerator.unwrap_model(lgp)
-    for key in ("blocks", "block_channels", "hidden_dims", "feature_branch", "num_noise_frequencies"):
+    for key in ("blocks", "block_channels", "hidden_dims", "feature_branch", "num_noise_frequencies", "head"):
         if list(np.atleast_1d(saved.config[key])) != list(np.atleast_1d(model.config[key])):
             raise ValueError(
                 f"The checkpoint {path!r} holds an LGP with {key}={saved.config[key]!r}, but this run asks for"
@@ -748,6 +755,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         map_normalization=map_normalization,
         target=args.target,
         target_scale=args.target_scale,
+        head=args.head,
     )
     if args.stroke_weight != 1 and map_kind != "edges":
         raise ValueError(f"`--stroke_weight` weighs the strokes of edge maps; this LGP learns {map_kind!r} maps.")
