@@ -16,6 +16,10 @@ except PackageNotFoundError:  # run from a checkout that was never installed
 _EXPORTS = {
     "BLOCK_PRESETS": ".lgp",
     "LGPModel": ".lgp",
+    "SketchGuidedFluxPipeline": ".pipeline_flux",
+    "SketchGuidedFluxPipelineOutput": ".pipeline_flux",
+    "SketchGuidedStableDiffusion3Pipeline": ".pipeline_sd3",
+    "SketchGuidedStableDiffusion3PipelineOutput": ".pipeline_sd3",
     "SketchGuidedStableDiffusionPipeline": ".pipeline",
     "SketchGuidedStableDiffusionPipelineOutput": ".pipeline",
     "SketchGuidedStableDiffusionXLPipeline": ".pipeline_xl",
@@ -28,6 +32,10 @@ _EXPORTS = {
 __all__ = [
     "BLOCK_PRESETS",
     "LGPModel",
+    "SketchGuidedFluxPipeline",
+    "SketchGuidedFluxPipelineOutput",
+    "SketchGuidedStableDiffusion3Pipeline",
+    "SketchGuidedStableDiffusion3PipelineOutput",
     "SketchGuidedStableDiffusionPipeline",
     "SketchGuidedStableDiffusionPipelineOutput",
     "SketchGuidedStableDiffusionXLPipeline",
@@ -43,6 +51,8 @@ if TYPE_CHECKING:
     from .demo import load_demo_pipeline
     from .lgp import BLOCK_PRESETS, LGPModel, noise_level_map
     from .pipeline import SketchGuidedStableDiffusionPipeline, SketchGuidedStableDiffusionPipelineOutput
+    from .pipeline_flux import SketchGuidedFluxPipeline, SketchGuidedFluxPipelineOutput
+    from .pipeline_sd3 import SketchGuidedStableDiffusion3Pipeline, SketchGuidedStableDiffusion3PipelineOutput
     from .pipeline_xl import SketchGuidedStableDiffusionXLPipeline, SketchGuidedStableDiffusionXLPipelineOutput
     from .sketch import prepare_sketch
 

@@ -1,4 +1,4 @@
-"""Capture the activations of named UNet blocks with forward hooks."""
+"""Capture the activations of named blocks of a UNet or a diffusion transformer with forward hooks."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def resolve_blocks(unet: nn.Module, blocks: Sequence[str]) -> dict[str, nn.Modul
             except AttributeError:
                 available = [child for child, _ in unet.named_children()]
             raise ValueError(
-                f"The UNet ({type(unet).__name__}) has no block {name!r}. Blocks there: {', '.join(available)}."
+                f"The {type(unet).__name__} has no block {name!r}. Blocks there: {', '.join(available)}."
             ) from None
     return modules
 
@@ -36,7 +36,7 @@ def block_output_channels(module: nn.Module) -> int:
     """The number of channels a UNet block outputs, read from its structure (no forward pass).
 
     Works for diffusers' down, mid and up blocks (their last resnet sets the width; down- and up-samplers keep it),
-    for `ResnetBlock2D` and for `Transformer2DModel`.
+    for `ResnetBlock2D` and `Transformer2DModel`, and for the blocks of SD3's and FLUX's transformers.
     """
     resnets = getattr(module, "resnets", None)
     if resnets is not None and len(resnets) > 0:
@@ -44,6 +44,11 @@ def block_output_channels(module: nn.Module) -> int:
     out_channels = getattr(module, "out_channels", None)
     if isinstance(out_channels, int):
         return out_channels
+    # A transformer block (SD3's JointTransformerBlock, FLUX's double and single blocks): its image tokens keep the
+    # width its attention reads.
+    query_dim = getattr(getattr(module, "attn", None), "query_dim", None)
+    if isinstance(query_dim, int):
+        return query_dim
     raise ValueError(
         f"Cannot tell how many channels {type(module).__name__} outputs; pass `block_channels` explicitly."
     )

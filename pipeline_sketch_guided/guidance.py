@@ -205,7 +205,8 @@ def _finite_or_skipped(gradient: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     finite = torch.isfinite(gradient).flatten(1).all(dim=1)
     if not finite.all():
         logger.warning(
-            f"The sketch gradient at timestep {int(t)} is not finite for {int((~finite).sum())} image(s), whose"
+            f"The sketch gradient at timestep {float(torch.as_tensor(t).flatten()[0]):g} is not finite for"
+            f" {int((~finite).sum())} image(s), whose"
             " guidance is skipped at this step. In float16, bfloat16 often avoids this."
         )
         gradient = torch.where(finite.view(-1, *[1] * (gradient.ndim - 1)), gradient, torch.zeros_like(gradient))
@@ -353,14 +354,17 @@ class SketchGuidanceMixin:
     sketch_cache_size: int = 16
 
     def __setattr__(self, name: str, value: Any) -> None:
+        # Check when the LGP or the denoiser is set, before it is, so that a mismatch names the block now (not in a
+        # matmul later) and leaves the pipeline as it was. (Read from __dict__: while a module is being registered,
+        # getattr would find it in the config instead.)
+        if name in ("lgp", self.denoiser_name):
+            lgp = value if name == "lgp" else self.__dict__.get("lgp")
+            denoiser = value if name == self.denoiser_name else self.__dict__.get(self.denoiser_name)
+            if isinstance(lgp, torch.nn.Module) and isinstance(denoiser, torch.nn.Module):
+                lgp.check_unet(denoiser)
         super().__setattr__(name, value)
         if name == "vae":  # encoded sketches belong to the VAE that encoded them
             self.__dict__.pop("_sketch_cache", None)
-        # Check when the LGP or the denoiser is set, so that a mismatch names the block now, not in a matmul later.
-        # (Read from __dict__: while a module is being registered, getattr would find it in the config instead.)
-        lgp, denoiser = self.__dict__.get("lgp"), self.__dict__.get(self.denoiser_name)
-        if name in ("lgp", self.denoiser_name) and lgp is not None and denoiser is not None:
-            lgp.check_unet(denoiser)
 
     # -----------------------------------------------------------------------------------------------------------------
     # The denoiser: what the UNet pipelines and the transformer pipelines call differently
@@ -666,6 +670,7 @@ class SketchGuidanceMixin:
         height, width = self.sketch_size(
             parent_kwargs.get("height"), parent_kwargs.get("width"), parent_kwargs.get("latents")
         )
+        self._sketch_image_size = (height, width)  # for `latents_to_spatial` (FLUX unpacks its latents by it)
         device = self._execution_device
         invert = bool(guidance.get("invert_map", False))
         sketch_latents = self.prepare_sketch_latents(sketch, num_images, height, width, device, invert)
@@ -784,17 +789,18 @@ class SketchGuidanceMixin:
         num_branches: int = 1,
         forward: Callable[..., Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The UNet with autograd on the branch the LGP reads, and the sketch loss L = sum m * (LGP(F(z_t)) - E(s))^2.
+        """The denoiser with autograd on the branch the LGP reads, and the sketch loss
+        L = sum m * (LGP(F(z_t)) - E(s))^2.
 
         `model_input` holds `num_branches` branches (stacked as the loop stacks them; `encoder_hidden_states` and
         `unet_kwargs` likewise) and the LGP reads the `branch`-th, the only one the leaf enters. m is `sketch_mask`
         (1 everywhere without one). Autograd records nothing after the last block the LGP reads. Run it with gradients
-        enabled; inside `frozen_parameters(self.denoiser, self.lgp)`, as `sketch_guidance` does, it also keeps nothing for
-        weight gradients.
+        enabled; inside `frozen_parameters(self.denoiser, self.lgp)`, as `sketch_guidance` does, it also keeps nothing
+        for weight gradients.
 
         Returns:
-            (L summed over the images, the LGP's branch of `model_input` as the leaf to differentiate L by, the UNet's
-            noise prediction for all branches (detached), the LGP's predicted edge latents)
+            (L summed over the images, the LGP's branch of `model_input` as the leaf to differentiate L by, the
+            denoiser's prediction for all branches (detached), the LGP's predicted edge latents)
         """
         forward = forward or self.denoiser
         parts = list(model_input.detach().chunk(num_branches))

@@ -60,6 +60,52 @@ def down_up_blocks(unet: nn.Module) -> list[str]:
 
 BLOCK_PRESETS = {"sketch2img": sketch2img_blocks, "down-up": down_up_blocks}
 
+# How many blocks the "spread" preset of a diffusion transformer reads.
+SPREAD_BLOCK_COUNT = 4
+
+
+def transformer_block_names(transformer: nn.Module) -> list[str]:
+    """Every block of a diffusion transformer in the order they run: SD3's `transformer_blocks`; FLUX's double-stream
+    `transformer_blocks` then its `single_transformer_blocks`."""
+    names = [f"transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks))]
+    singles = getattr(transformer, "single_transformer_blocks", None) or []
+    return names + [f"single_transformer_blocks.{i}" for i in range(len(singles))]
+
+
+def spread_blocks(transformer: nn.Module, count: int = SPREAD_BLOCK_COUNT) -> list[str]:
+    """`count` blocks at evenly spaced depths of a diffusion transformer, neither the first nor the last.
+
+    A UNet's presets read it across its resolutions; a diffusion transformer keeps one token grid throughout, so depth
+    is the only axis to spread over. The ends are left out: the first block's tokens are still close to the patch
+    embedding of the noisy latents and the last one's to the velocity readout. On SD3 medium (24 blocks) this reads
+    blocks 4, 9, 13 and 18; on FLUX.1 (19 double + 38 single blocks) double block 10 and single blocks 3, 14 and 26.
+    The rule is a starting point chosen for that reason, not the result of a search over block sets.
+    """
+    names = transformer_block_names(transformer)
+    count = min(count, len(names))
+    picks = sorted({min(max(round((k + 1) * len(names) / (count + 1)) - 1, 0), len(names) - 1) for k in range(count)})
+    return [names[i] for i in picks]
+
+
+TRANSFORMER_BLOCK_PRESETS = {"spread": spread_blocks}
+
+
+def denoiser_latent_channels(denoiser: nn.Module) -> int:
+    """Channels of the latents a denoiser works on: its `in_channels`, but FLUX's transformer reads 2x2 patches of
+    them packed into one token (`in_channels` is 4x the latents')."""
+    channels = denoiser.config.in_channels
+    return channels // 4 if type(denoiser).__name__.startswith("Flux") else channels
+
+
+def tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A transformer block's image tokens `(B, N, C)` as the feature map `(B, C, h, w)` of their patches, for latents
+    of `height` x `width` (N = (height / p) (width / p) for patch side p: 2 on SD3 and FLUX)."""
+    batch, count, channels = tokens.shape
+    patch = math.isqrt(height * width // count) if count else 0
+    if patch < 1 or (height // patch) * (width // patch) != count:
+        raise ValueError(f"{count} tokens do not tile latents of {height}x{width} in square patches.")
+    return tokens.reshape(batch, height // patch, width // patch, channels).permute(0, 3, 1, 2)
+
 
 class _ReLUWithSmoothGradient(torch.autograd.Function):
     """max(x, 0) forward; backward through sigmoid(x / temperature), the derivative of temperature * softplus(x /
@@ -257,11 +303,30 @@ class LGPModel(ModelMixin, ConfigMixin):
             blocks = BLOCK_PRESETS[preset](unet)
         modules = resolve_blocks(unet, blocks)
         channels = [block_output_channels(module) for module in modules.values()]
-        kwargs.setdefault("latent_channels", unet.config.in_channels)
+        kwargs.setdefault("latent_channels", denoiser_latent_channels(unet))
         if kwargs.get("target") == "map":
             scale = kwargs.get("target_scale", 1)
             kwargs.setdefault("out_channels", map_target_channels(kwargs.get("map_kind", "edges")) * scale**2)
         return cls(blocks=list(blocks), block_channels=channels, **kwargs)
+
+    @classmethod
+    def from_transformer(
+        cls, transformer: nn.Module, blocks: Sequence[str] | None = None, preset: str = "spread", **kwargs
+    ) -> "LGPModel":
+        """A freshly initialised LGP that reads the image tokens of `blocks` (or of `preset`'s) of a diffusion
+        transformer: `SD3Transformer2DModel` or `FluxTransformer2DModel`.
+
+        Each block's image tokens are laid out on their patch grid and resized to the latent resolution, like a UNet
+        block's activations. Presets: `"spread"` (`spread_blocks`: 4 blocks at evenly spaced depths). The LGP predicts
+        at the resolution of the unpacked latents (FLUX's `(B, 16, H/8, W/8)`, the VAE's); the sketch gradient reaches
+        FLUX's packed latents through the same unpacking. Other keyword arguments go to the config.
+        """
+        if blocks is None:
+            if preset not in TRANSFORMER_BLOCK_PRESETS:
+                raise ValueError(f"Unknown block preset {preset!r}; choose one of {list(TRANSFORMER_BLOCK_PRESETS)}.")
+            blocks = TRANSFORMER_BLOCK_PRESETS[preset](transformer)
+        kwargs.setdefault("tuple_output_index", 1)  # the blocks return (text tokens, image tokens)
+        return cls.from_unet(transformer, blocks=blocks, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "LGPModel":
@@ -280,20 +345,22 @@ class LGPModel(ModelMixin, ConfigMixin):
             ) from error
 
     def check_unet(self, unet: nn.Module) -> None:
-        """Raise a `ValueError` naming the block where `unet` does not provide what this LGP was built for."""
+        """Raise a `ValueError` naming the block where `unet` (or a diffusion transformer) does not provide what this
+        LGP was built for."""
+        kind = "UNet" if "UNet" in type(unet).__name__ else "transformer"
         modules = resolve_blocks(unet, self.config.blocks)
         for (name, module), expected in zip(modules.items(), self.config.block_channels, strict=True):
             found = block_output_channels(module)
             if found != expected:
                 raise ValueError(
-                    f"This LGP expects {expected} channels from UNet block {name!r}, but that block of the UNet"
+                    f"This LGP expects {expected} channels from {kind} block {name!r}, but that block of the {kind}"
                     f" outputs {found}. The LGP was made for a different base model: load an LGP trained for this"
-                    " UNet, or train one with `sketch-guided train train_lgp` (training/train_lgp.py in a checkout)."
+                    f" {kind}, or train one with `sketch-guided train train_lgp` (training/train_lgp.py in a checkout)."
                 )
-        if unet.config.in_channels != self.config.latent_channels:
+        if denoiser_latent_channels(unet) != self.config.latent_channels:
             raise ValueError(
-                f"This LGP expects {self.config.latent_channels} latent channels, but the UNet has"
-                f" {unet.config.in_channels}."
+                f"This LGP expects {self.config.latent_channels} latent channels, but the {kind} works on"
+                f" {denoiser_latent_channels(unet)}."
             )
 
     def encode_noise_level(self, noise_level: torch.Tensor) -> torch.Tensor:
@@ -333,6 +400,8 @@ class LGPModel(ModelMixin, ConfigMixin):
             self.config.block_channels,
             strict=False,  # weights has one more
         ):
+            if feature.ndim == 3:  # a transformer block's image tokens
+                feature = tokens_to_grid(feature, height, width)
             if feature.shape[1] != channels:
                 raise ValueError(f"Block {name!r} gave {feature.shape[1]} channels; this LGP expects {channels}.")
             projected = F.conv2d(feature.to(dtype), weight[:, :, None, None])
