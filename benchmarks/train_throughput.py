@@ -28,8 +28,8 @@ from diffusers import DDPMScheduler
 
 from benchmarks.models import build_pipeline
 from pipeline_sketch_guided import LGPModel
+from pipeline_sketch_guided.training.denoisers import training_denoiser
 from pipeline_sketch_guided.training.train_lgp import (
-    encode_captions,
     encode_latents,
     freeze,
     last_block_to_run,
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("fp16 needs a CUDA GPU; use --mixed_precision bf16 or no on the CPU.")
     base = build_base(args.model, dtype, device)
     unet, scheduler = base.unet, DDPMScheduler.from_config(base.scheduler.config)
+    denoiser = training_denoiser(base, resolution)
     torch.manual_seed(0)
     lgp = LGPModel.from_unet(unet, preset=args.block_preset, hidden_dims=args.hidden_dims).train()
     optimizer = torch.optim.AdamW(lgp.parameters(), lr=1e-4)
@@ -99,33 +100,21 @@ def main(argv: list[str] | None = None) -> dict:
     latents = torch.randn(batch, 4, latent_size, latent_size, device=device)
     edge_latents = torch.randn_like(latents)
     with torch.no_grad():
-        probe_states, probe_kwargs = encode_captions(base, captions[:1], config.feature_branch, resolution)
-        probe = latents[:1].to(dtype)
+        probe_conditioning = denoiser.conditioning(captions[:1], config.feature_branch)
+        probe, zero = latents[:1], torch.zeros(1, dtype=torch.long, device=device)
         stop_block = unet.get_submodule(
-            last_block_to_run(unet, config.blocks, probe, 0, encoder_hidden_states=probe_states, **probe_kwargs)
+            last_block_to_run(unet, config.blocks, lambda: denoiser.forward(probe, zero, probe_conditioning))
         )
 
     def step() -> float:
         with torch.no_grad():
-            encoder_hidden_states, unet_kwargs = encode_captions(base, captions, config.feature_branch, resolution)
+            conditioning = denoiser.conditioning(captions, config.feature_branch)
             image_latents, target = latents, edge_latents
             if args.include_vae:
                 image_latents, target = encode_latents(base, pixels), encode_latents(base, pixels)
             noise = torch.randn_like(image_latents, dtype=torch.float32)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
-        loss = lgp_loss(
-            unet,
-            lgp,
-            config,
-            image_latents,
-            target,
-            encoder_hidden_states,
-            timesteps,
-            noise,
-            scheduler,
-            stop_block,
-            unet_kwargs,
-        )
+        loss = lgp_loss(denoiser, lgp, config, image_latents, target, conditioning, timesteps, noise, stop_block)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
-"""Loading a sketch-guided pipeline by name: the shipped demo model or any saved Stable Diffusion model, with an LGP.
-Shared by the command line, the training programs and the benchmarks."""
+"""Loading a sketch-guided pipeline by name: the shipped demo model or any saved Stable Diffusion or FLUX model, with
+an LGP. Shared by the command line, the training programs and the benchmarks."""
 
 from __future__ import annotations
 
@@ -57,12 +57,19 @@ def load_pipeline(
 
 
 def pipeline_class_for(model: str, revision: str | None = None):
-    """The sketch-guided pipeline for a saved model, by the class its `model_index.json` names: the SDXL one for
-    Stable Diffusion XL, the SD 1.x/2.x one otherwise."""
+    """The sketch-guided pipeline for a saved model, by the class its `model_index.json` names: the FLUX one for
+    FLUX.1, the SD3 one for Stable Diffusion 3 / 3.5, the SDXL one for Stable Diffusion XL, the SD 1.x/2.x one
+    otherwise."""
     from diffusers import DiffusionPipeline
 
     from .pipeline import SketchGuidedStableDiffusionPipeline
+    from .pipeline_flux import SketchGuidedFluxPipeline
+    from .pipeline_sd3 import SketchGuidedStableDiffusion3Pipeline
     from .pipeline_xl import SketchGuidedStableDiffusionXLPipeline
 
     class_name = DiffusionPipeline.load_config(model, revision=revision).get("_class_name", "")
+    if "Flux" in class_name:
+        return SketchGuidedFluxPipeline
+    if "StableDiffusion3" in class_name:
+        return SketchGuidedStableDiffusion3Pipeline
     return SketchGuidedStableDiffusionXLPipeline if "XL" in class_name else SketchGuidedStableDiffusionPipeline

@@ -21,6 +21,7 @@ from diffusers import StableDiffusionPipeline
 from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline
 from pipeline_sketch_guided.testing import tiny_components
 from pipeline_sketch_guided.training import prepare_data, train_lgp
+from pipeline_sketch_guided.training.denoisers import UNetDenoiser
 from pipeline_sketch_guided.training.train_lgp import epoch_batches, last_block_to_run, latest_checkpoint, lgp_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -187,18 +188,20 @@ def test_unet_forward_stops_after_the_last_captured_block(components):
     lgp = LGPModel.from_unet(unet, hidden_dims=[8])
     embeds = torch.randn(2, 16, 32)
     latents = torch.randn(2, 4, 16, 16)
-    last = last_block_to_run(unet, lgp.config.blocks, latents[:1], 0, encoder_hidden_states=embeds[:1])
+    last = last_block_to_run(unet, lgp.config.blocks, lambda: unet(latents[:1], 0, encoder_hidden_states=embeds[:1]))
     assert last == "up_blocks.0"  # sketch2img leaves out the last up block
 
     calls = []
     handle = unet.conv_out.register_forward_hook(lambda *args: calls.append(1))
-    scheduler = train_lgp.DDPMScheduler.from_config(components["scheduler"].config)
-    arguments = (unet, lgp, lgp.config, latents, torch.randn(2, 4, 16, 16), embeds, torch.tensor([10, 900]))
+    base = SketchGuidedStableDiffusionPipeline(**components)
+    denoiser = UNetDenoiser(base, 32)
+    conditioning = {"encoder_hidden_states": embeds}
+    arguments = (denoiser, lgp, lgp.config, latents, torch.randn(2, 4, 16, 16), conditioning, torch.tensor([10, 900]))
     noise = torch.randn(2, 4, 16, 16)
     try:
-        early = lgp_loss(*arguments, noise, scheduler, stop_block=unet.get_submodule(last))
+        early = lgp_loss(*arguments, noise, stop_block=unet.get_submodule(last))
         assert calls == []
-        full = lgp_loss(*arguments, noise, scheduler, stop_block=None)
+        full = lgp_loss(*arguments, noise, stop_block=None)
         assert calls == [1]
     finally:
         handle.remove()
@@ -495,3 +498,69 @@ def test_the_base_model_loads_without_notices(base_model, prepared, tmp_path, ca
     finally:
         diffusers_logging.disable_propagation()
     assert "not expected" not in caplog.text and "safety checker" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SD3 and FLUX
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def transformer_base(request, tmp_path_factory) -> tuple[str, str]:
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from pipeline_sketch_guided.testing import tiny_flux_components, tiny_sd3_components
+
+    parent, components = {
+        "sd3": (StableDiffusion3Pipeline, tiny_sd3_components),
+        "flux": (FluxPipeline, tiny_flux_components),
+    }[request.param]
+    folder = tmp_path_factory.mktemp(f"{request.param}_base")
+    parent(**components()).save_pretrained(folder)
+    return request.param, str(folder)
+
+
+def test_a_transformer_lgp_trains_resumes_and_drives_its_pipeline(transformer_base, prepared, tmp_path):
+    """On SD3 and FLUX: the loss falls, a run resumed from its checkpoint ends with the uninterrupted run's LGP, and the
+    LGP guides the family's sketch-guided pipeline (FLUX's from the unpacked latents' resolution)."""
+    from pipeline_sketch_guided.loading import pipeline_class_for
+
+    family, base = transformer_base
+    data, _ = prepared
+    steps = ["--checkpointing_steps", "2", "--cache_latents", "--max_sequence_length", "16", "--target", "map"]
+    whole = train_lgp.main(train_args(base, data, tmp_path / "whole", "--max_train_steps", "4", *steps))
+    assert np.mean(whole.losses[-2:]) < np.mean(whole.losses[:2])
+    train_lgp.main(train_args(base, data, tmp_path / "resumed", "--max_train_steps", "2", *steps))
+    resumed_args = ["--max_train_steps", "4", *steps, "--resume_from_checkpoint", "latest"]
+    resumed = train_lgp.main(train_args(base, data, tmp_path / "resumed", *resumed_args))
+    assert resumed.losses == whole.losses[2:]
+    expected = LGPModel.from_pretrained(tmp_path / "whole").state_dict()
+    for name, value in LGPModel.from_pretrained(tmp_path / "resumed").state_dict().items():
+        torch.testing.assert_close(value, expected[name], msg=name)
+
+    lgp = LGPModel.from_pretrained(tmp_path / "whole")
+    assert lgp.config.tuple_output_index == 1 and lgp.config.latent_channels == 4
+    pipe = pipeline_class_for(base).from_pretrained(base, lgp=lgp)
+    assert (
+        type(pipe).__name__
+        == {"sd3": "SketchGuidedStableDiffusion3Pipeline", "flux": "SketchGuidedFluxPipeline"}[family]
+    )
+    pipe.set_progress_bar_config(disable=True)
+    sketch = str(data / "edges" / "000000.png")
+    kwargs = {"num_inference_steps": 4, "output_type": "np", "height": RESOLUTION, "width": RESOLUTION}
+    kwargs["max_sequence_length"] = 16
+    guided = pipe("a red square", sketch=sketch, generator=torch.Generator().manual_seed(0), **kwargs).images
+    plain = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.isfinite(guided).all() and not np.allclose(guided, plain)
+
+
+def test_flux_training_refuses_the_unconditional_branch(prepared, tmp_path, tmp_path_factory):
+    from diffusers import FluxPipeline
+
+    from pipeline_sketch_guided.testing import tiny_flux_components
+
+    folder = tmp_path_factory.mktemp("flux_refusal")
+    FluxPipeline(**tiny_flux_components()).save_pretrained(folder)
+    data, _ = prepared
+    extra = ["--max_train_steps", "1", "--feature_branch", "unconditional", "--max_sequence_length", "16"]
+    with pytest.raises(ValueError, match="FLUX has no unconditional branch"):
+        train_lgp.main(train_args(str(folder), data, tmp_path / "run", *extra))

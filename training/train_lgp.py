@@ -1,10 +1,12 @@
-"""Train a Latent Guidance Predictor (LGP) for a Stable Diffusion base model.
+"""Train a Latent Guidance Predictor (LGP) for a Stable Diffusion (1.x, 2.x, XL, 3 / 3.5) or FLUX.1 base model.
 
-The base model (UNet, VAE, text encoder) is frozen; only the LGP learns. For each batch of (image x, edge map e,
-caption c) from a folder made by `pipeline_sketch_guided.training.prepare_data`: z_t = add_noise(E(x), noise, t), one
-UNet forward on (z_t, t, c) without gradients captures the LGP's blocks, and the LGP is fitted at every latent pixel
-(mean squared error, `--stroke_weight` weighing an edge map's strokes) to E(e), or with `--target map` to e itself at
-its output resolution, given the noise level n = sqrt(1 - alphabar_t) * noise.
+The base model (denoiser, VAE, text encoders) is frozen; only the LGP learns. For each batch of (image x, edge map e,
+caption c) from a folder made by `pipeline_sketch_guided.training.prepare_data`: z_t = add_noise(E(x), noise, t) (on
+SD3 and FLUX the flow's x_t = (1 - sigma) E(x) + sigma noise, sigma = t / 1000), one forward of the UNet or transformer
+on (z_t, t, c) without gradients captures the LGP's blocks, and the LGP is fitted at every latent pixel (mean squared
+error, `--stroke_weight` weighing an edge map's strokes) to E(e), or with `--target map` to e itself at its output
+resolution, given the noise level n = sqrt(1 - alphabar_t) * noise (sigma * noise on a flow). `training/denoisers.py`
+holds what differs between the families.
 
 Runs on the CPU, one GPU, or many GPUs and nodes through accelerate, from a checkout's root:
 
@@ -29,7 +31,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +44,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
-from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -50,9 +51,17 @@ from tqdm.auto import tqdm
 
 from pipeline_sketch_guided import BLOCK_PRESETS, LGPModel, capture_activations
 from pipeline_sketch_guided.capture import resolve_blocks
-from pipeline_sketch_guided.lgp import FEATURE_BRANCHES, LGP_HEADS, LGP_TARGETS, SKETCH_POLARITIES, noise_level_map
+from pipeline_sketch_guided.lgp import (
+    FEATURE_BRANCHES,
+    LGP_HEADS,
+    LGP_TARGETS,
+    SKETCH_POLARITIES,
+    TRANSFORMER_BLOCK_PRESETS,
+    noise_level_map,
+)
 from pipeline_sketch_guided.loading import pipeline_class_for
 from pipeline_sketch_guided.sketch import MAP_KINDS, MAP_NORMALIZATIONS
+from pipeline_sketch_guided.training.denoisers import UNetDenoiser, training_denoiser
 from pipeline_sketch_guided.training.prepare_data import (
     REPORT_FILE,
     PreparedExample,
@@ -94,8 +103,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Encode every image and edge map with the VAE once, before training, instead of at every step.",
     )
     # The LGP
-    parser.add_argument("--block_preset", type=str, default="sketch2img", choices=sorted(BLOCK_PRESETS))
-    parser.add_argument("--blocks", type=str, nargs="+", default=None, help="UNet blocks to read (overrides preset).")
+    parser.add_argument(
+        "--block_preset",
+        type=str,
+        default=None,
+        choices=sorted([*BLOCK_PRESETS, *TRANSFORMER_BLOCK_PRESETS]),
+        help="The blocks to read: sketch2img or down-up for a UNet (default sketch2img), spread for SD3's and FLUX's"
+        " transformers (the default there).",
+    )
+    parser.add_argument(
+        "--blocks", type=str, nargs="+", default=None, help="UNet or transformer blocks to read (overrides preset)."
+    )
     parser.add_argument("--hidden_dims", type=int, nargs="+", default=[512, 256, 128, 64], help="LGP hidden widths.")
     parser.add_argument("--feature_branch", type=str, default="conditional", choices=FEATURE_BRANCHES)
     parser.add_argument("--sketch_polarity", type=str, default="light_on_dark", choices=SKETCH_POLARITIES)
@@ -142,7 +160,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " strokes are a few per cent of the pixels). 1 weighs every pixel the same.",
     )
     parser.add_argument(
-        "--min_timestep", type=int, default=0, help="Lowest training timestep (inclusive), out of the base model's."
+        "--min_timestep",
+        type=int,
+        default=0,
+        help="Lowest training timestep (inclusive), out of the base model's (on SD3 and FLUX, 1000 times sigma).",
+    )
+    parser.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="SD3 and FLUX: tokens of T5's prompt embedding (default: the pipeline's, 256 on SD3 and 512 on FLUX);"
+        " the LGP is best trained on what it will be sampled with.",
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=3.5,
+        help="FLUX.1 dev: the distilled guidance scale the transformer reads while training (FluxPipeline's default).",
     )
     parser.add_argument(
         "--max_timestep", type=int, default=None, help="Highest training timestep (inclusive); default: the last."
@@ -371,16 +405,17 @@ def stop_forward_after(module: nn.Module | None) -> Iterator[None]:
         handle.remove()
 
 
-def last_block_to_run(unet: nn.Module, blocks: Sequence[str], *unet_args, **unet_kwargs) -> str:
-    """Which of `blocks` runs last in a forward pass of `unet` (run once, without gradients, on the given inputs)."""
+def last_block_to_run(model: nn.Module, blocks: Sequence[str], run: Callable[[], Any]) -> str:
+    """Which of `blocks` of `model` (a UNet or a transformer) runs last in its forward pass: `run` runs one, without
+    gradients."""
     order: list[str] = []
     handles = [
         module.register_forward_hook(lambda module, args, output, name=name: order.append(name))
-        for name, module in resolve_blocks(unet, blocks).items()
+        for name, module in resolve_blocks(model, blocks).items()
     ]
     try:
         with torch.no_grad():
-            unet(*unet_args, **unet_kwargs)
+            run()
     finally:
         for handle in handles:
             handle.remove()
@@ -415,59 +450,32 @@ def stroke_loss_weights(maps: torch.Tensor, size: Sequence[int], weight: float, 
     return weights / weights.mean()
 
 
-def encode_captions(base, captions: list[str], branch: str, resolution: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """What the UNet's `branch` sees for these captions: (encoder_hidden_states, UNet keyword arguments).
-
-    The conditional branch gets the captions' embeddings, the unconditional one the pipeline's negative embeddings
-    for an empty negative prompt; an SDXL base also gets its pooled embeddings and size conditioning (an uncropped
-    square image of `resolution` pixels) as `added_cond_kwargs`.
-    """
-    device, unconditional = base._execution_device, branch == "unconditional"
-    if not hasattr(base, "text_encoder_2"):
-        embeds = base.encode_prompt(captions, device, 1, unconditional)
-        return embeds[1 if unconditional else 0], {}
-    embeds = base.encode_prompt(captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
-    hidden_states, pooled = (embeds[1], embeds[3]) if unconditional else (embeds[0], embeds[2])
-    size = (resolution, resolution)
-    projection_dim = base.text_encoder_2.config.projection_dim
-    time_ids = base._get_add_time_ids(size, (0, 0), size, hidden_states.dtype, projection_dim)
-    time_ids = time_ids.to(device).repeat(len(captions), 1)
-    return hidden_states, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-
-
 def lgp_loss(
-    unet: nn.Module,
+    denoiser: UNetDenoiser,
     lgp: nn.Module,
     lgp_config,
     image_latents: torch.Tensor,
     edge_latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    conditioning: dict[str, Any],
     timesteps: torch.Tensor,
     noise: torch.Tensor,
-    noise_scheduler: DDPMScheduler,
     stop_block: nn.Module | None = None,
-    unet_kwargs: dict[str, Any] | None = None,
     loss_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error of the LGP's prediction at every pixel of z_t = add_noise(E(x), noise, t), against its
-    target (`lgp_targets`: E(e), or the map e itself), weighted per pixel by `loss_weights` where given.
+    """Mean squared error of the LGP's prediction at every pixel of z_t = add_noise(E(x), noise, t) (the family's
+    noising, `training/denoisers.py`), against its target (`lgp_targets`: E(e), or the map e itself), weighted per pixel
+    by `loss_weights` where given.
 
-    The UNet runs without gradients, in its own dtype, with `unet_kwargs` (SDXL's `added_cond_kwargs`); `lgp` may be
+    The denoiser runs without gradients, in its own dtype, with `conditioning` (`denoiser.conditioning`); `lgp` may be
     wrapped (DDP), so its config comes separately.
     """
-    noisy_latents = noise_scheduler.add_noise(image_latents.float(), noise.float(), timesteps)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(noise.device)[timesteps]
+    noisy_latents = denoiser.noisy_latents(image_latents, noise, timesteps)
     with torch.no_grad():
-        with capture_activations(unet, lgp_config.blocks, lgp_config.tuple_output_index) as features:
+        with capture_activations(denoiser.module, lgp_config.blocks, lgp_config.tuple_output_index) as features:
             with stop_forward_after(stop_block):
-                unet(
-                    noisy_latents.to(unet.dtype),
-                    timesteps,
-                    encoder_hidden_states=encoder_hidden_states,
-                    **(unet_kwargs or {}),
-                )
+                denoiser.forward(noisy_latents, timesteps, conditioning)
         features = dict(features)
-    prediction = lgp(features, noise_level_map(noise.float(), alphas_cumprod))
+    prediction = lgp(features, noise_level_map(noise.float(), denoiser.alpha_bar(timesteps)))
     if loss_weights is None:
         return F.mse_loss(prediction.float(), edge_latents.float())
     return (loss_weights * (prediction.float() - edge_latents.float()).square()).mean()
@@ -651,11 +659,12 @@ def freeze(base):
 
 
 def load_base(pretrained: str, dtype: torch.dtype, revision: str | None = None, variant: str | None = None):
-    """The frozen base model, as the sketch-guided pipeline of its kind (SD or SDXL, by its model_index.json) without
-    an LGP: the same encoding of images and captions as when sampling, and no notice about components it lacks."""
+    """The frozen base model, as the sketch-guided pipeline of its kind (SD, SDXL, SD3 or FLUX, by its
+    model_index.json) without an LGP: the same encoding of images and captions as when sampling, and no notice about
+    components it lacks."""
     pipeline_class = pipeline_class_for(pretrained, revision=revision)
-    is_sdxl = "XL" in pipeline_class.__name__
-    extra = {} if is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    has_safety_checker = pipeline_class.__name__ == "SketchGuidedStableDiffusionPipeline"
+    extra = {"safety_checker": None, "requires_safety_checker": False} if has_safety_checker else {}
     base = pipeline_class.from_pretrained(
         pretrained, revision=revision, variant=variant, lgp=None, **dtype_kwargs(dtype), **extra
     )
@@ -720,18 +729,16 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     base = load_base(args.pretrained_model_name_or_path, weight_dtype, args.revision, args.variant)
     base.to(accelerator.device)
-    unet = base.unet
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    max_timestep = num_train_timesteps - 1 if args.max_timestep is None else args.max_timestep
-    if max_timestep >= num_train_timesteps:
-        raise ValueError(f"`--max_timestep` must be below the base model's {num_train_timesteps} timesteps.")
-
     examples = load_prepared_dataset(args.train_data_dir)
     if args.resolution is None:
         with PIL.Image.open(examples[0].image_path) as first:
             args.resolution = first.width
-    latent_factor = base.vae_scale_factor * 2 ** (len(unet.down_blocks) - 1)
+    denoiser = training_denoiser(base, args.resolution, args.max_sequence_length, args.guidance_scale)
+    num_train_timesteps = denoiser.num_train_timesteps
+    max_timestep = num_train_timesteps - 1 if args.max_timestep is None else args.max_timestep
+    if max_timestep >= num_train_timesteps:
+        raise ValueError(f"`--max_timestep` must be below the base model's {num_train_timesteps} timesteps.")
+    latent_factor = denoiser.latent_multiple
     if args.resolution % latent_factor != 0:
         raise ValueError(f"This base model needs a `--resolution` that is a multiple of {latent_factor}.")
     per_step = args.train_batch_size * accelerator.num_processes
@@ -744,10 +751,9 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     dataset = EdgeDataset(examples, args.resolution, args.sketch_polarity, map_kind)
 
     set_seed(args.seed)  # the LGP's initialisation: the same on every process
-    lgp = LGPModel.from_unet(
-        unet,
-        blocks=args.blocks,
-        preset=args.block_preset,
+    lgp = denoiser.new_lgp(
+        args.blocks,
+        args.block_preset,
         hidden_dims=args.hidden_dims,
         feature_branch=args.feature_branch,
         sketch_polarity=args.sketch_polarity,
@@ -797,13 +803,14 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         logger.info(f"Resumed from {resume} at step {global_step}.")
 
     with torch.no_grad():
-        probe_states, probe_kwargs = encode_captions(base, [""], lgp_config.feature_branch, args.resolution)
+        probe_conditioning = denoiser.conditioning([""], lgp_config.feature_branch)
         latent_size = args.resolution // base.vae_scale_factor
-        probe = torch.zeros(1, unet.config.in_channels, latent_size, latent_size, device=unet.device, dtype=unet.dtype)
+        probe = torch.zeros(1, lgp_config.latent_channels, latent_size, latent_size, device=accelerator.device)
+        zero = torch.zeros(1, dtype=torch.long, device=accelerator.device)
         last_block = last_block_to_run(
-            unet, lgp_config.blocks, probe, 0, encoder_hidden_states=probe_states, **probe_kwargs
+            denoiser.module, lgp_config.blocks, lambda: denoiser.forward(probe, zero, probe_conditioning)
         )
-    stop_block = unet.get_submodule(last_block)
+    stop_block = denoiser.module.get_submodule(last_block)
 
     if args.cache_latents:
         image_latents, edge_latents, loss_weights = [], [], []
@@ -852,9 +859,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
                 else:
                     image_latents = encode_latents(base, batch["pixel_values"])
                     edge_latents, loss_weights = targets_and_weights(batch["edge_values"])
-                embeds, unet_kwargs = encode_captions(
-                    base, batch["caption"], lgp_config.feature_branch, args.resolution
-                )
+                conditioning = denoiser.conditioning(batch["caption"], lgp_config.feature_branch)
                 noise = torch.randn(
                     image_latents.shape, generator=generator, device=accelerator.device, dtype=torch.float32
                 )
@@ -866,17 +871,15 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
                     device=accelerator.device,
                 )
             loss = lgp_loss(
-                unet,
+                denoiser,
                 lgp,
                 lgp_config,
                 image_latents,
                 edge_latents,
-                embeds,
+                conditioning,
                 timesteps,
                 noise,
-                noise_scheduler,
                 stop_block,
-                unet_kwargs,
                 loss_weights,
             )
             accelerator.backward(loss)
