@@ -292,9 +292,7 @@ def run_rows(
             row.status, row.error = "failed", f"same `output` as row {outputs[row.output]}"
         outputs.setdefault(row.output, row.index)
 
-    sample_size = pipe.unet.config.sample_size
-    sample = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
-    default_size = tuple(size * pipe.vae_scale_factor for size in sample)
+    default_size = pipe.sketch_size(None, None, None)  # the image size the pipeline makes by default
     with state.split_between_processes(rows) as mine:
         mine = list(mine)
         for row in mine:

@@ -6,7 +6,8 @@ A published LGP repo is one folder (see `hub_card/README.md`):
     config.json                          LGPModel config, with `auto_map` so that `AutoModel` finds the class
     diffusion_pytorch_model.safetensors  the weights
     pipeline.py guidance.py lgp.py ...   this package's modules, for users who have not installed it (pipeline.py is
-                                         pipeline_xl.py for an SDXL base model)
+                                         pipeline_xl.py, pipeline_sd3.py or pipeline_flux.py for an SDXL, SD3 or FLUX
+                                         base model)
     figures/                             the figures named in the card, if any
 
 The weights sit at the root so that one id serves every way in: `LGPModel.from_pretrained(repo)` with the package,
@@ -46,12 +47,28 @@ CARD_TAGS = ["diffusers", "stable-diffusion", "text-to-image", "sketch-to-image"
 PIPELINES = {
     "sd": ("pipeline.py", "SketchGuidedStableDiffusionPipeline"),
     "sdxl": ("pipeline_xl.py", "SketchGuidedStableDiffusionXLPipeline"),
+    "sd3": ("pipeline_sd3.py", "SketchGuidedStableDiffusion3Pipeline"),
+    "flux": ("pipeline_flux.py", "SketchGuidedFluxPipeline"),
 }
 
 
-def pipeline_kind(base_model: str) -> str:
-    """ "sdxl" for a Stable Diffusion XL base model (its Hub id or folder names it XL), else "sd"."""
-    return "sdxl" if re.search(r"(^|[^a-z])xl([^a-z]|$)", base_model.lower()) else "sd"
+def pipeline_kind(base_model: str, config=None) -> str:
+    """The kind of base model, by its Hub id or folder's name ("flux" for FLUX, "sd3" for Stable Diffusion 3 / 3.5,
+    "sdxl" for XL), else by the blocks the LGP's `config` reads (FLUX's single-stream blocks, a transformer's blocks:
+    SD3), else "sd"."""
+    name = base_model.lower()
+    if "flux" in name:
+        return "flux"
+    if re.search(r"(stable-diffusion-3|(^|[^a-z0-9])sd-?3)", name):
+        return "sd3"
+    if re.search(r"(^|[^a-z])xl([^a-z]|$)", name):
+        return "sdxl"
+    blocks = list(getattr(config, "blocks", []) or [])
+    if any(block.startswith("single_transformer_blocks") for block in blocks):
+        return "flux"
+    if any(block.startswith("transformer_blocks") for block in blocks):
+        return "sd3"
+    return "sd"
 
 
 def hub_code_files(pipeline_file: str = "pipeline.py") -> list[str]:
@@ -125,6 +142,13 @@ def card_target_text(config) -> str:
         where = "the latent resolution" if scale == 1 else f"{scale}x the latent resolution"
         return f'the map itself (`target="map"`), area-averaged to {where}'
     return 'the VAE latent of the map (`target="vae_latent"`, the paper\'s)'
+
+
+def card_head_text(config) -> str:
+    """How a model card names the LGP's head (`head`: configs from before heads have the per-pixel MLP)."""
+    if getattr(config, "head", "mlp") == "conv":
+        return 'the per-pixel MLP, then two 3x3 convolutions over its last hidden layer (`head="conv"`)'
+    return 'a per-pixel MLP (`head="mlp"`, the paper\'s)'
 
 
 def card_map_text(config) -> dict[str, str]:
@@ -207,12 +231,17 @@ def build_model_card(
         datasets=list(datasets) if datasets else None,
     )
     preset = infer_block_preset(config.blocks)
+    kind = pipeline_kind(base_model, config)
+    transformer = kind in ("sd3", "flux")
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),
         repo_id=repo_id,
         base_model=base_model,
-        pipeline_class=PIPELINES[pipeline_kind(base_model)][1],
+        pipeline_class=PIPELINES[kind][1],
+        denoiser="transformer" if transformer else "UNet",
+        torch_dtype="bfloat16" if transformer else "float16",
+        head=card_head_text(config),
         preset=preset,
         blocks=list(zip(config.blocks, config.block_channels, strict=True)),
         in_features=lgp.in_features,
@@ -268,7 +297,7 @@ def export_hub_folder(
     config = json.loads(config_file.read_text())
     config["auto_map"] = dict(LGP_AUTO_MAP)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    pipeline_file, _ = PIPELINES[pipeline_kind(card_kwargs.get("base_model", DEFAULT_BASE_MODEL))]
+    pipeline_file, _ = PIPELINES[pipeline_kind(card_kwargs.get("base_model", DEFAULT_BASE_MODEL), lgp.config)]
     for name in hub_code_files(pipeline_file):
         target = "pipeline.py" if name == pipeline_file else name
         shutil.copyfile(PACKAGE_DIR / name, output_dir / target)

@@ -3,8 +3,8 @@ an LGP. Shared by the command line, the training programs and the benchmarks."""
 
 from __future__ import annotations
 
-# Scheduler names (the command line's `--scheduler`): diffusers' schedulers for Stable Diffusion
-# (KarrasDiffusionSchedulers), by their usual names.
+# Scheduler names (the command line's `--scheduler`): diffusers' schedulers for Stable Diffusion 1.x/2.x/XL
+# (KarrasDiffusionSchedulers), by their usual names, and for the flow-matching models.
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
@@ -21,7 +21,25 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
     "dpm_sde": "DPMSolverSDEScheduler",
     "edm_euler": "EDMEulerScheduler",
+    # For flow-matching models (SD3, FLUX.1)
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    "flow_heun": "FlowMatchHeunDiscreteScheduler",
 }
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Give `pipe` the scheduler `name` (a key of SCHEDULERS) from its own scheduler's config; a `ValueError` when it
+    is of the other kind (a flow-matching sampler on a DDPM-schedule model, or the reverse), which would draw noise."""
+    import diffusers
+
+    flow_model = "FlowMatch" in type(pipe.scheduler).__name__
+    if name.startswith("flow_") != flow_model:
+        kind, choices = ("a flow-matching", "flow_*") if flow_model else ("a DDPM-schedule", "the others")
+        raise ValueError(
+            f"{type(pipe).__name__} samples with {kind} scheduler ({type(pipe.scheduler).__name__}); {name!r} is not"
+            f" one. Choose among {choices}, or leave the model's own."
+        )
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
 def load_pipeline(

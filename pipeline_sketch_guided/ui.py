@@ -7,6 +7,7 @@ generation at a time and writes only under its output folder. Needs the `ui` ext
 """
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,7 +48,7 @@ class Settings:
     negative_prompt: str = ""
     seed: int = 0
     steps: int = 30
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the pipeline's own default (7.5 for SD, 7 for SD3, 3.5 for FLUX)
     sketch_guidance_scale: float = DEFAULT_SKETCH_GUIDANCE_SCALE
     sketch_guidance_start: float = 0.0
     sketch_guidance_end: float = DEFAULT_SKETCH_GUIDANCE_END
@@ -67,7 +68,7 @@ class Settings:
         ):
             if value is None or not float(value).is_integer() or not low <= value <= high:
                 raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value}.")
-        if not 0 <= self.guidance_scale <= 50:  # NaN fails too
+        if self.guidance_scale is not None and not 0 <= self.guidance_scale <= 50:  # NaN fails too
             raise ValueError(f"guidance_scale must be from 0 to 50, got {self.guidance_scale}.")
         return Settings(
             **{
@@ -155,7 +156,12 @@ class SketchGuidedApp:
 
     @property
     def default_size(self) -> int:
-        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return self.pipe.sketch_size(None, None, None)[0]
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """The pipeline's own default `guidance_scale`."""
+        return inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"].default
 
     @property
     def map_kind(self) -> str:
@@ -202,6 +208,8 @@ class SketchGuidedApp:
             Stopped: when `stop(session)` was called during the generation.
         """
         settings = settings.checked()
+        if settings.guidance_scale is None:
+            settings = replace(settings, guidance_scale=self.default_guidance_scale)
         sketch = self.guidance_map(sketch)
         with self.lock:
             self._running_session = session
@@ -370,7 +378,7 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
         progress=gr.Progress(),  # noqa: B008 (Gradio finds its progress tracker by this default)
     ):
         session = request.session_hash if request is not None else None
-        settings = Settings(prompt, negative, seed, steps, 7.5, scale, start, end, interval)
+        settings = Settings(prompt, negative, seed, steps, None, scale, start, end, interval)
         result = run_for_page(canvas, settings, compare, session, progress)
         gallery = [*(gallery or []), (result.image, f"seed {result.settings['seed']}: {result.settings['prompt']}")]
         status = f"Seed {result.settings['seed']}, written to {os.path.basename(result.image)}."

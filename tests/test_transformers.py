@@ -2,6 +2,10 @@
 core on diffusion transformers with flow matching (SD3's classifier-free guidance batch, FLUX's packed latents and
 single branch)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -268,3 +272,100 @@ def test_the_tiny_t5_tokenizer_keeps_words_whole_and_spells_the_rest():
     tokenizer = tiny_t5_tokenizer()
     ids = tokenizer("a red xy").input_ids
     assert tokenizer.convert_ids_to_tokens(ids) == ["\u2581a", "\u2581red", "\u2581", "x", "y", "</s>"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line, batch runs and the Hub
+
+
+@pytest.fixture(scope="module")
+def saved_flux(tmp_path_factory) -> tuple[str, str]:
+    """A tiny FLUX base model and an LGP for it, saved as users keep them."""
+    folder = tmp_path_factory.mktemp("flux")
+    components = tiny_flux_components()
+    FluxPipeline(**components).save_pretrained(folder / "base")
+    random_transformer_lgp(components["transformer"]).save_pretrained(folder / "lgp")
+    return str(folder / "base"), str(folder / "lgp")
+
+
+def test_generate_runs_flux_at_its_own_guidance_and_refuses_a_ddpm_sampler(saved_flux, tmp_path):
+    import json
+
+    import PIL.Image
+
+    from pipeline_sketch_guided import cli
+
+    base, lgp = saved_flux
+    sketch = tmp_path / "sketch.png"
+    draw_square().save(sketch)
+    out = tmp_path / "out.png"
+    command = ["generate", "--prompt", "a red star", "--sketch", str(sketch), "--out", str(out), "--steps", "2"]
+    command += ["--model", base, "--lgp", lgp, "--threads", "1", "--height", "32", "--width", "32"]
+    cli.main([*command, "--scheduler", "flow_euler"])
+    settings = json.loads(PIL.Image.open(out).text["sketch_guided"])
+    assert PIL.Image.open(out).size == (32, 32)
+    assert settings["cfg_scale"] == 3.5 and settings["sampler"] == "FlowMatchEulerDiscreteScheduler"
+    with pytest.raises(SystemExit, match="--scheduler ddim: .* samples with a flow-matching scheduler"):
+        cli.main([*command, "--scheduler", "ddim"])
+
+
+def test_batch_runs_flux_rows(saved_flux, tmp_path):
+    import json
+
+    from pipeline_sketch_guided import cli
+
+    base, lgp = saved_flux
+    draw_square().save(tmp_path / "square.png")
+    rows = [
+        {"prompt": "a red star", "sketch": "square.png", "seed": 1},
+        {"prompt": "a blue circle", "sketch": "square.png", "seed": 2},
+        {"prompt": "a red star", "seed": 1},
+    ]
+    for row in rows:
+        row.update(height=32, width=32)  # FLUX's own default is 1024 x 1024 (here 256 x 256)
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    cli.main(
+        ["batch", str(manifest), "--out", str(out), "--steps", "2", "--model", base, "--lgp", lgp, "--threads", "1"]
+    )
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [row["status"] for row in results] == ["done"] * 3
+    guided, unguided = (np.asarray(PIL_open(out / name)) for name in ("000000-seed1.png", "000002-seed1.png"))
+    assert guided.shape == (32, 32, 3) and not np.array_equal(guided, unguided)
+
+
+def PIL_open(path):
+    import PIL.Image
+
+    with PIL.Image.open(path) as image:
+        return image.convert("RGB")
+
+
+@pytest.mark.parametrize(
+    "family, base_model", [("flux", "black-forest-labs/FLUX.1-dev"), ("sd3", "stabilityai/stable-diffusion-3.5-medium")]
+)
+def test_a_published_transformer_lgp_carries_its_pipeline(family, base_model, request, tmp_path):
+    """The Hub folder holds the family's pipeline as pipeline.py, a card naming the transformer, and loads as a
+    custom pipeline over a saved base model."""
+    from pipeline_sketch_guided.hub import export_hub_folder
+
+    pipe = request.getfixturevalue(family)
+    folder = export_hub_folder(pipe.lgp, tmp_path / "repo", "someone/lgp", base_model=base_model)
+    card = (folder / "README.md").read_text()
+    assert FAMILIES[family][0].__name__ in card and "transformer blocks, in input order" in card
+    assert "torch_dtype=torch.bfloat16" in card and "| Head | a per-pixel MLP" in card
+    assert f"class {FAMILIES[family][0].__name__}(" in (folder / "pipeline.py").read_text()
+    _, parent_class, components = FAMILIES[family]
+    parent_class(**components()).save_pretrained(tmp_path / "base")
+    # In a process of its own: diffusers caches every local custom pipeline as the same module, local/pipeline.py.
+    load = (
+        "from diffusers import AutoModel, DiffusionPipeline\n"
+        f"lgp = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+        f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'base')!r}, custom_pipeline={str(folder)!r},"
+        " trust_remote_code=True, lgp=lgp)\n"
+        "print(type(pipe).__name__, type(pipe.lgp).__name__)\n"
+    )
+    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=environment, check=True)
+    assert result.stdout.split() == [FAMILIES[family][0].__name__, "LGPModel"]

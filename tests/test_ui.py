@@ -191,18 +191,25 @@ def test_a_model_without_an_lgp_is_refused_with_what_to_pass(tmp_path):
         SketchGuidedApp(pipe, tmp_path, model_name="some/model")
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
-def test_the_app_serves_any_sketch_guided_pipeline(kind, tmp_path):
-    from pipeline_sketch_guided.testing import tiny_random_pipeline, tiny_random_sdxl_pipeline
+@pytest.mark.parametrize("kind, cfg", [("sd", 7.5), ("sdxl", 5.0), ("sd3", 7.0), ("flux", 3.5)])
+def test_the_app_serves_any_sketch_guided_pipeline(kind, cfg, tmp_path):
+    """Each family's pipeline, at its own default classifier-free (FLUX: distilled) guidance scale."""
+    from pipeline_sketch_guided import testing
 
-    pipe = tiny_random_pipeline() if kind == "sd" else tiny_random_sdxl_pipeline()
+    pipe = {
+        "sd": testing.tiny_random_pipeline,
+        "sdxl": testing.tiny_random_sdxl_pipeline,
+        "sd3": testing.tiny_random_sd3_pipeline,
+        "flux": testing.tiny_random_flux_pipeline,
+    }[kind]()
     app = SketchGuidedApp(pipe, tmp_path, model_name=f"tiny-{kind}")
     sketch = freehand_sketch("circle", (32, 32), 20, size=128)
     result = app.generate(sketch, Settings("a red circle", steps=2, sketch_guidance_end=1.0))
     size = app.default_size
     for path in (result.image, result.unguided, result.edge_map):
         assert PIL.Image.open(path).size == (size, size)
-    assert f"tiny-{kind}" in PIL.Image.open(result.image).text["sketch_guided"]
+    recorded = PIL.Image.open(result.image).text["sketch_guided"]
+    assert f"tiny-{kind}" in recorded and result.settings["cfg_scale"] == cfg
 
 
 def test_stop_interrupts_only_the_session_that_runs(demo_app):

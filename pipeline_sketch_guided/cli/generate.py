@@ -36,8 +36,9 @@ def add_generate_parser(subparsers) -> None:
         help="draw an image from a prompt, following a sketch",
         description=(
             "Generate images with a SketchGuidedStableDiffusionPipeline. Without --model it uses the shipped demo"
-            " model (64x64 pictures of coloured shapes), offline. --model takes any Stable Diffusion 1.x/2.x or XL repo"
-            f" id or folder (a Hub id needs internet) and --lgp an LGP trained for it. {VOCABULARY_HELP}"
+            " model (64x64 pictures of coloured shapes), offline. --model takes any Stable Diffusion 1.x/2.x, XL or 3,"
+            " or FLUX.1 repo id or folder (a Hub id needs internet) and --lgp an LGP trained for it."
+            f" {VOCABULARY_HELP}"
         ),
     )
     parser.add_argument("--prompt", required=True, help="what to draw")
@@ -62,7 +63,12 @@ def add_generate_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed of the first image (default 0)")
     parser.add_argument("--steps", type=positive_int, default=30, help="denoising steps (default 30)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the model's own)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="classifier-free guidance (FLUX.1: its distilled guidance); default: the pipeline's (7.5 for SD 1.x/2.x"
+        " and XL, 7 for SD3, 3.5 for FLUX)",
+    )
     parser.add_argument(
         "--sketch-guidance-scale",
         type=float,
@@ -156,10 +162,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
     pipe = loading.load_pipeline(args.model, args.lgp, device, dtype, demo_map=args.demo_map)
     if args.scheduler:
-        import diffusers
-
-        scheduler_class = getattr(diffusers, SCHEDULERS[args.scheduler])
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        try:
+            loading.set_scheduler(pipe, args.scheduler)
+        except ValueError as error:
+            raise UsageError(f"--scheduler {args.scheduler}: {error}") from None
     pipe.set_progress_bar_config(disable=False, desc=f"{args.num_images} image(s), {args.steps} steps")
     seeds = [args.seed + k for k in range(args.num_images)]
     output = pipe(
@@ -168,7 +174,7 @@ def run_generate(args: argparse.Namespace) -> int:
         sketch=args.sketch,
         sketch_mask=args.sketch_mask,
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
+        **({} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}),
         sketch_guidance_scale=args.sketch_guidance_scale,
         sketch_guidance_start=args.sketch_guidance_start,
         sketch_guidance_end=args.sketch_guidance_end,
@@ -185,7 +191,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "negative_prompt": args.negative_prompt,
         "steps": args.steps,
         "sampler": type(pipe.scheduler).__name__,
-        "cfg_scale": args.guidance_scale,
+        "cfg_scale": pipe.guidance_scale,
         "size": f"{output.images[0].width}x{output.images[0].height}",
         "model": args.model or "pipeline_sketch_guided demo model",
         "lgp": lgp_name(args),
