@@ -73,7 +73,8 @@ def transformer_block_names(transformer: nn.Module) -> list[str]:
 
 
 def spread_blocks(transformer: nn.Module, count: int = SPREAD_BLOCK_COUNT) -> list[str]:
-    """`count` blocks at evenly spaced depths of a diffusion transformer, neither the first nor the last.
+    """`count` blocks at evenly spaced depths of a diffusion transformer, neither the first nor the last (every block
+    of a model with no more than `count`).
 
     A UNet's presets read it across its resolutions; a diffusion transformer keeps one token grid throughout, so depth
     is the only axis to spread over. The ends are left out: the first block's tokens are still close to the patch
@@ -82,7 +83,8 @@ def spread_blocks(transformer: nn.Module, count: int = SPREAD_BLOCK_COUNT) -> li
     The rule is a starting point chosen for that reason, not the result of a search over block sets.
     """
     names = transformer_block_names(transformer)
-    count = min(count, len(names))
+    if len(names) <= count:  # a small model: every block
+        return names
     picks = sorted({min(max(round((k + 1) * len(names) / (count + 1)) - 1, 0), len(names) - 1) for k in range(count)})
     return [names[i] for i in picks]
 

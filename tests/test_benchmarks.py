@@ -206,3 +206,27 @@ def test_sketch_mask_measure_reads_the_sketched_and_the_second_shape():
     assert measured["iou"] > 0.9 and measured["second_present"]
     image[top : top + 12, left : left + 12] = 245
     assert not sketch_mask.measure(PIL.Image.fromarray(image), case)["second_present"]
+
+
+def test_transformer_cost_reports_each_family_and_mode(tmp_path, monkeypatch):
+    """The transformer cost benchmark at toy sizes (narrow models: the real widths take a minute to build): SD3 split
+    and batched, FLUX, each with a ratio to unguided, and the LGP reading every block of these two-block models."""
+    from benchmarks import transformer_cost
+
+    narrow = {"attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 4096}
+    sd3 = {**transformer_cost.SD3_MEDIUM, **narrow, "caption_projection_dim": 16}
+    monkeypatch.setitem(transformer_cost.__dict__, "SD3_MEDIUM", sd3)
+    monkeypatch.setitem(
+        transformer_cost.__dict__, "FLUX_DEV", {**transformer_cost.FLUX_DEV, **narrow, "axes_dims_rope": [2, 2, 4]}
+    )
+
+    report = transformer_cost.main(
+        ["--resolution", "32", "--steps", "2", "--sd3_layers", "1", "--flux_layers", "1", "1", "--runs", "1"]
+        + ["--output", str(tmp_path / "cost.json")]
+    )
+    sd3, flux = report["families"]["sd3"], report["families"]["flux"]
+    assert set(sd3) >= {"unguided", "guided_split", "guided_batched"} and "guided" in flux
+    assert sd3["lgp_blocks"] == ["transformer_blocks.0"]  # its one block
+    assert flux["lgp_blocks"] == ["transformer_blocks.0", "single_transformer_blocks.0"]
+    assert all(record[name]["ratio"] > 0 for record in (sd3, flux) for name in record if name.startswith("guided"))
+    assert "| flux | 1+1 |" in report["table"] and (tmp_path / "cost.json").is_file()
