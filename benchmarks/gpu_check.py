@@ -9,6 +9,9 @@
    gradient checkpointing.
 4. LGP training throughput (`benchmarks.train_throughput`): the demo-size LGP for a few hundred steps, and an SD1.5 LGP
    at 512 px in float16.
+5. The transformers (`benchmarks.transformer_cost`): SD3 medium's and FLUX.1 dev's architectures at full size with
+   random weights, 1024x1024 in bfloat16: unguided and guided generations, SD3's split and batched guided steps, peak
+   memory. It runs in a process of its own, last (FLUX.1 dev alone holds 24 GB of weights).
 
 It writes `gpu_check.json` and `gpu_check.md` (the tables in docs/cost.md) to `--output_dir`, and exits non-zero if a
 test or a section failed (each section runs even when one before it failed).
@@ -152,6 +155,32 @@ def training_throughput(dry_run: bool) -> dict[str, Any]:
     return results
 
 
+def transformer_cost(dry_run: bool, output_dir: Path) -> dict[str, Any]:
+    """`benchmarks.transformer_cost` in a process of its own, so that its models' memory is given back after it."""
+    output = output_dir / "transformer_cost.json"
+    if dry_run:
+        arguments = [
+            "--resolution",
+            "32",
+            "--steps",
+            "2",
+            "--sd3_layers",
+            "1",
+            "--flux_layers",
+            "1",
+            "1",
+            "--runs",
+            "1",
+        ]
+    else:
+        arguments = ["--device", "cuda", "--dtype", "bfloat16", "--resolution", "1024", "--steps", "28", "--runs", "2"]
+    command = [sys.executable, "-m", "benchmarks.transformer_cost", *arguments, "--output", str(output)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {completed.returncode}:\n{completed.stderr[-3000:]}")
+    return json.loads(output.read_text())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The report
 
@@ -181,6 +210,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if "sampling" in sections:
         lines += sampling_tables(sections["sampling"])
+    if "transformers" in sections:
+        lines += [sections["transformers"]["table"], ""]
     if "training" in sections:
         lines += ["| LGP training | s / step | images / s | peak MiB |", "|---|---:|---:|---:|"]
         for name, value in sections["training"].items():
@@ -271,8 +302,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         nargs="+",
-        default=["tests", "precision", "sampling", "training"],
-        choices=["tests", "precision", "sampling", "training"],
+        default=["tests", "precision", "sampling", "training", "transformers"],
+        choices=["tests", "precision", "sampling", "training", "transformers"],
     )
     return parser.parse_args(argv)
 
@@ -304,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": lambda: precision(device, dtypes, steps=4 if args.dry_run else 30),
         "sampling": lambda: sampling_cost(args.dry_run, device, output_dir),
         "training": lambda: training_throughput(args.dry_run),
+        "transformers": lambda: transformer_cost(args.dry_run, output_dir),
     }
     for name in args.sections:
         run_section(report, name, sections[name])
