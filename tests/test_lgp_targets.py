@@ -1,5 +1,5 @@
-"""LGPs that predict the map itself instead of its VAE latent (`target="map"`), and the stroke-weighted loss: built,
-saved and loaded, and guiding the pipeline (training them: tests/test_training.py)."""
+"""LGPs that predict the map itself instead of its VAE latent (`target="map"`, sharp or blurred), the stroke-weighted
+loss, and the spatial head: built, saved and loaded, and guiding the pipeline (training: tests/test_training.py)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def test_a_map_target_lgp_predicts_the_map_at_its_scale_and_round_trips(componen
         ({"target": "pixels"}, "`target` must be one of"),
         ({"target": "vae_latent", "target_scale": 2}, "`target_scale` is for `target='map'`"),
         ({"target": "map", "target_scale": 2, "out_channels": 4 * 3}, "has 4 outputs per latent pixel"),
+        ({"target": "vae_latent", "target_blur": 1.0}, "`target_blur` is for `target='map'`"),
+        ({"target": "map", "target_blur": -1.0}, "must be >= 0"),
+        ({"head": "unet"}, "`head` must be one of"),
     ],
 )
 def test_inconsistent_target_configs_are_refused(components, kwargs, message):
@@ -86,3 +89,35 @@ def test_stroke_weights_favour_the_strokes_and_their_neighbours_and_keep_the_los
     assert torch.allclose(near / far.mean(), torch.tensor(5.0)) and torch.allclose(weights[1], far.mean())
     # Dark strokes on light paper are weighed the same way once their polarity is given.
     assert torch.equal(stroke_loss_weights(-maps, (16, 16), 5.0, light_strokes=False), weights)
+
+
+def test_a_blurred_target_is_the_sharp_one_smoothed_with_its_mass_kept(components):
+    sharp = map_lgp(components["unet"], scale=2)
+    blurred = map_lgp(components["unet"], scale=2, target_blur=1.5)
+    maps = prepare_sketch(draw_square(), 32, 32, "light_on_dark")
+    a, b = sharp.target_from_map(maps, (16, 16)), blurred.target_from_map(maps, (16, 16))
+    assert a.shape == b.shape == (1, 1, 32, 32)
+    torch.testing.assert_close(b.mean(), a.mean())  # a normalised kernel, the border replicated
+    assert b.max() < a.max()  # strokes spread into ridges
+    assert b[0, 0, 16, 6] > a[0, 0, 16, 6] == -1  # beside the square's left side (columns 8-9), off the stroke
+    assert b[0, 0, 2, 2] == a[0, 0, 2, 2] == -1  # far from any stroke: untouched
+
+
+def test_a_conv_head_starts_as_its_mlp_and_round_trips(components, tmp_path):
+    """`head="conv"`: the same MLP weights give the same prediction until its zero-initialised convolution learns;
+    once it has, the prediction at a pixel depends on its neighbours' features; saved and loaded, it is the same."""
+    mlp = map_lgp(components["unet"], scale=2)
+    conv = map_lgp(components["unet"], scale=2, head="conv")
+    conv.load_state_dict({**conv.state_dict(), **mlp.state_dict()})
+    features = [torch.randn(1, c, 8, 8) for c in mlp.config.block_channels]
+    noise = torch.randn(1, 4, 16, 16)
+    torch.testing.assert_close(conv.eval()(features, noise), mlp.eval()(features, noise))
+    torch.nn.init.normal_(conv.spatial[2].weight, std=0.1)
+    changed = [f.clone() for f in features]
+    changed[0][..., 0, 0] += 5  # one latent corner's features
+    difference = (conv(changed, noise) - conv(features, noise)).abs()[0, 0]
+    assert difference[4:6, :].sum() > 0  # reaches map rows beyond that corner's own 2x2 pixels (rows 0-1)
+    conv.save_pretrained(tmp_path)
+    loaded = LGPModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.head == "conv"
+    torch.testing.assert_close(loaded(features, noise), conv(features, noise))

@@ -411,12 +411,16 @@ def test_an_unknown_training_program_is_refused_with_the_list(capsys):
     assert "invalid choice: 'train_everything'" in capsys.readouterr().err
 
 
-def test_train_lgp_trains_a_map_target_with_stroke_weights_and_resumes_exactly(base_model, prepared, tmp_path):
+def test_train_lgp_trains_a_map_target_with_stroke_weights_a_conv_head_and_blur_and_resumes_exactly(
+    base_model, prepared, tmp_path
+):
     data, _ = prepared
     extra = ["--target", "map", "--target_scale", "2", "--stroke_weight", "4", "--checkpointing_steps", "2"]
+    extra += ["--head", "conv", "--target_blur", "1"]
     whole = train_lgp.main(train_args(base_model, data, tmp_path / "whole", "--max_train_steps", "4", *extra))
     lgp = LGPModel.from_pretrained(tmp_path / "whole")
     assert (lgp.config.target, lgp.config.target_scale, lgp.config.out_channels) == ("map", 2, 4)
+    assert (lgp.config.head, lgp.config.target_blur) == ("conv", 1.0) and lgp.spatial[2].weight.abs().sum() > 0
     # Stopped after 2 steps and resumed: the same losses as the run that was not stopped.
     train_lgp.main(train_args(base_model, data, tmp_path / "parts", "--max_train_steps", "2", *extra))
     resumed = train_lgp.main(

@@ -140,6 +140,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="What the LGP predicts: the VAE latent of the map (the paper's) or the map itself (see LGPModel).",
     )
     parser.add_argument(
+        "--target_blur",
+        type=float,
+        default=0.0,
+        help="With --target map: blur the target maps by a Gaussian of this many target pixels (see LGPModel).",
+    )
+    parser.add_argument(
         "--head",
         type=str,
         default="mlp",
@@ -762,6 +768,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         target=args.target,
         target_scale=args.target_scale,
         head=args.head,
+        target_blur=args.target_blur,
     )
     if args.stroke_weight != 1 and map_kind != "edges":
         raise ValueError(f"`--stroke_weight` weighs the strokes of edge maps; this LGP learns {map_kind!r} maps.")
