@@ -400,6 +400,14 @@ class SketchGuidanceMixin:
         """How many classifier-free guidance branches one denoiser call of the loop stacks in its batch."""
         return 2 if self.do_classifier_free_guidance else 1
 
+    def latents_part(self, model_input: torch.Tensor) -> torch.Tensor:
+        """The latents in the denoiser's input: all of it, but the first channels of an inpainting UNet's, which reads
+        the mask and the masked image's latents after them."""
+        channels = self.lgp.config.latent_channels
+        if model_input.ndim == 4 and model_input.shape[1] > channels:
+            return model_input[:, :channels]
+        return model_input
+
     def latents_to_spatial(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as `(B, C, h, w)` maps (FLUX's packed latents are unpacked); the LGP's noise level input."""
         return latents
@@ -763,7 +771,7 @@ class SketchGuidanceMixin:
                     model_input, t, encoder_hidden_states, unet_kwargs, *target, branch, num_branches, forward
                 )
                 (gradient,) = torch.autograd.grad(loss, leaf)
-            return prediction, _finite_or_skipped(gradient, t), edge_latents.detach()
+            return prediction, _finite_or_skipped(self.latents_part(gradient), t), edge_latents.detach()
 
         def inputs(index: int):
             arguments = (model_input, t, encoder_hidden_states, unet_kwargs)
@@ -775,7 +783,7 @@ class SketchGuidanceMixin:
         other_input, other_t, other_states, other_kwargs = inputs(1 - branch)
         other_prediction = self.call_denoiser(forward, other_input, other_t, other_states, other_kwargs)[0]
         halves = [other_prediction, branch_prediction] if branch else [branch_prediction, other_prediction]
-        return torch.cat(halves), _finite_or_skipped(gradient, t), edge_latents.detach()
+        return torch.cat(halves), _finite_or_skipped(self.latents_part(gradient), t), edge_latents.detach()
 
     def sketch_loss(
         self,
@@ -814,7 +822,8 @@ class SketchGuidanceMixin:
             features = {name: feature.chunk(num_branches)[branch] for name, feature in features.items()}
         # The noise level is conditioning for the LGP, not something to optimise: no gradient through it.
         branch_prediction = prediction.detach().chunk(num_branches)[branch]
-        epsilon = self.predict_noise_epsilon(branch_prediction.float(), leaf.detach().float(), alpha_bar)
+        sample = self.latents_part(leaf.detach())
+        epsilon = self.predict_noise_epsilon(branch_prediction.float(), sample.float(), alpha_bar)
         with self.lgp.smooth_relu_gradients():
             edge_latents = self.lgp(features, noise_level_map(self.latents_to_spatial(epsilon), alpha_bar))
         error = (edge_latents.float() - sketch_latents.float()).square()

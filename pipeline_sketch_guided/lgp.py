@@ -94,9 +94,13 @@ TRANSFORMER_BLOCK_PRESETS = {"spread": spread_blocks}
 
 def denoiser_latent_channels(denoiser: nn.Module) -> int:
     """Channels of the latents a denoiser works on: its `in_channels`, but FLUX's transformer reads 2x2 patches of
-    them packed into one token (`in_channels` is 4x the latents')."""
-    channels = denoiser.config.in_channels
-    return channels // 4 if type(denoiser).__name__.startswith("Flux") else channels
+    them packed into one token (`in_channels` is 4x the latents'), and an inpainting UNet reads the latents followed
+    by the mask and the masked image's latents (9 in, 4 out: its `out_channels`)."""
+    config = denoiser.config
+    if type(denoiser).__name__.startswith("Flux"):
+        return config.in_channels // 4
+    out_channels = getattr(config, "out_channels", None)
+    return out_channels if isinstance(out_channels, int) and out_channels < config.in_channels else config.in_channels
 
 
 def tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""SketchGuidedStableDiffusionXLInpaintPipeline: Stable Diffusion XL inpainting steered by a sketch through a Latent
+Guidance Predictor.
+
+Loadable as a package module or as a diffusers custom pipeline (this file, with its sibling modules). The guided step is
+guidance.py's, shared with every other pipeline; editing.py holds what the editing pipelines share.
+"""
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+# diffusers copies a local custom pipeline's modules by this file's own relative imports: each module is imported here.
+from .capture import capture_activations  # noqa: F401
+from .editing import SketchGuidedEditingMixin, SketchGuidedEditingXLPipelineOutput, sketch_guided_signature
+from .guidance import SketchGuidanceMixin
+from .lgp import LGPModel
+from .sketch import SketchInput  # noqa: F401
+
+
+class SketchGuidedStableDiffusionXLInpaintPipeline(
+    SketchGuidedEditingMixin, SketchGuidanceMixin, StableDiffusionXLInpaintPipeline
+):
+    r"""
+    [`StableDiffusionXLInpaintPipeline`] that follows a sketch (Voynov et al., "Sketch-Guided Text-to-Image Diffusion
+    Models", 2023).
+
+    The region white in `mask_image` is repainted with the prompt, and by default the sketch guides there and only
+    there (`sketch_mask` defaults to `mask_image`). Text-to-image UNets (4 input channels) and inpainting checkpoints'
+    (9) both work, as for `SketchGuidedStableDiffusionInpaintPipeline`.
+
+    Every argument of the parent's `__call__` works as there, and without a sketch (or at `sketch_guidance_scale=0`) the
+    output is the parent's, bit for bit. The sketch arguments are those of
+    [`SketchGuidedStableDiffusionPipeline.__call__`]; the guided fraction counts the steps this call runs (with
+    `strength` < 1, about `strength` x `num_inference_steps`). `from_pipe` moves between this pipeline and the other
+    sketch-guided ones, sharing the LGP.
+
+    Args:
+        vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder, feature_extractor,
+            requires_aesthetics_score, force_zeros_for_empty_prompt, add_watermarker: as for
+            [`StableDiffusionXLInpaintPipeline`].
+        lgp ([`LGPModel`], *optional*):
+            The Latent Guidance Predictor trained for this `unet`, checked against it when set.
+    """
+
+    _optional_components = [*StableDiffusionXLInpaintPipeline._optional_components, "lgp"]
+    output_class = SketchGuidedEditingXLPipelineOutput
+    size_from_image = False  # as the parent: `height` x `width`, else the UNet's size; the photo is resized
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection = None,
+        feature_extractor: CLIPImageProcessor = None,
+        requires_aesthetics_score: bool = False,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+        lgp: LGPModel | None = None,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            requires_aesthetics_score=requires_aesthetics_score,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+        )
+        self.register_modules(lgp=lgp)
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        return self.sketch_guided_call(*args, **kwargs)
+
+    __call__.__signature__ = sketch_guided_signature(StableDiffusionXLInpaintPipeline.__call__)
