@@ -1,0 +1,196 @@
+"""The editing pipelines (img2img, inpainting, ControlNet; SD and SDXL) on tiny models built from configs: each is its
+diffusers parent bit for bit without a sketch, guides with one, and counts its guided range in the steps it runs."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import draw_square
+from diffusers import (
+    ControlNetModel,
+    DiffusionPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+)
+from test_pipeline import sketch_loss
+
+from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline
+from pipeline_sketch_guided.editing import SKETCH_ARGUMENTS
+from pipeline_sketch_guided.pipeline_controlnet import SketchGuidedStableDiffusionControlNetPipeline
+from pipeline_sketch_guided.pipeline_img2img import SketchGuidedStableDiffusionImg2ImgPipeline
+from pipeline_sketch_guided.pipeline_inpaint import SketchGuidedStableDiffusionInpaintPipeline
+from pipeline_sketch_guided.pipeline_inpaint import __file__ as PIPELINE_INPAINT_FILE
+from pipeline_sketch_guided.pipeline_xl_img2img import SketchGuidedStableDiffusionXLImg2ImgPipeline
+from pipeline_sketch_guided.pipeline_xl_inpaint import SketchGuidedStableDiffusionXLInpaintPipeline
+from pipeline_sketch_guided.testing import random_lgp, tiny_components, tiny_sdxl_components, tiny_unet
+
+PROMPT = "a red star on the grey background"
+
+
+def photo() -> PIL.Image.Image:
+    return PIL.Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+
+
+def right_half_mask() -> PIL.Image.Image:
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, 16:] = 255
+    return PIL.Image.fromarray(mask)
+
+
+def tiny_controlnet(unet) -> ControlNetModel:
+    torch.manual_seed(0)
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+
+
+def sd_components(unet_in_channels: int = 4) -> dict:
+    components = tiny_components()
+    if unet_in_channels != 4:
+        components["unet"] = tiny_unet(in_channels=unet_in_channels)
+    return components
+
+
+def xl_components() -> dict:
+    components = tiny_sdxl_components()
+    components.pop("force_zeros_for_empty_prompt")
+    return {**components, "requires_aesthetics_score": False, "force_zeros_for_empty_prompt": True}
+
+
+# (ours, parent, components, the parent's inputs)
+CASES = {
+    "img2img": (
+        SketchGuidedStableDiffusionImg2ImgPipeline,
+        StableDiffusionImg2ImgPipeline,
+        sd_components,
+        lambda: {"image": photo(), "strength": 0.6},
+    ),
+    "inpaint": (
+        SketchGuidedStableDiffusionInpaintPipeline,
+        StableDiffusionInpaintPipeline,
+        sd_components,
+        lambda: {"image": photo(), "mask_image": right_half_mask(), "height": 32, "width": 32},
+    ),
+    "inpaint-9-channels": (
+        SketchGuidedStableDiffusionInpaintPipeline,
+        StableDiffusionInpaintPipeline,
+        lambda: sd_components(unet_in_channels=9),
+        lambda: {"image": photo(), "mask_image": right_half_mask(), "height": 32, "width": 32},
+    ),
+    "xl-img2img": (
+        SketchGuidedStableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        xl_components,
+        lambda: {"image": photo(), "strength": 0.6},
+    ),
+    "xl-inpaint": (
+        SketchGuidedStableDiffusionXLInpaintPipeline,
+        StableDiffusionXLInpaintPipeline,
+        xl_components,
+        lambda: {"image": photo(), "mask_image": right_half_mask(), "height": 32, "width": 32},
+    ),
+    "controlnet": (
+        SketchGuidedStableDiffusionControlNetPipeline,
+        StableDiffusionControlNetPipeline,
+        lambda: {**sd_components(), "controlnet": tiny_controlnet(tiny_unet())},
+        lambda: {"image": photo()},
+    ),
+}
+
+
+def make(case: str) -> tuple:
+    ours_class, parent_class, components, inputs = CASES[case]
+    parts = components()
+    ours = ours_class(**parts, lgp=random_lgp(parts["unet"]))
+    parent = parent_class(**parts)
+    for pipe in (ours, parent):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, parent, inputs()
+
+
+def run(pipe, inputs: dict, seed: int = 0, **kwargs):
+    kwargs.setdefault("num_inference_steps", 6)
+    kwargs.setdefault("output_type", "np")
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **inputs, **kwargs)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_unguided_is_the_parent_bit_for_bit_and_a_sketch_guides(case):
+    ours, parent, inputs = make(case)
+    expected = run(parent, inputs).images
+    np.testing.assert_array_equal(run(ours, inputs).images, expected)
+    np.testing.assert_array_equal(run(ours, inputs, sketch=draw_square(), sketch_guidance_scale=0).images, expected)
+    guided = run(ours, inputs, sketch=draw_square(), sketch_guidance_end=0.6, return_edge_maps=True)
+    assert np.isfinite(guided.images).all() and not np.array_equal(guided.images, expected)
+    assert guided.edge_maps.shape == (1, 32, 32, 3)
+    as_tuple = run(ours, inputs, sketch=draw_square(), return_dict=False, return_edge_maps=True)
+    assert len(as_tuple) == len(run(parent, inputs, return_dict=False)) + 1
+
+
+@pytest.mark.parametrize("case", ["img2img", "inpaint", "controlnet"])
+def test_the_signature_is_the_parents_plus_the_sketch_arguments(case):
+    ours_class, parent_class, *_ = CASES[case]
+    ours, parents = inspect.signature(ours_class.__call__), inspect.signature(parent_class.__call__)
+    for name, parameter in parents.parameters.items():
+        assert ours.parameters[name].default == parameter.default, name
+    for name, default in SKETCH_ARGUMENTS.items():
+        assert ours.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY and ours.parameters[name].default == default
+
+
+def test_img2img_guides_the_steps_it_runs_and_lowers_the_sketch_loss():
+    """At strength 0.5 of 10 steps img2img runs 5; `sketch_guidance_end=0.4` guides the first 2 of those."""
+    ours, _, inputs = make("img2img")
+    calls = []
+    handle = ours.lgp.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        run(ours, {**inputs, "strength": 0.5}, sketch=draw_square(), sketch_guidance_end=0.4, num_inference_steps=10)
+    finally:
+        handle.remove()
+    assert len(calls) == 2
+    sketch = draw_square()
+    inputs = {**inputs, "strength": 0.8}
+    common = {"output_type": "latent", "num_images_per_prompt": 2}
+    plain = run(ours, inputs, **common).images
+    guided = run(ours, inputs, sketch=sketch, sketch_guidance_scale=4.0, sketch_guidance_end=0.6, **common).images
+    before, after = sketch_loss(ours, plain, sketch), sketch_loss(ours, guided, sketch)
+    assert (after < before).all(), (before, after)
+
+
+def test_inpainting_guides_inside_the_mask_and_keeps_the_rest():
+    """The sketch mask defaults to the inpainting mask; with a 4-channel UNet the latents outside the mask come out as
+    the unguided ones (diffusers blends the known region back after every step)."""
+    ours, _, inputs = make("inpaint")
+    sketch = draw_square()
+    latent = {"output_type": "latent"}
+    plain = run(ours, inputs, **latent).images
+    by_default = run(ours, inputs, sketch=sketch, sketch_guidance_end=1.0, **latent).images
+    explicit = run(ours, inputs, sketch=sketch, sketch_mask=inputs["mask_image"], sketch_guidance_end=1.0, **latent)
+    torch.testing.assert_close(by_default, explicit.images, rtol=0, atol=0)
+    torch.testing.assert_close(by_default[..., :8], plain[..., :8], rtol=0, atol=0)  # latent columns 0-7: kept
+    assert not torch.equal(by_default[..., 8:], plain[..., 8:])
+    everywhere = run(ours, inputs, sketch=sketch, sketch_mask=np.full((32, 32), 255, np.uint8), sketch_guidance_end=1.0)
+    assert not np.array_equal(everywhere.images, run(ours, inputs, sketch=sketch, sketch_guidance_end=1.0).images)
+    with pytest.raises(ValueError, match="padding_mask_crop"):
+        run(ours, {**inputs, "padding_mask_crop": 4}, sketch=sketch)
+
+
+def test_from_pipe_moves_between_text_to_image_and_editing_sharing_the_lgp():
+    components = tiny_components()
+    text_to_image = SketchGuidedStableDiffusionPipeline(**components, lgp=random_lgp(components["unet"]))
+    img2img = SketchGuidedStableDiffusionImg2ImgPipeline.from_pipe(text_to_image)
+    inpaint = SketchGuidedStableDiffusionInpaintPipeline.from_pipe(img2img)
+    back = SketchGuidedStableDiffusionPipeline.from_pipe(inpaint)
+    assert img2img.lgp is inpaint.lgp is back.lgp is text_to_image.lgp
+    assert img2img.unet is text_to_image.unet
+
+
+def test_an_editing_pipeline_loads_as_a_custom_pipeline(tmp_path):
+    ours, _, _ = make("inpaint")
+    ours.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=PIPELINE_INPAINT_FILE, trust_remote_code=True)
+    assert type(loaded).__name__ == "SketchGuidedStableDiffusionInpaintPipeline" and loaded.lgp is not None
