@@ -12,6 +12,7 @@ its own results, merged at the end into `results.jsonl`.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import PIL.Image
 import torch
 
+from . import loading
 from .sketch import prepare_map, prepare_sketch_mask
 
 
@@ -55,10 +57,13 @@ MANIFEST_FIELDS = {
     "height": int,
     "width": int,
     "invert_map": boolean,
+    "image": str,
+    "mask_image": str,
+    "strength": float,
     "output": str,
 }
 # The fields that each image of a batch may have its own of; rows that agree on all the others can share a batch.
-PER_IMAGE_FIELDS = ("prompt", "negative_prompt", "seed", "sketch", "sketch_mask", "output")
+PER_IMAGE_FIELDS = ("prompt", "negative_prompt", "seed", "sketch", "sketch_mask", "image", "mask_image", "output")
 RESULTS_FILE = "results.jsonl"
 METADATA_KEY = "sketch_guided_row"
 
@@ -81,6 +86,8 @@ class Row:
         return (
             "sketch" in self.settings,
             "sketch_mask" in self.settings,
+            "image" in self.settings,
+            "mask_image" in self.settings,
             tuple(sorted(shared.items())),
         )
 
@@ -145,7 +152,7 @@ def parse_row(index: int, raw: dict[str, Any], manifest_dir: Path, out_dir: Path
             error += f", got {value!r}"
     if "prompt" not in settings and error is None:
         error = "no `prompt`"
-    for name in ("sketch", "sketch_mask"):
+    for name in ("sketch", "sketch_mask", "image", "mask_image"):
         if name in settings:
             settings[name] = str((manifest_dir / settings[name]).resolve())
     settings.setdefault("seed", index)
@@ -186,6 +193,14 @@ def check_row_inputs(row: Row, vae_scale_factor: int, default_size: tuple[int, i
             prepare_map(row.settings["sketch"], height, width, *options)
         if "sketch_mask" in row.settings:
             prepare_sketch_mask(row.settings["sketch_mask"], height // vae_scale_factor, width // vae_scale_factor)
+        if "mask_image" in row.settings and "image" not in row.settings:
+            raise ValueError("`mask_image` says which part of an `image` to repaint: give the `image` too")
+        if "strength" in row.settings and "image" not in row.settings:
+            raise ValueError("`strength` says how much of an `image` is redrawn: give the `image` too")
+        for name in ("image", "mask_image"):
+            if name in row.settings:
+                with PIL.Image.open(row.settings[name]) as image:
+                    image.verify()
     except (ValueError, TypeError, OSError) as error:
         row.status, row.error = "failed", " ".join(str(error).split())
 
@@ -207,6 +222,16 @@ def generate_batch(
     first = rows[0].settings
     shared = {k: v for k, v in first.items() if k not in PER_IMAGE_FIELDS}
     kwargs = dict(shared)
+    pipe = loading.editing_pipeline(pipe, image="image" in first, mask="mask_image" in first)
+    if "image" in first:
+        images = [PIL.Image.open(row.settings["image"]).convert("RGB") for row in rows]
+        if "height" not in inspect.signature(type(pipe).__call__).parameters:
+            # Image-to-image makes images of the image's size: a row's height and width resize its image.
+            height, width = kwargs.pop("height", None), kwargs.pop("width", None)
+            images = [image.resize((width or image.width, height or image.height)) for image in images]
+        kwargs["image"] = images
+    if "mask_image" in first:
+        kwargs["mask_image"] = [PIL.Image.open(row.settings["mask_image"]).convert("L") for row in rows]
     if "sketch" in first:
         kwargs["sketch"] = [row.settings["sketch"] for row in rows]
     if "sketch_mask" in first:

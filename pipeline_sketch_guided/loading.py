@@ -91,3 +91,38 @@ def pipeline_class_for(model: str, revision: str | None = None):
     if "StableDiffusion3" in class_name:
         return SketchGuidedStableDiffusion3Pipeline
     return SketchGuidedStableDiffusionXLPipeline if "XL" in class_name else SketchGuidedStableDiffusionPipeline
+
+
+def editing_pipeline(pipe, image: bool, mask: bool):
+    """`pipe` as the editing pipeline of its family that takes an `image` (img2img) and a `mask_image` (inpainting), by
+    `from_pipe` (the same components, LGP included); `pipe` itself without an image. A `ValueError` for a mask without
+    an image, or for the families that have no sketch-guided editing pipeline yet (SD3, FLUX)."""
+    from .pipeline import SketchGuidedStableDiffusionPipeline
+    from .pipeline_img2img import SketchGuidedStableDiffusionImg2ImgPipeline
+    from .pipeline_inpaint import SketchGuidedStableDiffusionInpaintPipeline
+    from .pipeline_xl import SketchGuidedStableDiffusionXLPipeline
+    from .pipeline_xl_img2img import SketchGuidedStableDiffusionXLImg2ImgPipeline
+    from .pipeline_xl_inpaint import SketchGuidedStableDiffusionXLInpaintPipeline
+
+    if mask and not image:
+        raise ValueError("A mask image says which part of an image to repaint: give the image too.")
+    if not image:
+        return pipe
+    families = {
+        SketchGuidedStableDiffusionPipeline: (
+            SketchGuidedStableDiffusionImg2ImgPipeline,
+            SketchGuidedStableDiffusionInpaintPipeline,
+        ),
+        SketchGuidedStableDiffusionXLPipeline: (
+            SketchGuidedStableDiffusionXLImg2ImgPipeline,
+            SketchGuidedStableDiffusionXLInpaintPipeline,
+        ),
+    }
+    for text_to_image, (img2img, inpaint) in families.items():
+        if isinstance(pipe, (text_to_image, img2img, inpaint)):
+            target = inpaint if mask else img2img
+            return pipe if type(pipe) is target else target.from_pipe(pipe)
+    raise ValueError(
+        f"Editing an image with a sketch works on Stable Diffusion 1.x/2.x and XL; {type(pipe).__name__} has no"
+        " image-to-image or inpainting version yet."
+    )

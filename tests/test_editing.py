@@ -194,3 +194,77 @@ def test_an_editing_pipeline_loads_as_a_custom_pipeline(tmp_path):
     ours.save_pretrained(tmp_path)
     loaded = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=PIPELINE_INPAINT_FILE, trust_remote_code=True)
     assert type(loaded).__name__ == "SketchGuidedStableDiffusionInpaintPipeline" and loaded.lgp is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line and batch runs
+
+
+@pytest.fixture(scope="module")
+def saved_sd(tmp_path_factory) -> tuple[str, str, str, str, str]:
+    """A tiny SD base model, an LGP for it, a photo, a mask and a sketch, saved as files."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("editing")
+    components = tiny_components()
+    StableDiffusionPipeline(**components).save_pretrained(folder / "base")
+    random_lgp(components["unet"]).save_pretrained(folder / "lgp")
+    photo().save(folder / "photo.png")
+    right_half_mask().save(folder / "mask.png")
+    draw_square().save(folder / "sketch.png")
+    return tuple(str(folder / name) for name in ("base", "lgp", "photo.png", "mask.png", "sketch.png"))
+
+
+def test_generate_draws_into_a_photo(saved_sd, tmp_path):
+    import json
+
+    from pipeline_sketch_guided import cli
+
+    base, lgp, photo_file, mask_file, sketch_file = saved_sd
+    command = ["generate", "--prompt", "a red star", "--sketch", sketch_file, "--steps", "4", "--threads", "1"]
+    command += ["--model", base, "--lgp", lgp, "--image", photo_file]
+    cli.main([*command, "--mask-image", mask_file, "--strength", "0.9", "--out", str(tmp_path / "inpainted.png")])
+    cli.main([*command, "--height", "48", "--width", "40", "--out", str(tmp_path / "img2img.png")])
+    with PIL.Image.open(tmp_path / "inpainted.png") as image:
+        settings = json.loads(image.text["sketch_guided"])
+        assert image.size == (32, 32) and settings["strength"] == 0.9 and settings["mask_image_sha256"]
+    with PIL.Image.open(tmp_path / "img2img.png") as image:
+        assert image.size == (40, 48)  # image-to-image takes the (resized) photo's size
+    for extra, message in (
+        (["--mask-image", mask_file], "--mask-image needs --image"),
+        (["--image", photo_file, "--strength", "0"], "--strength 0.0: must be above 0"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            cli.main(["generate", "--prompt", "a red star", "--out", str(tmp_path / "x.png"), *extra])
+
+
+def test_batch_rows_draw_into_photos(saved_sd, tmp_path):
+    import json
+
+    from pipeline_sketch_guided import cli
+
+    base, lgp, photo_file, mask_file, sketch_file = saved_sd
+    rows = [
+        {"prompt": "a red star", "sketch": sketch_file, "image": photo_file, "strength": 0.7, "seed": 1},
+        {"prompt": "a red star", "sketch": sketch_file, "image": photo_file, "mask_image": mask_file, "seed": 1},
+        {"prompt": "a red star", "sketch": sketch_file, "mask_image": mask_file, "seed": 1},
+    ]
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    command = ["batch", str(manifest), "--out", str(out), "--steps", "4", "--model", base, "--lgp", lgp]
+    assert cli.main([*command, "--threads", "1"]) == 1  # the third row fails; the others are written
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [row["status"] for row in results] == ["done", "done", "failed"]
+    assert "give the `image` too" in results[2]["error"]
+    with PIL.Image.open(out / "000000-seed1.png") as first, PIL.Image.open(out / "000001-seed1.png") as second:
+        assert first.size == second.size == (32, 32)
+        assert not np.array_equal(np.asarray(first), np.asarray(second))  # img2img at 0.7 and inpainting differ
+
+
+def test_editing_refuses_the_families_without_it():
+    from pipeline_sketch_guided import loading
+    from pipeline_sketch_guided.testing import tiny_random_flux_pipeline
+
+    with pytest.raises(ValueError, match="has no image-to-image or inpainting version yet"):
+        loading.editing_pipeline(tiny_random_flux_pipeline(), image=True, mask=False)

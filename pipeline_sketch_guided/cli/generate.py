@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 
@@ -52,6 +53,22 @@ def add_generate_parser(subparsers) -> None:
         "--sketch-mask",
         help="where the sketch applies (an image: white where it is an instruction, black where the prompt decides);"
         " default: all of it",
+    )
+    parser.add_argument(
+        "--image",
+        help="a photo or render to draw into (image-to-image; with --mask-image, inpainting); the image takes its size"
+        " unless --height and --width say otherwise (inpainting: the model's size by default)",
+    )
+    parser.add_argument(
+        "--mask-image",
+        help="with --image: the region to repaint (white), where the sketch guides too unless --sketch-mask says"
+        " otherwise",
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        help="with --image: how much of the image is redrawn, from 0 (none) to 1 (all); default: the pipeline's (0.8"
+        " for image-to-image, 1 for inpainting). Guidance fractions count the steps this runs (strength x --steps)",
     )
     parser.add_argument(
         "--out",
@@ -123,6 +140,15 @@ def check_generate_args(args: argparse.Namespace) -> None:
         if not args.sketch:
             raise UsageError("--sketch-mask needs --sketch: it says where the sketch applies.")
         check_image_file(args.sketch_mask, "--sketch-mask")
+    if args.mask_image and not args.image:
+        raise UsageError("--mask-image needs --image: it says which part of that image to repaint.")
+    if args.strength is not None and not args.image:
+        raise UsageError("--strength needs --image: it says how much of that image is redrawn.")
+    if args.strength is not None and not 0 < args.strength <= 1:  # NaN fails too
+        raise UsageError(f"--strength {args.strength}: must be above 0 and at most 1.")
+    for path, option in ((args.image, "--image"), (args.mask_image, "--mask-image")):
+        if path:
+            check_image_file(path, option)
     scale = args.sketch_guidance_scale
     if not 0 <= scale <= MAX_SKETCH_GUIDANCE_SCALE:  # NaN fails both comparisons
         raise UsageError(
@@ -161,6 +187,23 @@ def run_generate(args: argparse.Namespace) -> int:
         logger.warning(f"The demo model does not know {', '.join(map(repr, unknown))}. {VOCABULARY_HELP}")
 
     pipe = loading.load_pipeline(args.model, args.lgp, device, dtype, demo_map=args.demo_map)
+    try:
+        pipe = loading.editing_pipeline(pipe, image=bool(args.image), mask=bool(args.mask_image))
+    except ValueError as error:
+        raise UsageError(f"--image: {error}") from None
+    editing = {}
+    takes_size = "height" in inspect.signature(type(pipe).__call__).parameters
+    if args.image:
+        import PIL.Image
+
+        editing["image"] = PIL.Image.open(args.image).convert("RGB")
+        if not takes_size and (args.height or args.width):  # image-to-image makes images of the image's size
+            photo = editing["image"]
+            editing["image"] = photo.resize((args.width or photo.width, args.height or photo.height))
+        if args.mask_image:
+            editing["mask_image"] = PIL.Image.open(args.mask_image).convert("L")
+        if args.strength is not None:
+            editing["strength"] = args.strength
     if args.scheduler:
         try:
             loading.set_scheduler(pipe, args.scheduler)
@@ -179,12 +222,12 @@ def run_generate(args: argparse.Namespace) -> int:
         sketch_guidance_start=args.sketch_guidance_start,
         sketch_guidance_end=args.sketch_guidance_end,
         sketch_guidance_interval=args.sketch_guidance_interval,
-        height=args.height,
-        width=args.width,
+        **({"height": args.height, "width": args.width} if takes_size else {}),
         num_images_per_prompt=args.num_images,
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         return_edge_maps=bool(args.edge_map_out),
         invert_map=args.invert_map,
+        **editing,
     )
     settings = {
         "prompt": args.prompt,
@@ -202,6 +245,9 @@ def run_generate(args: argparse.Namespace) -> int:
         "sketch_guidance_end": args.sketch_guidance_end if args.sketch else None,
         "sketch_guidance_interval": args.sketch_guidance_interval if args.sketch else None,
         "invert_map": True if args.invert_map else None,
+        "image_sha256": file_sha256(args.image) if args.image else None,
+        "mask_image_sha256": file_sha256(args.mask_image) if args.mask_image else None,
+        "strength": args.strength,
         "generator": f"pipeline_sketch_guided {__version__}",
     }
     written = []
