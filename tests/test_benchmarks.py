@@ -230,3 +230,18 @@ def test_transformer_cost_reports_each_family_and_mode(tmp_path, monkeypatch):
     assert flux["lgp_blocks"] == ["transformer_blocks.0", "single_transformer_blocks.0"]
     assert all(record[name]["ratio"] > 0 for record in (sd3, flux) for name in record if name.startswith("guided"))
     assert "| flux | 1+1 |" in report["table"] and (tmp_path / "cost.json").is_file()
+
+
+def test_inpainting_benchmark_measures_both_and_the_vae_floor(tmp_path):
+    """The inpainting proof at toy size: the same seeds with and without the sketch, the known half measured against
+    the photo, the sheet written; the cases are the same for the same count."""
+    from benchmarks import inpainting
+
+    record = inpainting.main(["--num_cases", "1", "--seeds", "0", "--steps", "2", "--output_dir", str(tmp_path)])
+    summary = record["summary"]
+    assert set(summary) == {"unguided", "guided", "VAE round trip", "ratio"}
+    assert 0 <= summary["guided"]["iou"] <= 1 and summary["VAE round trip"]["kept_max"] >= 0
+    assert (tmp_path / "inpainting_sheet.png").is_file() and (tmp_path / "inpainting.md").is_file()
+    first, again = inpainting.inpainting_cases(2), inpainting.inpainting_cases(2)
+    assert first[1]["prompt"] == again[1]["prompt"] and (first[1]["region"] == again[1]["region"]).all()
+    assert first[0]["region"].sum() == first[0]["region"].size // 2  # one half repainted
