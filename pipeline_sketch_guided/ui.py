@@ -24,6 +24,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from . import loading
 from .guidance import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE, MAX_SKETCH_GUIDANCE_SCALE
 from .saving import save_image
 from .sketch import to_image
@@ -53,6 +54,7 @@ class Settings:
     sketch_guidance_start: float = 0.0
     sketch_guidance_end: float = DEFAULT_SKETCH_GUIDANCE_END
     sketch_guidance_interval: int = 1
+    strength: float | None = None  # with a photo: how much of it is redrawn; None: the pipeline's own default
 
     def checked(self) -> "Settings":
         """These settings with whole numbers made whole; a ValueError saying which value is out of range otherwise.
@@ -70,6 +72,8 @@ class Settings:
                 raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value}.")
         if self.guidance_scale is not None and not 0 <= self.guidance_scale <= 50:  # NaN fails too
             raise ValueError(f"guidance_scale must be from 0 to 50, got {self.guidance_scale}.")
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise ValueError(f"strength must be above 0 and at most 1, got {self.strength}.")
         return Settings(
             **{
                 **asdict(self),
@@ -113,6 +117,42 @@ def sketch_from_canvas(value: Any) -> PIL.Image.Image:
     drawing = to_image(image, paper=255).convert("RGB")
     check_sketch_size(drawing)
     return drawing
+
+
+def strokes_from_canvas(value: Any) -> PIL.Image.Image:
+    """What was drawn on an image editor whose background is a photo: its layers composited onto white paper, the
+    photo left out (it is shown under the strokes only so that they can be drawn where things go)."""
+    layers = [layer for layer in (value or {}).get("layers") or [] if layer is not None]
+    background = (value or {}).get("background")
+    if not layers:
+        return sketch_from_canvas(None)
+    size = (background or layers[0]).size
+    paper = PIL.Image.new("RGBA", size, "white")
+    for layer in layers:
+        paper.alpha_composite(to_image(layer, paper=255).convert("RGBA").resize(size))
+    drawing = paper.convert("RGB")
+    check_sketch_size(drawing)
+    return drawing
+
+
+def region_from_mask_editor(value: Any) -> PIL.Image.Image | None:
+    """The painted region of a mask editor: white where any layer was painted, black elsewhere; `None` when nothing
+    was painted."""
+    layers = [layer for layer in (value or {}).get("layers") or [] if layer is not None]
+    painted = None
+    for layer in layers:
+        alpha = np.asarray(layer.convert("RGBA"))[..., 3] > 0
+        painted = alpha if painted is None else painted | alpha
+    if painted is None or not painted.any():
+        return None
+    return PIL.Image.fromarray(painted.astype(np.uint8) * 255)
+
+
+def faded(photo: PIL.Image.Image | None) -> PIL.Image.Image | None:
+    """The photo lightened halfway to white: under the sketch canvas's strokes, it shows where to draw."""
+    if photo is None:
+        return None
+    return PIL.Image.blend(photo.convert("RGB"), PIL.Image.new("RGB", photo.size, "white"), 0.5)
 
 
 def check_sketch_size(image: PIL.Image.Image) -> None:
@@ -199,9 +239,13 @@ class SketchGuidedApp:
         compare: bool = True,
         session: str | None = None,
         progress: Callable[[int, int, str], None] | None = None,
+        photo: PIL.Image.Image | None = None,
+        region: PIL.Image.Image | None = None,
     ) -> Result:
         """Draw `settings.prompt` following `sketch` (and, with `compare`, the unguided image of the same seed);
-        write the images and return their paths.
+        write the images and return their paths. With a `photo`, draw into it: the white part of `region` is
+        repainted and the sketch guides there (inpainting), or without a region the whole photo is redrawn to
+        `settings.strength` (image-to-image).
 
         Raises:
             ValueError: for settings or a sketch the pipeline cannot take, with the pipeline's message.
@@ -211,15 +255,26 @@ class SketchGuidedApp:
         if settings.guidance_scale is None:
             settings = replace(settings, guidance_scale=self.default_guidance_scale)
         sketch = self.guidance_map(sketch)
+        if region is not None and photo is None:
+            raise ValueError("A region to repaint needs the photo it belongs to: upload the photo.")
+        editing = {}
+        if photo is not None:
+            check_sketch_size(photo)
+            editing["image"] = photo.convert("RGB")
+            if region is not None:
+                editing["mask_image"] = region.convert("L").resize(photo.size)
+            if settings.strength is not None:
+                editing["strength"] = settings.strength
         with self.lock:
             self._running_session = session
             self._stop_requested.clear()
             try:
-                return self._generate(sketch, settings, compare, progress or (lambda done, total, what: None))
+                report = progress or (lambda done, total, what: None)
+                return self._generate(sketch, settings, compare, report, editing)
             finally:
                 self._running_session = None
 
-    def _generate(self, sketch, settings: Settings, compare: bool, progress) -> Result:
+    def _generate(self, sketch, settings: Settings, compare: bool, progress, editing: dict[str, Any]) -> Result:
         stem = self._new_stem(settings.seed)
         unguided_key = (
             settings.prompt,
@@ -228,6 +283,8 @@ class SketchGuidedApp:
             settings.steps,
             settings.guidance_scale,
             type(self.pipe.scheduler).__name__,
+            settings.strength,
+            *(image_sha256(editing[name]) if name in editing else None for name in ("image", "mask_image")),
         )
         unguided = self.unguided_cache.get(unguided_key) if compare else None
         if unguided is not None and not os.path.isfile(unguided):
@@ -235,13 +292,13 @@ class SketchGuidedApp:
         runs = 1 + (compare and unguided is None)
         total = runs * settings.steps
 
-        output = self._run(sketch, settings, progress, done=0, total=total, what="sketch-guided")
+        output = self._run(sketch, settings, progress, 0, total, "sketch-guided", editing)
         unguided_output = None
         if compare and unguided is None:
-            unguided_output = self._run(None, settings, progress, done=settings.steps, total=total, what="unguided")
+            unguided_output = self._run(None, settings, progress, settings.steps, total, "unguided", editing)
 
         # Written only once both are drawn, so that a stopped generation leaves no file.
-        metadata = self._metadata(settings, sketch)
+        metadata = self._metadata(settings, sketch, editing)
         sketch_path = str(self.output_dir / f"{stem}-sketch.png")
         save_image(sketch, sketch_path)
         image_path = str(self.output_dir / f"{stem}.png")
@@ -259,7 +316,7 @@ class SketchGuidedApp:
             self.unguided_cache.move_to_end(unguided_key)
         return Result(image_path, unguided, edge_path, sketch_path, metadata)
 
-    def _run(self, sketch, settings: Settings, progress, done: int, total: int, what: str):
+    def _run(self, sketch, settings: Settings, progress, done: int, total: int, what: str, editing: dict[str, Any]):
         stopped_at = []
 
         def on_step_end(pipe, step, timestep, tensors):
@@ -280,7 +337,8 @@ class SketchGuidedApp:
                 "sketch_guidance_interval": settings.sketch_guidance_interval,
                 "return_edge_maps": True,
             }
-        output = self.pipe(
+        pipe = loading.editing_pipeline(self.pipe, image="image" in editing, mask="mask_image" in editing)
+        output = pipe(
             settings.prompt,
             negative_prompt=settings.negative_prompt or None,
             num_inference_steps=settings.steps,
@@ -288,6 +346,7 @@ class SketchGuidedApp:
             generator=generator,
             callback_on_step_end=on_step_end,
             **guidance,
+            **editing,
         )
         if stopped_at:
             raise Stopped(f"Stopped at step {stopped_at[0]} of {settings.steps} ({what}); nothing was saved.")
@@ -297,10 +356,16 @@ class SketchGuidedApp:
         self._count += 1
         return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{self._count:04d}-seed{seed}"
 
-    def _metadata(self, settings: Settings, sketch: PIL.Image.Image) -> dict[str, Any]:
+    def _metadata(self, settings: Settings, sketch: PIL.Image.Image, editing: dict[str, Any]) -> dict[str, Any]:
         from . import __version__
 
+        photo = {
+            "image_sha256": image_sha256(editing["image"]) if "image" in editing else None,
+            "mask_image_sha256": image_sha256(editing["mask_image"]) if "mask_image" in editing else None,
+            "strength": settings.strength if "image" in editing else None,
+        }
         return {
+            **{name: value for name, value in photo.items() if value is not None},
             "prompt": settings.prompt,
             "negative_prompt": settings.negative_prompt or None,
             "seed": settings.seed,
@@ -373,13 +438,21 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
         end,
         interval,
         compare,
+        photo,
+        region,
+        strength,
         gallery,
         request: gr.Request = None,
         progress=gr.Progress(),  # noqa: B008 (Gradio finds its progress tracker by this default)
     ):
         session = request.session_hash if request is not None else None
         settings = Settings(prompt, negative, seed, steps, None, scale, start, end, interval)
-        result = run_for_page(canvas, settings, compare, session, progress)
+        editing = {}
+        if photo is not None:
+            settings = replace(settings, strength=strength)
+            editing = {"photo": photo, "region": region_from_mask_editor(region)}
+            canvas = strokes_from_canvas(canvas)  # the photo under the strokes is not the sketch
+        result = run_for_page(canvas, settings, compare, session, progress, **editing)
         gallery = [*(gallery or []), (result.image, f"seed {result.settings['seed']}: {result.settings['prompt']}")]
         status = f"Seed {result.settings['seed']}, written to {os.path.basename(result.image)}."
         return result.image, result.unguided, result.edge_map, gallery, gallery, status
@@ -412,12 +485,13 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
         result = run_for_page(sketch, settings, compare, session, progress)
         return result.image, result.unguided, result.edge_map, json.dumps(result.settings)
 
-    def run_for_page(canvas, settings, compare, session, progress) -> Result:
+    def run_for_page(canvas, settings, compare, session, progress, photo=None, region=None) -> Result:
         def report(done, total, what):
             progress((done, total), desc=f"{what} steps", unit="steps")
 
         try:
-            return app.generate(sketch_from_canvas(canvas), settings, bool(compare), session, report)
+            sketch = canvas if isinstance(canvas, PIL.Image.Image) else sketch_from_canvas(canvas)
+            return app.generate(sketch, settings, bool(compare), session, report, photo=photo, region=region)
         except Stopped as stopped:
             raise gr.Error(str(stopped), title="Stopped", print_exception=False) from None
         except (ValueError, TypeError) as error:
@@ -499,6 +573,32 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
                     label="Compare",
                     info="also draw the unguided image of the same seed, to see what the sketch did",
                 )
+                with gr.Accordion("Draw into a photo (optional)", open=False, elem_id="editing"):
+                    photo = gr.Image(
+                        label="Photo: it appears, faded, under the sketch canvas; draw the new thing where it goes",
+                        type="pil",
+                        image_mode="RGB",
+                        sources=("upload", "clipboard"),
+                        elem_id="photo",
+                    )
+                    region = gr.ImageMask(
+                        label="Region to repaint: paint over it (nothing painted: the whole photo is redrawn)",
+                        type="pil",
+                        image_mode="RGBA",
+                        sources=(),
+                        brush=gr.Brush(colors=["#ff0000"], default_color="#ff0000", color_mode="fixed"),
+                        layers=False,
+                        elem_id="region",
+                    )
+                    strength = gr.Slider(
+                        0.05,
+                        1,
+                        value=1.0,
+                        step=0.05,
+                        label="Strength",
+                        info="how much of the photo (or of the region) is redrawn: 1 all of it, lower keeps more of"
+                        " what was there; the guided steps are a fraction of the steps this runs",
+                    )
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -535,15 +635,18 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
             gr.Examples(examples=examples, inputs=[canvas, prompt], label="Examples: one click loads a sketch")
 
         inputs = [prompt, negative, seed, steps, scale, start, end, interval, compare]
+        page_inputs = [canvas, *inputs, photo, region, strength, gallery_state]
+        # A photo shows faded under the sketch canvas and, as it is, under the region's brush.
+        photo.change(lambda image: (faded(image), image), photo, [canvas, region], api_visibility="private")
         run = generate.click(
             on_generate,
-            inputs=[canvas, *inputs, gallery_state],
+            inputs=page_inputs,
             outputs=[result, unguided, edge_map, gallery, gallery_state, status],
             api_visibility="private",
         )
         submitted = prompt.submit(
             on_generate,
-            inputs=[canvas, *inputs, gallery_state],
+            inputs=page_inputs,
             outputs=[result, unguided, edge_map, gallery, gallery_state, status],
             api_visibility="private",
         )

@@ -2,6 +2,7 @@
 model, and the whole path in a real browser (headless Chromium from the system: `apt-get install chromium`)."""
 
 import io
+import json
 import math
 import os
 import shutil
@@ -460,3 +461,111 @@ def test_in_a_browser_an_example_loads_with_one_click_and_is_followed(server):
     # The sketch the app followed is the example's: the star it encloses is the example's star.
     example_star = filled_mask(shape_polygon(kind, center, radius, rotation))
     assert iou(enclosed_region(PIL.Image.open(sketch_file)), example_star) > 0.7
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Drawing into a photo
+
+
+def half_mask(right: bool = True, size: int = 64) -> PIL.Image.Image:
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[:, size // 2 :] = 255 if right else 0
+    mask[:, : size // 2] = 0 if right else 255
+    return PIL.Image.fromarray(mask)
+
+
+def square_photo(size: int = 64) -> PIL.Image.Image:
+    """A render of the demo's kind: an orange square on the left of a grey background."""
+    photo = np.full((size, size, 3), 150, dtype=np.uint8)
+    photo[24:40, 8:24] = (250, 140, 20)
+    return PIL.Image.fromarray(photo)
+
+
+def test_the_app_draws_into_a_photo_inside_the_painted_region(tmp_path):
+    """With a photo and a painted region the app inpaints (the sketch guiding inside the region), records the photo
+    and the strength, and compares against the unguided inpainting of the same photo; a region without a photo is
+    refused; the canvas helpers take strokes off a photo and a region off a mask editor."""
+    app = SketchGuidedApp(load_demo_pipeline(), tmp_path, model_name="demo")
+    star = freehand_sketch("star", (46, 32), 12, seed=2, size=256)
+    settings = Settings("a red star on a grey background", steps=4, strength=0.9)
+    result = app.generate(star, settings, photo=square_photo(), region=half_mask())
+    recorded = json.loads(PIL.Image.open(result.image).text["sketch_guided"])
+    assert recorded["strength"] == 0.9 and recorded["image_sha256"] and recorded["mask_image_sha256"]
+    assert PIL.Image.open(result.unguided).size == (64, 64)
+    img2img = app.generate(
+        star, Settings("a red star on a grey background", steps=4, strength=0.5), photo=square_photo()
+    )
+    assert "mask_image_sha256" not in json.loads(PIL.Image.open(img2img.image).text["sketch_guided"])
+    with pytest.raises(ValueError, match="needs the photo"):
+        app.generate(star, settings, region=half_mask())
+
+    from pipeline_sketch_guided.ui import region_from_mask_editor, strokes_from_canvas
+
+    stroke = PIL.Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    stroke.paste((0, 0, 0, 255), (10, 10, 20, 12))
+    drawing = np.asarray(strokes_from_canvas({"background": square_photo(), "layers": [stroke], "composite": None}))
+    assert drawing[11, 15].tolist() == [0, 0, 0] and drawing[30, 15].tolist() == [255, 255, 255]  # no photo in it
+    region = region_from_mask_editor({"background": square_photo(), "layers": [stroke]})
+    assert np.asarray(region)[11, 15] == 255 and np.asarray(region)[30, 15] == 0
+    assert region_from_mask_editor({"layers": [PIL.Image.new("RGBA", (64, 64), (0, 0, 0, 0))]}) is None
+
+
+def test_in_a_browser_a_shape_is_drawn_into_a_photo(server, tmp_path):
+    """Upload a photo, paint the right half as the region, draw a star there on the canvas (the photo under it),
+    Generate: the left of the result is the photo's (as well as the VAE gives it back) and the right has the star."""
+    from playwright.sync_api import sync_playwright
+
+    url, root = server
+    photo_file = tmp_path / "photo.png"
+    square_photo().resize((256, 256), PIL.Image.Resampling.NEAREST).save(photo_file)
+    star = star_points((0.72, 0.5), outer=0.2, inner=0.09)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.goto(url)
+            page.locator("#editing").get_by_text("Draw into a photo").click()
+            page.locator("#photo input[type=file]").set_input_files(str(photo_file))
+            region = page.locator("#region canvas").first
+            region.wait_for(timeout=60_000)
+            page.wait_for_timeout(1500)  # the photo reaches the canvas and the region editor
+            page.locator('#region button[aria-label="Brush"]').click()
+            box = region.bounding_box()
+            zoom = float(page.locator("#region").get_by_text("%").first.inner_text().strip("%")) / 100
+            side = 256 * zoom
+            left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+            for row in range(6, 256, 12):  # paint the right half, row by row
+                page.mouse.move(left + 0.55 * side, top + row / 256 * side)
+                page.mouse.down()
+                page.mouse.move(left + 0.98 * side, top + row / 256 * side, steps=6)
+                page.mouse.up()
+            canvas = page.locator("#sketch canvas").first
+            page.locator('#sketch button[aria-label="Brush"]').click()
+            box = canvas.bounding_box()
+            zoom = float(page.locator("#sketch").get_by_text("%").first.inner_text().strip("%")) / 100
+            side = 512 * zoom  # the sketch canvas's fixed paper, the photo fitted onto it
+            left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+            screen = [(left + x * side, top + y * side) for x, y in star]
+            page.mouse.move(*screen[0])
+            page.mouse.down()
+            for x, y in screen[1:]:
+                page.mouse.move(x, y, steps=8)
+            page.mouse.up()
+            page.locator("#prompt textarea").fill("a red star on a grey background")
+            page.locator("#generate").click()
+            page.wait_for_function(
+                "() => document.querySelector('#status')?.innerText.includes('written to')", timeout=240_000
+            )
+            page.screenshot(path=str(ARTIFACTS / "ui_photo.png"), full_page=True)
+            guided = fetch_image(page, page.locator("#result img").get_attribute("src"))
+        finally:
+            browser.close()
+    newest = max((root / "out").glob("*[0-9].png"), key=os.path.getmtime)
+    recorded = json.loads(PIL.Image.open(newest).text["sketch_guided"])
+    assert recorded["mask_image_sha256"] and recorded["strength"] == 1.0
+    sketch = PIL.Image.open(max((root / "out").glob("*-sketch.png"), key=os.path.getmtime))
+    assert iou(enclosed_region(sketch), filled(star)) > 0.6  # the strokes, without the photo under them
+    pixels = np.asarray(guided.resize((64, 64)), dtype=np.int16)
+    assert np.abs(pixels[28:36, 12:20] - (250, 140, 20)).mean() < 60  # the photo's square, kept
+    right = segment_foreground(guided.resize((64, 64)))[:, 32:]
+    assert iou(right, filled(star)[:, 32:]) > 0.3
