@@ -67,11 +67,12 @@ def test_a_config_from_before_map_kinds_loads_as_an_edge_lgp_and_behaves_identic
     config = json.loads((tmp_path / "config.json").read_text())
     # Exactly the keys of the shipped old file, with this LGP's values.
     old = {key: config.get(key, value) for key, value in old_edge_config().items()}
-    assert set(config) - set(old) == {"map_kind", "map_normalization", "target", "target_scale"}
+    assert set(config) - set(old) == {"map_kind", "map_normalization", "target", "target_scale", "head", "target_blur"}
     (tmp_path / "config.json").write_text(json.dumps(old))
     lgp = LGPModel.from_pretrained(tmp_path)
     assert (lgp.config.map_kind, lgp.config.map_normalization) == ("edges", "none")
     assert (lgp.config.target, lgp.config.target_scale) == ("vae_latent", 1)  # the paper's target, as it was
+    assert (lgp.config.head, lgp.config.target_blur) == ("mlp", 0.0)  # the paper's per-pixel MLP, a sharp target
 
     pipe = SketchGuidedStableDiffusionPipeline(**components, lgp=lgp.eval())
     pipe.set_progress_bar_config(disable=True)
