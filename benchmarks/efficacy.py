@@ -839,6 +839,7 @@ def run_benchmark(
     ends: Sequence[float] = DEFAULT_ENDS,
     sketch_guidance_start: float = 0.0,
     sketch_guidance_interval: int = 1,
+    sketch_guidance_recurrence: int = 1,
     num_inference_steps: int = DEFAULT_STEPS,
     guidance_scale: float = DEFAULT_CFG,
     image_size: int | None = None,
@@ -911,6 +912,7 @@ def run_benchmark(
                 "sketch_guidance_start": sketch_guidance_start,
                 "sketch_guidance_end": end,
                 "sketch_guidance_interval": sketch_guidance_interval,
+                "sketch_guidance_recurrence": sketch_guidance_recurrence,
             }
             metrics, images = measure_all(guidance)
             row = {"sketch_guidance_scale": scale, "sketch_guidance_end": end, **summarize(list(metrics.values()))}
@@ -928,6 +930,7 @@ def run_benchmark(
         "sketch_guidance_start": sketch_guidance_start,
         "sketch_guidance_end": best_key[1],
         "sketch_guidance_interval": sketch_guidance_interval,
+        "sketch_guidance_recurrence": sketch_guidance_recurrence,
     }
     timing = None
     if timing_runs:
@@ -963,6 +966,7 @@ def run_benchmark(
             "ends": list(ends),
             "sketch_guidance_start": sketch_guidance_start,
             "sketch_guidance_interval": sketch_guidance_interval,
+            "sketch_guidance_recurrence": sketch_guidance_recurrence,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
             "image_size": image_size,
@@ -1036,8 +1040,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--recurrence",
         type=int,
         default=1,
-        help="experimental: run each guided step of the first 10%% of the schedule this many times (the pipeline's"
-        " `sketch_guidance_recurrence`)",
+        help="sketch_guidance_recurrence of every guided setting: run each guided step of the first 10%% of the"
+        " schedule this many times (1: once)",
     )
     parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--guidance_scale", type=float, default=DEFAULT_CFG)
@@ -1074,7 +1078,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, args.lgp, args.map)
-    pipe.sketch_guidance_recurrence = args.recurrence
     return run_benchmark(
         pipe,
         args.output_dir,
@@ -1084,6 +1087,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ends=args.ends,
         sketch_guidance_start=args.sketch_guidance_start,
         sketch_guidance_interval=args.interval,
+        sketch_guidance_recurrence=args.recurrence,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         image_size=args.image_size,

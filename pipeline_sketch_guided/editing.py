@@ -53,6 +53,7 @@ SKETCH_ARGUMENTS = {
     "sketch_guidance_start": 0.0,
     "sketch_guidance_end": DEFAULT_SKETCH_GUIDANCE_END,
     "sketch_guidance_interval": 1,
+    "sketch_guidance_recurrence": 1,
     "return_edge_maps": False,
     "guidance_map": None,
     "invert_map": False,

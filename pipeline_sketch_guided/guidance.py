@@ -18,6 +18,7 @@ packed latents, the flow-matching schedule) is in the mixin's "denoiser" methods
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 import numbers
@@ -32,6 +33,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
 
 from .capture import capture_activations, resolve_blocks
 from .lgp import noise_level_map
@@ -68,7 +70,9 @@ DEFAULT_GUIDED_STEP_MODES = {"cpu": "split", "cuda": "batched"}
 # first step followed the sketch with IoU 0.653; with the first 3 steps (10%) computed and every 2nd after them, 0.719,
 # as much as computing every gradient (0.712), for 9 backward passes instead of 15 (docs/cost.md).
 EVERY_STEP_FRACTION = 0.1
-# With `sketch_guidance_recurrence` N > 1, the guided steps in this first fraction of the schedule are each run N times.
+# With `sketch_guidance_recurrence` N > 1, the guided steps in this first fraction of the schedule (3 of 30 steps) are
+# each run N times: there the layout forms, and there a repeat moved the demo model's images most toward the sketch
+# (docs/fidelity.md, "Guidance dynamics").
 RECURRENCE_FRACTION = 0.1
 
 # diffusers' memory savers whose hooks swap each layer's weights in place after its forward (`param.data = ...`): to
@@ -174,6 +178,16 @@ def autograd_until(unet: torch.nn.Module, blocks: Sequence[str]) -> Iterator[Non
         torch.set_grad_enabled(grad_enabled)
 
 
+def with_signature_of(original: Callable[..., Any], replacement: Callable[..., Any]) -> Callable[..., Any]:
+    """`replacement`, as a function that `inspect.signature` and the loop's checks read as `original`."""
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        return replacement(*args, **kwargs)
+
+    return wrapper
+
+
 def branch_inputs(value: Any, index: int, num_branches: int, batch: int) -> Any:
     """The `index`-th classifier-free guidance branch of a UNet argument stacked like the loop's CFG batch: every
     tensor whose first dimension is the whole batch (`batch` = num_branches x images) is split, recursively through
@@ -235,9 +249,12 @@ class GuidedCall:
         interval: int,
         denoiser_forward: Callable[..., Any],
         scheduler_step: Callable[..., Any],
+        recurrence: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ):
         self.pipe, self.sketch_latents, self.sketch_mask = pipe, sketch_latents, sketch_mask
         self.scale, self.start, self.end, self.interval = scale, start, end, interval
+        self.recurrence, self.generator = recurrence, generator
         self.original_forward, self.original_scheduler_step = denoiser_forward, scheduler_step
         self.step_index = 0
         self.step_started = False  # whether the denoiser has run in the current step
@@ -246,7 +263,8 @@ class GuidedCall:
         self.gradient: torch.Tensor | None = None
         self.last_gradient: torch.Tensor | None = None
         self.edge_latents: torch.Tensor | None = None
-        self.step_call: tuple | None = None  # (step index, model input batch, encoder_hidden_states, other kwargs)
+        # The guided call of this step: (step index, model input, timestep, encoder_hidden_states, other kwargs)
+        self.step_call: tuple | None = None
 
     def denoiser_forward(self, *args, **kwargs):
         if self.guided_steps is None:  # the loop's length is known once it runs (SDXL's denoising_end shortens it)
@@ -263,7 +281,13 @@ class GuidedCall:
 
         return_dict = kwargs.pop("return_dict", True)
         sample, timestep, encoder_hidden_states, kwargs = self.pipe.denoiser_call_arguments(args, kwargs)
-        self.step_call = (self.step_index, sample.shape[0], encoder_hidden_states, {**kwargs, "return_dict": False})
+        self.step_call = (
+            self.step_index,
+            sample,
+            timestep,
+            encoder_hidden_states,
+            {**kwargs, "return_dict": False},
+        )
         prediction, self.last_gradient, self.edge_latents = self.pipe.noise_and_sketch_gradient(
             sample,
             timestep,
@@ -278,16 +302,21 @@ class GuidedCall:
 
     def scheduler_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *args, **kwargs):
         self.step_index, self.step_started = self.step_index + 1, False
-        state = self._scheduler_state() if self.pipe.sketch_guidance_recurrence > 1 else None
+        recurs = (
+            self.recurrence > 1
+            and self.step_call is not None
+            and self.step_call[0] / self.pipe.num_timesteps < RECURRENCE_FRACTION
+        )
+        state = self._scheduler_state() if recurs else None
         output = self.original_scheduler_step(model_output, timestep, sample, *args, **kwargs)
         if self.gradient is None:
+            self.step_call = None
             return output
         gradient, self.gradient = self.gradient, None
         next_latents = output[0] if isinstance(output, tuple) else output.prev_sample
         guided = sketch_guidance_step(sample, next_latents, gradient, self.scale)
-        repeats = self.pipe.sketch_guidance_recurrence if self.step_call is not None else 1
-        if repeats > 1 and self.step_call[0] / self.pipe.num_timesteps < RECURRENCE_FRACTION:
-            guided = self.recur(guided, timestep, state, repeats - 1)
+        if recurs:
+            guided = self.recur(guided, timestep, state, self.recurrence - 1, args, kwargs)
         self.step_call = None
         if isinstance(output, tuple):
             return (guided, *output[1:])
@@ -297,27 +326,35 @@ class GuidedCall:
     def _scheduler_state(self) -> dict[str, Any]:
         return copy.deepcopy({k: v for k, v in self.pipe.scheduler.__dict__.items() if k != "step"})
 
-    def recur(self, latents: torch.Tensor, timestep, state: dict[str, Any], times: int) -> torch.Tensor:
-        """Recurrence (Bansal et al., "Universal Guidance"): `times` more times, take the guided z_{t-1} back to the
-        noise level of t with fresh noise and run the guided step again from there. DDPM-schedule schedulers only."""
+    def recur(
+        self, latents: torch.Tensor, timestep, state: dict[str, Any], times: int, step_args: tuple, step_kwargs: dict
+    ) -> torch.Tensor:
+        """Recurrence (Bansal et al., "Universal Guidance for Diffusion Models", 2023): `times` more times, take the
+        guided z_{t-1} back to the noise level of t with fresh noise (the call's `generator`), and run the guided step
+        again from there: the denoiser with its sketch gradient, the branches combined, the scheduler's step (from its
+        state before the first pass), the guidance step. The repeats combine the branches with the standard
+        classifier-free guidance formula (and `guidance_rescale`); FLUX's `true_cfg_scale` and SD3's skip-layer
+        guidance act on the first pass only."""
         scheduler, pipe = self.pipe.scheduler, self.pipe
-        step_index, batch, states, denoiser_kwargs = self.step_call
-        timesteps = scheduler.timesteps
-        position = int((timesteps == timestep).nonzero()[0])
-        alphas = scheduler.alphas_cumprod.to(latents.device)
-        alpha_t = alphas[int(timestep)]
-        alpha_prev = alphas[int(timesteps[position + 1])] if position + 1 < len(timesteps) else alphas[0]
-        ratio = alpha_t / alpha_prev
-        generator = torch.Generator().manual_seed(7919 * step_index)
-        num_branches = batch // latents.shape[0]
+        step_index, model_input, denoiser_timestep, states, denoiser_kwargs = self.step_call
+        num_branches = model_input.shape[0] // latents.shape[0]
+        extra = None  # an inpainting UNet's mask and masked-image channels, read after the latents
+        channels = pipe.lgp.config.latent_channels
+        if model_input.ndim == 4 and model_input.shape[1] > channels:
+            extra = model_input[:, channels:]
+        keep, fresh = self.renoise_coefficients(timestep, state)
         for _ in range(times):
-            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
-            sample = (ratio.sqrt() * latents.float() + (1 - ratio).sqrt() * noise).to(latents.dtype)
+            noise = randn_tensor(latents.shape, generator=self.generator, device=latents.device, dtype=torch.float32)
+            sample = (keep * latents.float() + fresh * noise).to(latents.dtype)
             scheduler.__dict__.update(copy.deepcopy(state))
-            model_input = scheduler.scale_model_input(torch.cat([sample] * num_branches), timestep)
+            repeated = torch.cat([sample] * num_branches)
+            if hasattr(scheduler, "scale_model_input"):
+                repeated = scheduler.scale_model_input(repeated, timestep)
+            if extra is not None:
+                repeated = torch.cat([repeated, extra], dim=1)
             prediction, gradient, self.edge_latents = pipe.noise_and_sketch_gradient(
-                model_input,
-                timestep,
+                repeated,
+                denoiser_timestep,
                 states,
                 denoiser_kwargs,
                 self.sketch_latents,
@@ -329,9 +366,34 @@ class GuidedCall:
                 prediction = unconditional + pipe.guidance_scale * (text - unconditional)
                 if getattr(pipe, "guidance_rescale", 0.0) > 0:
                     prediction = rescale_noise_cfg(prediction, text, guidance_rescale=pipe.guidance_rescale)
-            output = self.original_scheduler_step(prediction, timestep, sample, return_dict=False)
-            latents = sketch_guidance_step(sample, output[0], gradient, self.scale)
+            output = self.original_scheduler_step(prediction, timestep, sample, *step_args, **step_kwargs)
+            next_latents = output[0] if isinstance(output, tuple) else output.prev_sample
+            latents = sketch_guidance_step(sample, next_latents, gradient, self.scale)
         return latents
+
+    def renoise_coefficients(self, timestep, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) with z_t = a z_{t-1} + b epsilon taking latents at the next step's noise level back to this step's,
+        as the forward process would: on a flow, x_t = (1 - s) x_0 + s e; for schedulers that scale their input by
+        sigma (Euler, Heun, LMS, EDM: x_t = x_0 + s e); otherwise on the DDPM schedule (DDIM, DPM-Solver, UniPC)."""
+        scheduler = self.pipe.scheduler
+        index = state.get("_step_index")
+        if index is None:
+            index = state.get("_begin_index") or 0
+        sigmas = getattr(scheduler, "sigmas", None)
+        if self.pipe.is_flow_matching() or (sigmas is not None and float(scheduler.init_noise_sigma) > 1):
+            now, after = (float(sigmas[index]), float(sigmas[index + 1]) if index + 1 < len(sigmas) else 0.0)
+            if self.pipe.is_flow_matching():
+                ratio = (1 - now) / (1 - after)
+                return torch.tensor(ratio), torch.tensor(max(now**2 - (ratio * after) ** 2, 0.0) ** 0.5)
+            return torch.tensor(1.0), torch.tensor(max(now**2 - after**2, 0.0) ** 0.5)
+        alphas = scheduler.alphas_cumprod
+        timesteps = scheduler.timesteps
+        position = int((timesteps == timestep).nonzero()[0]) if (timesteps == timestep).any() else self.step_call[0]
+        alpha_now = alphas[int(timestep)]
+        final = getattr(scheduler, "final_alpha_cumprod", alphas[0])
+        alpha_next = alphas[int(timesteps[position + 1])] if position + 1 < len(timesteps) else final
+        ratio = (alpha_now / alpha_next).float()
+        return ratio.sqrt(), (1 - ratio).clamp_min(0).sqrt()
 
 
 class SketchGuidanceMixin:
@@ -346,9 +408,6 @@ class SketchGuidanceMixin:
     # steps with `sketch_guidance_interval=2`: IoU 0.719 with reuse, 0.669 without, 0.712 with every gradient computed
     # (docs/cost.md). False gives the plain interval mode.
     sketch_gradient_reuse: bool = True
-    # Experimental (docs/fidelity.md): run each guided step of the first RECURRENCE_FRACTION of the schedule this many
-    # times, re-noising its guided result back to the step's noise level in between.
-    sketch_guidance_recurrence: int = 1
     # Encoded sketches kept for the next calls (trying seeds or prompts with one sketch pays its VAE encode once: 2-3 s
     # at 256x256 on a CPU); 0 keeps none. Each is one latent image (64 KiB at 512x512 in float32).
     sketch_cache_size: int = 16
@@ -445,6 +504,7 @@ class SketchGuidanceMixin:
         batch_size: int,
         sketch_guidance_interval: int = 1,
         sketch_mask=None,
+        sketch_guidance_recurrence: int = 1,
     ) -> None:
         if not is_finite_number(sketch_guidance_scale) or not 0 <= sketch_guidance_scale <= MAX_SKETCH_GUIDANCE_SCALE:
             raise ValueError(
@@ -466,9 +526,12 @@ class SketchGuidanceMixin:
                 f"`guided_step_mode` must be None (the device's default) or one of {GUIDED_STEP_MODES}, got"
                 f" {self.guided_step_mode!r}."
             )
-        interval = sketch_guidance_interval
-        if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
-            raise ValueError(f"`sketch_guidance_interval` must be an integer >= 1, got {sketch_guidance_interval!r}.")
+        for name, value in (
+            ("sketch_guidance_interval", sketch_guidance_interval),
+            ("sketch_guidance_recurrence", sketch_guidance_recurrence),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
         if sketch is None:
             if return_edge_maps:
                 raise ValueError("`return_edge_maps=True` needs a `sketch`: edge maps are predicted while guiding.")
@@ -498,11 +561,6 @@ class SketchGuidanceMixin:
                 "This LGP reads the unconditional branch, which runs in this pipeline's batch only with"
                 " classifier-free guidance: use `guidance_scale` > 1 (FLUX has no such branch: use an LGP trained on"
                 " the conditional one)."
-            )
-        if self.sketch_guidance_recurrence > 1 and not hasattr(self.scheduler, "alphas_cumprod"):
-            raise ValueError(
-                "`sketch_guidance_recurrence` re-noises on a DDPM noise schedule, which"
-                f" {type(self.scheduler).__name__} does not have; set it to 1."
             )
         name = "UNet" if self.denoiser_name == "unet" else "transformer"
         unsafe = backward_unsafe_memory_saver(self.denoiser)
@@ -668,8 +726,9 @@ class SketchGuidanceMixin:
             sketch = guidance["guidance_map"]
         start, end = guidance["sketch_guidance_start"], guidance["sketch_guidance_end"]
         interval, return_edge_maps = guidance["sketch_guidance_interval"], guidance["return_edge_maps"]
+        recurrence = guidance.get("sketch_guidance_recurrence", 1)
         self.check_sketch_inputs(
-            sketch, scale, start, end, return_edge_maps, num_images, batch_size, interval, sketch_mask
+            sketch, scale, start, end, return_edge_maps, num_images, batch_size, interval, sketch_mask, recurrence
         )
         if sketch is None or scale == 0:
             # Unguided: exactly the parent pipeline, at exactly its cost.
@@ -685,7 +744,10 @@ class SketchGuidanceMixin:
         masks = (
             None if sketch_mask is None else self.prepare_sketch_masks(sketch_mask, num_images, height, width, device)
         )
-        with self.sketch_guidance(sketch_latents, masks, float(scale), start, end, interval) as call:
+        generator = parent_kwargs.get("generator")
+        with self.sketch_guidance(
+            sketch_latents, masks, float(scale), start, end, interval, int(recurrence), generator
+        ) as call:
             output = parent_call(**parent_kwargs, return_dict=True)
         edge_maps = None
         if return_edge_maps:
@@ -712,6 +774,8 @@ class SketchGuidanceMixin:
         start: float = 0.0,
         end: float = DEFAULT_SKETCH_GUIDANCE_END,
         interval: int = 1,
+        recurrence: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> Iterator[GuidedCall]:
         """Inside the context, the pipeline's own `__call__` generates with sketch guidance (see `GuidedCall`); the
         context yields the `GuidedCall`, whose `edge_latents` hold the LGP's last prediction afterwards."""
@@ -719,15 +783,27 @@ class SketchGuidanceMixin:
         # The instances' own attributes, if any (accelerate's offload hooks put a `forward` there), to restore after.
         saved_forward, saved_step = denoiser.__dict__.get("forward"), scheduler.__dict__.get("step")
         call = GuidedCall(
-            self, sketch_latents, sketch_mask, scale, start, end, interval, denoiser.forward, scheduler.step
+            self,
+            sketch_latents,
+            sketch_mask,
+            scale,
+            start,
+            end,
+            interval,
+            denoiser.forward,
+            scheduler.step,
+            recurrence,
+            generator,
         )
         # BatchNorm must use its running statistics while sampling.
         self.lgp.eval()
         # Frozen for the whole loop (toggling ~700 flags per step would cost milliseconds), so that gradient
         # checkpointing's recomputation in a backward sees the same flags as the forward did.
         with frozen_parameters(denoiser, self.lgp):
-            denoiser.forward = call.denoiser_forward
-            scheduler.step = call.scheduler_step
+            # With the originals' signatures (`functools.wraps`): the loop inspects the scheduler's step to decide
+            # whether to pass it `generator` and `eta`, which ancestral and DDPM-like schedulers draw their noise with.
+            denoiser.forward = with_signature_of(call.original_forward, call.denoiser_forward)
+            scheduler.step = with_signature_of(call.original_scheduler_step, call.scheduler_step)
             try:
                 yield call
             finally:

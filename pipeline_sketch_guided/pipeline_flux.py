@@ -160,6 +160,7 @@ class SketchGuidedFluxPipeline(SketchGuidanceMixin, FluxPipeline):
         sketch_guidance_start: float = 0.0,
         sketch_guidance_end: float = DEFAULT_SKETCH_GUIDANCE_END,
         sketch_guidance_interval: int = 1,
+        sketch_guidance_recurrence: int = 1,
         return_edge_maps: bool = False,
         guidance_map: SketchInput | list[SketchInput] | None = None,
         invert_map: bool = False,
@@ -169,7 +170,8 @@ class SketchGuidedFluxPipeline(SketchGuidanceMixin, FluxPipeline):
 
         Every argument of [`FluxPipeline.__call__`] means the same here; see its documentation. The sketch arguments
         (`sketch`, `sketch_mask`, `sketch_guidance_scale`, `sketch_guidance_start`, `sketch_guidance_end`,
-        `sketch_guidance_interval`, `return_edge_maps`, `guidance_map`, `invert_map`) mean what they mean for
+        `sketch_guidance_interval`, `sketch_guidance_recurrence`, `return_edge_maps`, `guidance_map`,
+        `invert_map`) mean what they mean for
         [`SketchGuidedStableDiffusionPipeline.__call__`]; the fractions of the schedule count FLUX's steps.
 
         Examples:
@@ -213,6 +215,7 @@ class SketchGuidedFluxPipeline(SketchGuidanceMixin, FluxPipeline):
             "sketch_guidance_start": sketch_guidance_start,
             "sketch_guidance_end": sketch_guidance_end,
             "sketch_guidance_interval": sketch_guidance_interval,
+            "sketch_guidance_recurrence": sketch_guidance_recurrence,
             "return_edge_maps": return_edge_maps,
             "guidance_map": guidance_map,
             "invert_map": invert_map,

@@ -154,6 +154,7 @@ class SketchGuidedStableDiffusion3Pipeline(SketchGuidanceMixin, StableDiffusion3
         sketch_guidance_start: float = 0.0,
         sketch_guidance_end: float = DEFAULT_SKETCH_GUIDANCE_END,
         sketch_guidance_interval: int = 1,
+        sketch_guidance_recurrence: int = 1,
         return_edge_maps: bool = False,
         guidance_map: SketchInput | list[SketchInput] | None = None,
         invert_map: bool = False,
@@ -163,7 +164,8 @@ class SketchGuidedStableDiffusion3Pipeline(SketchGuidanceMixin, StableDiffusion3
 
         Every argument of [`StableDiffusion3Pipeline.__call__`] means the same here; see its documentation. The sketch
         arguments (`sketch`, `sketch_mask`, `sketch_guidance_scale`, `sketch_guidance_start`, `sketch_guidance_end`,
-        `sketch_guidance_interval`, `return_edge_maps`, `guidance_map`, `invert_map`) mean what they mean for
+        `sketch_guidance_interval`, `sketch_guidance_recurrence`, `return_edge_maps`, `guidance_map`,
+        `invert_map`) mean what they mean for
         [`SketchGuidedStableDiffusionPipeline.__call__`]; the fractions of the schedule count SD3's steps.
 
         Examples:
@@ -212,6 +214,7 @@ class SketchGuidedStableDiffusion3Pipeline(SketchGuidanceMixin, StableDiffusion3
             "sketch_guidance_start": sketch_guidance_start,
             "sketch_guidance_end": sketch_guidance_end,
             "sketch_guidance_interval": sketch_guidance_interval,
+            "sketch_guidance_recurrence": sketch_guidance_recurrence,
             "return_edge_maps": return_edge_maps,
             "guidance_map": guidance_map,
             "invert_map": invert_map,
