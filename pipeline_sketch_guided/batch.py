@@ -54,6 +54,7 @@ MANIFEST_FIELDS = {
     "sketch_guidance_start": float,
     "sketch_guidance_end": float,
     "sketch_guidance_interval": int,
+    "sketch_guidance_recurrence": int,
     "height": int,
     "width": int,
     "invert_map": boolean,

@@ -137,9 +137,11 @@ def test_guidance_start_interval_scheduler_and_negative_prompt_reach_the_pipelin
 
     monkeypatch.setattr(loading, "load_pipeline", recording_load)
     extra = ["--sketch", sketch, "--sketch-guidance-start", "0.1", "--sketch-guidance-interval", "2"]
+    extra += ["--sketch-guidance-recurrence", "2"]
     extra += ["--scheduler", "euler_a", "--negative-prompt", "a blue circle", "--dtype", "bfloat16"]
     cli.main(generate_args(tmp_path / "out.png", *extra))
     assert calls["sketch_guidance_start"] == 0.1 and calls["sketch_guidance_interval"] == 2
+    assert calls["sketch_guidance_recurrence"] == 2
     assert calls["negative_prompt"] == "a blue circle" and calls["scheduler"] == "EulerAncestralDiscreteScheduler"
 
 
