@@ -11,10 +11,9 @@ On a GPU, the real sizes:
 
     python -m benchmarks.transformer_cost --device cuda --dtype bfloat16 --resolution 1024
 
-On a CPU, the real widths with fewer blocks (the ratio of guided to unguided time depends little on the depth; the
-seconds do):
+On a CPU, the real widths with fewer blocks (a check of the machinery; what the full models cost needs the GPU run):
 
-    python -m benchmarks.transformer_cost --resolution 256 --steps 10 --sd3_layers 4 --flux_layers 2 2
+    python -m benchmarks.transformer_cost --resolution 128 --steps 10 --sd3_layers 2 --flux_layers 1 1
 """
 
 from __future__ import annotations
