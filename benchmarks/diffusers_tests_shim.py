@@ -1,38 +1,143 @@
-"""Run diffusers' own fast pipeline tests for FLUX and SD3 against our subclasses, offline.
+"""Run diffusers' own fast pipeline tests against our subclasses of its pipelines, offline.
 
-Used by benchmarks/diffusers_pipeline_tests.sh, in three roles:
+The families (FAMILIES): FLUX and SD3 (text-to-image), and the editing pipelines: SD and SDXL img2img and inpainting,
+and SD with a ControlNet. Used by benchmarks/diffusers_pipeline_tests.sh, in these roles:
 
-- `python -m benchmarks.diffusers_tests_shim extract --git-dir D --rev R --dest OUT`: copies the two test files out of
-  a diffusers git directory, with every module of diffusers' `tests/` tree that they import (followed through the
-  imports, function-level ones included), and a pytest.ini that keeps the repository's own pytest settings out.
+- `python -m benchmarks.diffusers_tests_shim extract --git-dir D --rev R --dest OUT [--families F]`: copies the test
+  files of the families out of a diffusers git directory, with every module of diffusers' `tests/` tree that they
+  import (followed through the imports, function-level ones included), and a pytest.ini that keeps the repository's
+  own pytest settings out. `files [--families F]` prints the test files.
 - `pytest -p benchmarks.diffusers_tests_shim`: a pytest plugin. It answers the Hub loads the tests make
   (`hf-internal-testing/tiny-random-t5`, `.../tiny-random-clip`) with equivalents built in code, and, with
   `DIFFUSERS_TESTS_TARGET=ours`, points each test class's `pipeline_class` at our subclass (`parent`: left as is).
+  Two diagnostics: DIFFUSERS_TESTS_EXPOSE_CLASSES and DIFFUSERS_TESTS_REBIND_NAMES (see below).
 - `python -m benchmarks.diffusers_tests_shim summarize --parent P.xml --ours O.xml --out summary.md`: counts per test
   family and target, and every test that fails with ours, side by side with the parent's outcome.
+- `python -m benchmarks.diffusers_tests_shim compare --dest OUT --out summary.md [--families F]`: parent and ours on
+  the tests' dummy components and inputs, without a sketch: the largest difference of their images.
+
+F: comma-separated family names (flux, sd3, sd-img2img, sd-inpaint, sdxl-img2img, sdxl-inpaint, controlnet) or groups
+(all, text-to-image, editing); default all.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
-TEST_FILES = {
-    "flux": "tests/pipelines/flux/test_pipeline_flux.py",
-    "sd3": "tests/pipelines/stable_diffusion_3/test_pipeline_stable_diffusion_3.py",
+
+@dataclass(frozen=True)
+class Family:
+    """One pipeline family: diffusers' test file for the parent, the parent, our subclass, and the tester classes whose
+    dummy components and inputs `compare` runs both on."""
+
+    label: str
+    test_file: str
+    parent: str  # the class's name in `diffusers`
+    ours: str  # module.Class
+    testers: tuple[str, ...]
+
+
+FAMILIES = {
+    "flux": Family(
+        "FLUX",
+        "tests/pipelines/flux/test_pipeline_flux.py",
+        "FluxPipeline",
+        "pipeline_sketch_guided.pipeline_flux.SketchGuidedFluxPipeline",
+        ("FluxPipelineTesterConfig",),
+    ),
+    "sd3": Family(
+        "SD3",
+        "tests/pipelines/stable_diffusion_3/test_pipeline_stable_diffusion_3.py",
+        "StableDiffusion3Pipeline",
+        "pipeline_sketch_guided.pipeline_sd3.SketchGuidedStableDiffusion3Pipeline",
+        ("StableDiffusion3PipelineFastTests",),
+    ),
+    "sd-img2img": Family(
+        "SD img2img",
+        "tests/pipelines/stable_diffusion/test_stable_diffusion_img2img.py",
+        "StableDiffusionImg2ImgPipeline",
+        "pipeline_sketch_guided.pipeline_img2img.SketchGuidedStableDiffusionImg2ImgPipeline",
+        ("StableDiffusionImg2ImgPipelineTesterConfig",),
+    ),
+    "sd-inpaint": Family(
+        "SD inpaint",
+        "tests/pipelines/stable_diffusion/test_stable_diffusion_inpaint.py",
+        "StableDiffusionInpaintPipeline",
+        "pipeline_sketch_guided.pipeline_inpaint.SketchGuidedStableDiffusionInpaintPipeline",
+        ("StableDiffusionInpaintPipelineTesterConfig", "StableDiffusionSimpleInpaintPipelineTesterConfig"),
+    ),
+    "sdxl-img2img": Family(
+        "SDXL img2img",
+        "tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl_img2img.py",
+        "StableDiffusionXLImg2ImgPipeline",
+        "pipeline_sketch_guided.pipeline_xl_img2img.SketchGuidedStableDiffusionXLImg2ImgPipeline",
+        ("StableDiffusionXLImg2ImgPipelineFastTests", "StableDiffusionXLImg2ImgRefinerOnlyPipelineFastTests"),
+    ),
+    "sdxl-inpaint": Family(
+        "SDXL inpaint",
+        "tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl_inpaint.py",
+        "StableDiffusionXLInpaintPipeline",
+        "pipeline_sketch_guided.pipeline_xl_inpaint.SketchGuidedStableDiffusionXLInpaintPipeline",
+        ("StableDiffusionXLInpaintPipelineFastTests",),
+    ),
+    "controlnet": Family(
+        "ControlNet",
+        "tests/pipelines/controlnet/test_controlnet.py",
+        "StableDiffusionControlNetPipeline",
+        "pipeline_sketch_guided.pipeline_controlnet.SketchGuidedStableDiffusionControlNetPipeline",
+        (
+            "ControlNetPipelineFastTests",
+            "StableDiffusionMultiControlNetPipelineFastTests",
+            "StableDiffusionMultiControlNetOneModelPipelineFastTests",
+        ),
+    ),
 }
+# Names that select several families at once (DIFFUSERS_TESTS_FAMILIES, --families).
+FAMILY_GROUPS = {
+    "all": tuple(FAMILIES),
+    "text-to-image": ("flux", "sd3"),
+    "editing": ("sd-img2img", "sd-inpaint", "sdxl-img2img", "sdxl-inpaint", "controlnet"),
+}
+FAMILIES_ENV = "DIFFUSERS_TESTS_FAMILIES"
+
+
+def select_families(spec: str | None) -> list[str]:
+    """The families a comma-separated list of family and group names selects (default: all), in FAMILIES' order."""
+    chosen: set[str] = set()
+    for name in (spec or "all").replace(" ", "").split(","):
+        if name in FAMILY_GROUPS:
+            chosen.update(FAMILY_GROUPS[name])
+        elif name in FAMILIES:
+            chosen.add(name)
+        elif name:
+            known = ", ".join([*FAMILY_GROUPS, *FAMILIES])
+            raise SystemExit(f"unknown test family {name!r}; known: {known}")
+    return [name for name in FAMILIES if name in chosen]
+
+
 TARGET_ENV = "DIFFUSERS_TESTS_TARGET"
 # Diagnostic only (not in the main counts): make our classes visible by name in `diffusers.pipelines`, where
 # `test_encode_prompt_works_in_isolation` looks the pipeline class up (diffusers' ReturnNameVisitor.get_ast_tree).
 EXPOSE_ENV = "DIFFUSERS_TESTS_EXPOSE_CLASSES"
+# Diagnostic only: some tests of the swapped classes build the parent by its name (`StableDiffusionXLInpaintPipeline(
+# **components)`) rather than through `self.pipeline_class`, so the ours run runs the parent there. With this set (and
+# the ours target), each test module's global of the parent's name is pointed at our class, and only the tests of the
+# swapped classes whose own source names the parent are kept.
+REBIND_ENV = "DIFFUSERS_TESTS_REBIND_NAMES"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Extraction
@@ -90,9 +195,9 @@ def import_closure(git_dir: str, rev: str, roots: list[str]) -> list[str]:
     return sorted(wanted)
 
 
-def extract(git_dir: str, rev: str, dest: Path) -> None:
+def extract(git_dir: str, rev: str, dest: Path, families: list[str]) -> None:
     commit = _git(git_dir, "rev-parse", rev).strip()
-    roots = [*TEST_FILES.values(), "tests/conftest.py"]
+    roots = [*(FAMILIES[name].test_file for name in families), "tests/conftest.py"]
     paths = import_closure(git_dir, commit, roots)
     for path in paths:
         target = dest / path
@@ -204,15 +309,16 @@ def install_offline_models() -> None:
     _answer_offline(CLIPTokenizer, {CLIP_ID: tiny_clip_tokenizer})
 
 
+def _import(dotted: str):
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def pipeline_swap() -> dict:
+    """{diffusers' class: ours}, for every family."""
     import diffusers
 
-    from pipeline_sketch_guided import SketchGuidedFluxPipeline, SketchGuidedStableDiffusion3Pipeline
-
-    return {
-        diffusers.FluxPipeline: SketchGuidedFluxPipeline,
-        diffusers.StableDiffusion3Pipeline: SketchGuidedStableDiffusion3Pipeline,
-    }
+    return {getattr(diffusers, family.parent): _import(family.ours) for family in FAMILIES.values()}
 
 
 def pytest_configure(config) -> None:
@@ -227,18 +333,46 @@ def pytest_configure(config) -> None:
             setattr(diffusers.pipelines, ours.__name__, ours)
 
 
+def _names_parent(item, parent: type, ours: type) -> bool:
+    """Whether the test function of `item` names `parent` (by the name its module imports it under, which an earlier
+    test of the module may have pointed at `ours` already)."""
+    try:
+        source = inspect.getsource(item.function)
+    except (AttributeError, OSError, TypeError):
+        return False
+    names = [name for name, value in vars(item.module).items() if value is parent or value is ours]
+    return any(re.search(rf"\b{re.escape(name)}\b", source) for name in names)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     # Each test class's `pipeline_class` (a class attribute, which every test reads as `self.pipeline_class`) is
     # pointed at our subclass; the rest of the class (components, inputs, tolerances) stays diffusers'.
     swap = pipeline_swap() if os.environ.get(TARGET_ENV, "parent") == "ours" else {}
+    rebind = bool(swap) and os.environ.get(REBIND_ENV) == "1"
+    kept, dropped = [], []
     for item in items:
         cls = getattr(item, "cls", None)
         current = getattr(cls, "pipeline_class", None)  # a property on diffusers' base config class: not a type
+        parent = None
         if current in swap:
+            parent = current
             cls.pipeline_class = swap[current]
             current = swap[current]
+        elif current in swap.values():  # another test of the class swapped it already
+            parent = next(p for p, o in swap.items() if o is current)
         if isinstance(current, type):
             item.user_properties.append(("pipeline_class", current.__name__))
+        if rebind:
+            if parent is not None and _names_parent(item, parent, swap[parent]):
+                for name, value in list(vars(item.module).items()):
+                    if value is parent:
+                        setattr(item.module, name, swap[parent])
+                kept.append(item)
+            else:
+                dropped.append(item)
+    if rebind:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def pytest_report_header(config) -> str:
@@ -250,26 +384,42 @@ def pytest_report_header(config) -> str:
 # Summary
 
 
-def _outcomes(xml_path: Path) -> dict[str, tuple[str, str, str]]:
-    """{test id: (outcome, pipeline class, first line of the message)} of a JUnit XML report."""
+class Outcome(NamedTuple):
+    outcome: str  # passed, failed, error, skipped
+    pipeline: str  # the pipeline class the plugin recorded, if any
+    message: str  # the first line of the failure's message
+    assertion: str  # the failure's `E` lines (object addresses blanked): equal in two runs, the same failure
+
+
+def _outcomes(xml_path: Path) -> dict[str, Outcome]:
+    """{test id: its Outcome} of a JUnit XML report."""
     results = {}
     for case in ET.parse(xml_path).getroot().iter("testcase"):
         test_id = f"{case.get('classname')}::{case.get('name')}"
-        outcome, message = "passed", ""
+        outcome, message, assertion = "passed", "", ""
         for tag in ("failure", "error", "skipped"):
             found = case.find(tag)
             if found is not None:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
                 message = (found.get("message") or found.text or "").strip().splitlines()[0:1]
                 message = message[0][:160] if message else ""
+                errors = [line for line in (found.text or "").splitlines() if line.startswith("E ")]
+                assertion = re.sub(r"0x[0-9a-f]+", "0x", "\n".join(errors))
                 break
         pipeline = next((p.get("value") for p in case.iter("property") if p.get("name") == "pipeline_class"), "")
-        results[test_id] = (outcome, pipeline, message)
+        results[test_id] = Outcome(outcome, pipeline, message, assertion)
     return results
 
 
+ABSENT = Outcome("absent", "", "", "")
+
+
 def _family(test_id: str) -> str:
-    return "flux" if ".flux." in test_id else "sd3" if ".stable_diffusion_3." in test_id else "other"
+    """The family whose test file holds `test_id` (`module.Class::name`, as JUnit's classname writes it)."""
+    for name, family in FAMILIES.items():
+        if test_id.startswith(_module_of(family.test_file) + "."):
+            return name
+    return "other"
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -277,38 +427,59 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(row) + " |" for row in cells]
 
 
-def summarize(parent_xml: Path, ours_xml: Path, out: Path, diagnostic_xml: Path | None = None) -> None:
+def summarize(
+    parent_xml: Path,
+    ours_xml: Path,
+    out: Path,
+    diagnostic_xml: Path | None = None,
+    rebound_xml: Path | None = None,
+) -> None:
     runs = {"parent": _outcomes(parent_xml), "ours": _outcomes(ours_xml)}
     parent, ours = runs["parent"], runs["ours"]
+    present = {_family(test_id) for results in runs.values() for test_id in results}
     counts = []
-    for family in ("flux", "sd3"):
+    for family in [*FAMILIES, "other"]:
+        if family not in present:
+            continue
         for name, results in runs.items():
-            tally = Counter(outcome for test_id, (outcome, _, _) in results.items() if _family(test_id) == family)
+            tally = Counter(result.outcome for test_id, result in results.items() if _family(test_id) == family)
             row = [tally[k] for k in ("passed", "failed", "error", "skipped")]
             counts.append([family, name, *row, sum(row)])
-    lines = ["# diffusers' FLUX and SD3 fast tests: parent classes vs ours", ""]
+    labels = [FAMILIES[family].label for family in FAMILIES if family in present]
+    lines = [f"# diffusers' fast tests ({', '.join(labels)}): parent classes vs ours", ""]
     lines += _table(["family", "target", "passed", "failed", "errors", "skipped", "total"], counts)
     # Which class the tests ran (recorded by the plugin): the proof that the swap took.
-    classes = Counter((name, p) for name, results in runs.items() for _, p, _ in results.values() if p)
+    classes = Counter((name, r.pipeline) for name, results in runs.items() for r in results.values() if r.pipeline)
     lines += ["", "Pipeline class per run: " + ", ".join(f"{n}: {p} x{k}" for (n, p), k in sorted(classes.items()))]
-    failing = [
-        [f"`{test_id}`", outcome, parent.get(test_id, ("absent",))[0], message]
-        for test_id, (outcome, _, message) in sorted(ours.items())
-        if outcome in ("failed", "error")
-    ]
+    failing = []
+    for test_id, result in sorted(ours.items()):
+        if result.outcome in ("failed", "error"):
+            theirs = parent.get(test_id, ABSENT)
+            same = "-" if theirs.outcome not in ("failed", "error") else theirs.assertion == result.assertion
+            failing.append([f"`{test_id}`", result.outcome, theirs.outcome, same, result.message])
     lines += ["", "## Failed or errored with ours", ""]
-    lines += _table(["test", "ours", "parent", "message (ours)"], failing)
+    lines += ["Same failure: both runs' `E` lines (values, diffs) are equal.", ""]
+    lines += _table(["test", "ours", "parent", "same failure", "message (ours)"], failing)
     differing = [
-        [f"`{test_id}`", parent.get(test_id, ("absent",))[0], ours.get(test_id, ("absent",))[0]]
+        [f"`{test_id}`", parent.get(test_id, ABSENT).outcome, ours.get(test_id, ABSENT).outcome]
         for test_id in sorted(set(parent) | set(ours))
-        if parent.get(test_id, ("absent",))[0] != ours.get(test_id, ("absent",))[0]
+        if parent.get(test_id, ABSENT).outcome != ours.get(test_id, ABSENT).outcome
     ]
     lines += ["", "## Outcome differs between parent and ours", ""]
     lines += _table(["test", "parent", "ours"], differing)
     if diagnostic_xml is not None and diagnostic_xml.exists():
         lines += ["", f"## Diagnostic rerun with ours, {EXPOSE_ENV}=1 (not in the counts above)", ""]
-        rows = [[f"`{t}`", outcome, message] for t, (outcome, _, message) in sorted(_outcomes(diagnostic_xml).items())]
+        rows = [[f"`{t}`", r.outcome, r.message] for t, r in sorted(_outcomes(diagnostic_xml).items())]
         lines += _table(["test", "outcome", "message"], rows)
+    if rebound_xml is not None and rebound_xml.exists():
+        lines += ["", f"## Diagnostic rerun with ours, {REBIND_ENV}=1 (not in the counts above)", ""]
+        lines += ["The tests that build the parent by name, with that name pointed at our class.", ""]
+        rows = []
+        for test_id, result in sorted(_outcomes(rebound_xml).items()):
+            theirs = parent.get(test_id, ABSENT)
+            same = "-" if "failed" not in (theirs.outcome, result.outcome) else theirs.assertion == result.assertion
+            rows.append([f"`{test_id}`", theirs.outcome, result.outcome, same, result.message])
+        lines += _table(["test", "parent run", "rebound to ours", "same failure", "message (rebound)"], rows)
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
 
@@ -317,20 +488,17 @@ def summarize(parent_xml: Path, ours_xml: Path, out: Path, diagnostic_xml: Path 
 # Equivalence without a sketch, on the tests' own components and inputs
 
 
-def _dummy_components_and_inputs(family: str):
-    """`get_dummy_components()` and `get_dummy_inputs(...)` of the extracted test class of `family`."""
-    if family == "flux":
-        from tests.pipelines.flux.test_pipeline_flux import FluxPipelineTesterConfig
-
-        config = FluxPipelineTesterConfig()
-        return config.get_dummy_components(), config.get_dummy_inputs
-    from tests.pipelines.stable_diffusion_3.test_pipeline_stable_diffusion_3 import StableDiffusion3PipelineFastTests
-
-    case = StableDiffusion3PipelineFastTests("test_inference")
-    return case.get_dummy_components(), lambda: case.get_dummy_inputs("cpu")
+def _dummy_components_and_inputs(family: str, tester: str):
+    """`get_dummy_components()` and a function giving fresh `get_dummy_inputs(...)` (a new generator each time) of
+    the extracted tester class `tester` of `family`: a unittest case or one of diffusers' newer pytest-style configs,
+    whose `get_dummy_inputs` takes no device."""
+    cls = getattr(importlib.import_module(_module_of(FAMILIES[family].test_file)), tester)
+    case = cls()  # unittest.TestCase() accepts the missing default method name, `runTest`
+    device = ("cpu",) if "device" in inspect.signature(case.get_dummy_inputs).parameters else ()
+    return case.get_dummy_components(), lambda: case.get_dummy_inputs(*device)
 
 
-def compare(dest: Path, out: Path) -> None:
+def compare(dest: Path, out: Path, families: list[str]) -> None:
     """Parent and ours on the same components (the tests' dummy ones, in eval mode: the tests build the T5 encoder in
     training mode, whose dropout would make any two calls differ) and the tests' dummy inputs: the largest difference
     of their images, and the components each lists. Appended to `out`."""
@@ -340,24 +508,34 @@ def compare(dest: Path, out: Path) -> None:
     install_offline_models()
     lines = ["", "## Parent vs ours without a sketch (the tests' dummy components and inputs)", ""]
     rows = []
-    for family, (parent_class, ours_class) in zip(("flux", "sd3"), pipeline_swap().items(), strict=True):
-        components, inputs = _dummy_components_and_inputs(family)
-        for component in components.values():
-            if isinstance(component, torch.nn.Module):
-                component.eval()
-        images = {}
-        pipes = {}
-        for name, cls in (("parent", parent_class), ("ours", ours_class)):
-            pipes[name] = cls(**components)
-            pipes[name].set_progress_bar_config(disable=True)
-            kwargs = inputs()
-            kwargs["output_type"] = "pt"
-            images[name] = pipes[name](**kwargs).images
-        diff = (images["ours"] - images["parent"]).abs().max().item()
-        extra = sorted(set(pipes["ours"].components) - set(pipes["parent"].components))
-        identical = torch.equal(images["ours"], images["parent"])
-        rows.append([family, f"{diff:.3g}", identical, ", ".join(extra)])
-    lines += _table(["family", "max abs diff of the images", "identical", "components only ours lists"], rows)
+    swap = pipeline_swap()
+    for family in families:
+        import diffusers
+
+        parent_class = getattr(diffusers, FAMILIES[family].parent)
+        ours_class = swap[parent_class]
+        for tester in FAMILIES[family].testers:
+            components, inputs = _dummy_components_and_inputs(family, tester)
+            for component in components.values():
+                if isinstance(component, torch.nn.Module):
+                    component.eval()
+            images = {}
+            pipes = {}
+            for name, cls in (("parent", parent_class), ("ours", ours_class)):
+                pipes[name] = cls(**components)
+                pipes[name].set_progress_bar_config(disable=True)
+                kwargs = inputs()
+                kwargs["output_type"] = "pt"
+                images[name] = pipes[name](**kwargs).images
+            diff = (images["ours"] - images["parent"]).abs().max().item()
+            extra = sorted(set(pipes["ours"].components) - set(pipes["parent"].components))
+            lacking = sorted(set(pipes["parent"].components) - set(pipes["ours"].components))
+            identical = torch.equal(images["ours"], images["parent"])
+            shape = "x".join(map(str, images["ours"].shape))
+            rows.append([family, tester, shape, f"{diff:.3g}", identical, ", ".join(extra), ", ".join(lacking)])
+    header = ["family", "tester class", "images", "max abs diff", "identical", "components only ours lists"]
+    header.append("only the parent lists")
+    lines += _table(header, rows)
     with out.open("a") as file:
         file.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -370,21 +548,28 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--git-dir", required=True)
     ex.add_argument("--rev", required=True)
     ex.add_argument("--dest", required=True, type=Path)
+    ex.add_argument("--families", help="comma-separated family or group names (default: all)")
+    fi = commands.add_parser("files", help="print the test files of the selected families, one a line")
+    fi.add_argument("--families", help="comma-separated family or group names (default: all)")
     su = commands.add_parser("summarize")
     su.add_argument("--parent", required=True, type=Path)
     su.add_argument("--ours", required=True, type=Path)
     su.add_argument("--out", required=True, type=Path)
-    su.add_argument("--diagnostic", type=Path, help="JUnit XML of the diagnostic rerun, if any")
+    su.add_argument("--diagnostic", type=Path, help=f"JUnit XML of the {EXPOSE_ENV} rerun, if any")
+    su.add_argument("--rebound", type=Path, help=f"JUnit XML of the {REBIND_ENV} rerun, if any")
     co = commands.add_parser("compare")
     co.add_argument("--dest", required=True, type=Path)
     co.add_argument("--out", required=True, type=Path)
+    co.add_argument("--families", help="comma-separated family or group names (default: all)")
     args = parser.parse_args(argv)
     if args.command == "extract":
-        extract(args.git_dir, args.rev, args.dest)
+        extract(args.git_dir, args.rev, args.dest, select_families(args.families))
+    elif args.command == "files":
+        print("\n".join(FAMILIES[name].test_file for name in select_families(args.families)))
     elif args.command == "summarize":
-        summarize(args.parent, args.ours, args.out, args.diagnostic)
+        summarize(args.parent, args.ours, args.out, args.diagnostic, args.rebound)
     else:
-        compare(args.dest, args.out)
+        compare(args.dest, args.out, select_families(args.families))
 
 
 if __name__ == "__main__":

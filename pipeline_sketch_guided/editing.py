@@ -91,10 +91,11 @@ class SketchGuidedEditingMixin:
     def sketch_guided_call(self, *args, **kwargs):
         """The body of each editing pipeline's `__call__`."""
         guidance = {name: kwargs.pop(name, default) for name, default in SKETCH_ARGUMENTS.items()}
-        return_dict = kwargs.pop("return_dict", True)
+        named_return_dict = kwargs.pop("return_dict", None)
         parent_call = self._parent_call()
         bound = inspect.signature(parent_call).bind(self, *args, **kwargs)
         bound.apply_defaults()
+        return_dict = bound.arguments.get("return_dict", True) if named_return_dict is None else named_return_dict
         # `return_dict` is the guidance core's to pass (it needs the parent's output object).
         parent_kwargs = {name: value for name, value in bound.arguments.items() if name not in ("self", "return_dict")}
         for name, parameter in inspect.signature(parent_call).parameters.items():
