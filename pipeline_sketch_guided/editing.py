@@ -93,12 +93,13 @@ class SketchGuidedEditingMixin:
         guidance = {name: kwargs.pop(name, default) for name, default in SKETCH_ARGUMENTS.items()}
         named_return_dict = kwargs.pop("return_dict", None)
         parent_call = self._parent_call()
-        bound = inspect.signature(parent_call).bind(self, *args, **kwargs)
+        parent_signature = inspect.signature(parent_call)
+        bound = parent_signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         return_dict = bound.arguments.get("return_dict", True) if named_return_dict is None else named_return_dict
         # `return_dict` is the guidance core's to pass (it needs the parent's output object).
         parent_kwargs = {name: value for name, value in bound.arguments.items() if name not in ("self", "return_dict")}
-        for name, parameter in inspect.signature(parent_call).parameters.items():
+        for name, parameter in parent_signature.parameters.items():
             if parameter.kind is inspect.Parameter.VAR_KEYWORD:
                 parent_kwargs.update(parent_kwargs.pop(name, {}))
         if guidance["sketch"] is not None or guidance["guidance_map"] is not None:

@@ -281,18 +281,13 @@ class GuidedCall:
 
         return_dict = kwargs.pop("return_dict", True)
         sample, timestep, encoder_hidden_states, kwargs = self.pipe.denoiser_call_arguments(args, kwargs)
-        self.step_call = (
-            self.step_index,
-            sample,
-            timestep,
-            encoder_hidden_states,
-            {**kwargs, "return_dict": False},
-        )
+        kwargs["return_dict"] = False
+        self.step_call = (self.step_index, sample, timestep, encoder_hidden_states, kwargs)
         prediction, self.last_gradient, self.edge_latents = self.pipe.noise_and_sketch_gradient(
             sample,
             timestep,
             encoder_hidden_states,
-            {**kwargs, "return_dict": False},
+            kwargs,
             self.sketch_latents,
             self.sketch_mask,
             forward=self.original_forward,
@@ -338,10 +333,9 @@ class GuidedCall:
         scheduler, pipe = self.pipe.scheduler, self.pipe
         step_index, model_input, denoiser_timestep, states, denoiser_kwargs = self.step_call
         num_branches = model_input.shape[0] // latents.shape[0]
-        extra = None  # an inpainting UNet's mask and masked-image channels, read after the latents
-        channels = pipe.lgp.config.latent_channels
-        if model_input.ndim == 4 and model_input.shape[1] > channels:
-            extra = model_input[:, channels:]
+        # An inpainting UNet's mask and masked-image channels, read after the latents, go into each repeat unchanged.
+        channels = pipe.latents_part(model_input).shape[1]
+        extra = model_input[:, channels:] if model_input.shape[1] > channels else None
         keep, fresh = self.renoise_coefficients(timestep, state)
         for _ in range(times):
             noise = randn_tensor(latents.shape, generator=self.generator, device=latents.device, dtype=torch.float32)
@@ -388,7 +382,8 @@ class GuidedCall:
             return torch.tensor(1.0), torch.tensor(max(now**2 - after**2, 0.0) ** 0.5)
         alphas = scheduler.alphas_cumprod
         timesteps = scheduler.timesteps
-        position = int((timesteps == timestep).nonzero()[0]) if (timesteps == timestep).any() else self.step_call[0]
+        matches = (timesteps == timestep).nonzero()
+        position = int(matches[0]) if len(matches) else self.step_call[0]
         alpha_now = alphas[int(timestep)]
         final = getattr(scheduler, "final_alpha_cumprod", alphas[0])
         alpha_next = alphas[int(timesteps[position + 1])] if position + 1 < len(timesteps) else final
