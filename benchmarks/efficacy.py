@@ -659,8 +659,8 @@ def load_pipeline(
 
 
 def native_image_size(pipe: SketchGuidedStableDiffusionPipeline) -> int:
-    """The side of the images the pipeline's UNet was made for."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """The side of the images the pipeline's denoiser (UNet or transformer) was made for: its default image size."""
+    return pipe.sketch_size(None, None, None)[0]
 
 
 def case_seed(seed: int, case: EfficacyCase) -> int:

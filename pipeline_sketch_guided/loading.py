@@ -68,6 +68,7 @@ def load_pipeline(
         pipe = load_demo_pipeline(torch_dtype=torch_dtype, map=demo_map or "edges")
     else:
         pipeline_class = pipeline_class_for(model, revision=kwargs.get("revision"))
+        kwargs = {**absent_components(model, revision=kwargs.get("revision")), **kwargs}
         pipe = pipeline_class.from_pretrained(model, **dtype_kwargs(torch_dtype), **kwargs)
     if lgp is not None:
         pipe.lgp = LGPModel.from_pretrained(lgp, **dtype_kwargs(torch_dtype))
@@ -91,6 +92,20 @@ def pipeline_class_for(model: str, revision: str | None = None):
     if "StableDiffusion3" in class_name:
         return SketchGuidedStableDiffusion3Pipeline
     return SketchGuidedStableDiffusionXLPipeline if "XL" in class_name else SketchGuidedStableDiffusionPipeline
+
+
+def absent_components(model: str, revision: str | None = None) -> dict[str, None]:
+    """The components a saved pipeline lacks (`[null, null]` in its model_index.json, as `save_pretrained` writes a
+    component that was `None`, such as an SD3 saved without its T5 encoder), as `None` keyword arguments for
+    `from_pretrained`, which otherwise asks for every component that is not optional, even one saved as `None`."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(model, revision=revision)
+    return {
+        name: None
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, (list, tuple)) and all(part is None for part in value)
+    }
 
 
 def editing_pipeline(pipe, image: bool, mask: bool):

@@ -11,7 +11,15 @@ from safetensors.torch import load_file
 
 from benchmarks import controlnet_comparison, efficacy
 from pipeline_sketch_guided.demo import DEMO_MODEL_DIR
-from pipeline_sketch_guided.training import prepare_data, shapes, train_controlnet, train_demo_model
+from pipeline_sketch_guided import loading
+from pipeline_sketch_guided.training import (
+    prepare_data,
+    shapes,
+    train_controlnet,
+    train_demo_model,
+    train_demo_transformer,
+    train_lgp,
+)
 
 
 def test_layout_anywhere_draws_larger_and_more_single_shapes_than_inside():
@@ -167,3 +175,53 @@ def test_the_cached_dataset_is_rendered_again_for_another_style_or_layout(tmp_pa
     assert np.array_equal(images, cached)
     assert not np.array_equal(images, striped) and striped_captions == captions
     assert not np.array_equal(striped, anywhere)
+
+
+def test_transformer_demo_trains_resumes_and_loads_as_an_sd3_pipeline_that_an_lgp_guides(pairs, tmp_path):
+    """The flow-matching demo: an SD3 pipeline on the demo's VAE and CLIP without T5, which `load_pipeline` and
+    `train_lgp` load although it was saved without `text_encoder_3`, and which a freshly trained LGP guides."""
+    output = tmp_path / "sd3"
+    arguments = [
+        "--output_dir", str(output), "--num_images", "8", "--batch_size", "2", "--width", "32", "--num_layers", "1",
+        "--checkpoint_every", "1", "--device", "cpu",
+    ]  # fmt: skip
+    train_demo_transformer.main([*arguments, "--steps", "2"])
+    weights = output / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors"
+    first = load_file(weights)
+    train_demo_transformer.main([*arguments, "--steps", "2"])  # resumes at step 2: nothing left to train
+    assert all(torch.equal(first[k], tensor) for k, tensor in load_file(weights).items())
+    assert json.loads((output / "training_report.json").read_text())["transformer_steps_done"] == 2
+    index = json.loads((output / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and index["text_encoder_3"] == [None, None]
+
+    pipe = loading.load_pipeline(str(output / "pipeline"), None)
+    assert type(pipe).__name__ == "SketchGuidedStableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    demo_text = load_file(DEMO_MODEL_DIR / "text_encoder" / "model.safetensors")
+    text_model = pipe.text_encoder.text_model.state_dict()
+    assert all(torch.equal(text_model[name].float(), tensor.float()) for name, tensor in demo_text.items())
+
+    train_lgp.main(
+        [
+            "--pretrained_model_name_or_path", str(output / "pipeline"), "--train_data_dir", str(pairs),
+            "--output_dir", str(tmp_path / "lgp"), "--max_train_steps", "1", "--train_batch_size", "2",
+            "--target", "map", "--target_scale", "4", "--report_to", "none",
+        ]
+    )  # fmt: skip
+    pipe = loading.load_pipeline(str(output / "pipeline"), str(tmp_path / "lgp"))
+    sketch = efficacy.held_out_cases(1)[0].sketch
+
+    def image(**guidance):
+        generator = torch.Generator().manual_seed(0)
+        result = pipe("a red circle", num_inference_steps=3, generator=generator, output_type="np", **guidance)
+        return result.images[0]
+
+    unguided, guided = image(), image(sketch=sketch, sketch_guidance_scale=4.0)
+    assert unguided.shape == (64, 64, 3)  # the transformer's sample size times the VAE's factor
+    assert np.abs(guided - unguided).max() > 1e-3
+
+
+def test_transformer_demo_names_an_init_folder_that_is_not_a_pipeline(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_demo_transformer.main(["--output_dir", str(tmp_path / "out"), "--init_from", str(tmp_path)])
+    assert f"--init_from {tmp_path} is not a Stable Diffusion pipeline folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -59,7 +59,7 @@ from pipeline_sketch_guided.lgp import (
     TRANSFORMER_BLOCK_PRESETS,
     noise_level_map,
 )
-from pipeline_sketch_guided.loading import pipeline_class_for
+from pipeline_sketch_guided.loading import absent_components, pipeline_class_for
 from pipeline_sketch_guided.sketch import MAP_KINDS, MAP_NORMALIZATIONS
 from pipeline_sketch_guided.training.denoisers import UNetDenoiser, training_denoiser
 from pipeline_sketch_guided.training.prepare_data import (
@@ -667,10 +667,11 @@ def freeze(base):
 def load_base(pretrained: str, dtype: torch.dtype, revision: str | None = None, variant: str | None = None):
     """The frozen base model, as the sketch-guided pipeline of its kind (SD, SDXL, SD3 or FLUX, by its
     model_index.json) without an LGP: the same encoding of images and captions as when sampling, and no notice about
-    components it lacks."""
+    components it lacks (those saved as `None`, such as an SD3's T5 encoder, stay `None`)."""
     pipeline_class = pipeline_class_for(pretrained, revision=revision)
     has_safety_checker = pipeline_class.__name__ == "SketchGuidedStableDiffusionPipeline"
     extra = {"safety_checker": None, "requires_safety_checker": False} if has_safety_checker else {}
+    extra = {**absent_components(pretrained, revision=revision), **extra}
     base = pipeline_class.from_pretrained(
         pretrained, revision=revision, variant=variant, lgp=None, **dtype_kwargs(dtype), **extra
     )
