@@ -10,8 +10,8 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from benchmarks import controlnet_comparison, efficacy
-from pipeline_sketch_guided.demo import DEMO_MODEL_DIR
 from pipeline_sketch_guided import loading
+from pipeline_sketch_guided.demo import DEMO_MODEL_DIR
 from pipeline_sketch_guided.training import (
     prepare_data,
     shapes,

@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.width % 32 != 0 or args.width <= 0:
         parser.error(f"--width must be a positive multiple of 32 (heads of 32 channels), got {args.width}")
     if not (args.init_from / "vae").is_dir() or not (args.init_from / "text_encoder").is_dir():
-        parser.error(f"--init_from {args.init_from} is not a Stable Diffusion pipeline folder with a vae and text_encoder")
+        parser.error(f"--init_from {args.init_from} is not a Stable Diffusion pipeline folder (no vae or text_encoder)")
     return args
 
 
