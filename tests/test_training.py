@@ -568,3 +568,95 @@ def test_flux_training_refuses_the_unconditional_branch(prepared, tmp_path, tmp_
     extra = ["--max_train_steps", "1", "--feature_branch", "unconditional", "--max_sequence_length", "16"]
     with pytest.raises(ValueError, match="FLUX has no unconditional branch"):
         train_lgp.main(train_args(str(folder), data, tmp_path / "run", *extra))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inpainting UNets
+
+
+def test_an_inpainting_unet_reads_each_examples_mask_and_masked_image_and_its_lgp_guides_inpainting(
+    prepared, tmp_path, monkeypatch
+):
+    """A 9-channel UNet gets, after z_t, the example's repaint mask at the latents' size and the latents of the image
+    with the masked pixels zeroed, the same with and without `--cache_latents`; the LGP guides inpainting."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from pipeline_sketch_guided.pipeline_inpaint import SketchGuidedStableDiffusionInpaintPipeline
+    from pipeline_sketch_guided.testing import tiny_unet
+
+    data, _ = prepared
+    base = tmp_path / "inpainting-base"
+    components = {**tiny_components(), "unet": tiny_unet(in_channels=9)}
+    StableDiffusionInpaintPipeline(**components).save_pretrained(base)
+    seen = []
+    forward = UNetDenoiser.forward
+
+    def spy(self, noisy, timesteps, conditioning, inpainting=None):
+        if len(noisy) > 1:  # not the one-image probe that finds the last block
+            seen.append(inpainting.detach().clone())
+        return forward(self, noisy, timesteps, conditioning, inpainting)
+
+    monkeypatch.setattr(UNetDenoiser, "forward", spy)
+    for name, extra in (("uncached", []), ("cached", ["--cache_latents"])):
+        arguments = train_args(str(base), data, tmp_path / name, "--max_train_steps", "1", "--seed", "3", *extra)
+        train_lgp.main(arguments)
+    uncached, cached = seen
+    assert torch.allclose(uncached, cached, atol=1e-5)
+
+    first_batch = epoch_batches(NUM_IMAGES, 4, 0, 3)[0]
+    dataset = train_lgp.EdgeDataset(prepare_data.load_prepared_dataset(str(data)), RESOLUTION, mask_seed=3)
+    vae = components["vae"]
+    for row, index in enumerate(first_batch):
+        item = dataset[index]
+        mask = item["mask"]
+        assert set(mask.unique().tolist()) <= {0.0, 1.0} and mask.sum() >= (RESOLUTION // 4) ** 2
+        latent_mask = torch.nn.functional.interpolate(mask[None], size=(16, 16))[0]
+        assert torch.equal(uncached[row, :1], latent_mask)
+        with torch.no_grad():
+            masked = vae.encode((item["pixel_values"] * (1 - mask))[None]).latent_dist.mean * vae.config.scaling_factor
+        assert torch.allclose(uncached[row, 1:], masked[0], atol=1e-4)
+    masks = [train_lgp.inpainting_mask(index, RESOLUTION, 3) for index in range(200)]
+    whole = np.mean([bool(mask.all()) for mask in masks])
+    assert 0.15 < whole < 0.35 and any(0 < mask.mean() < 0.5 for mask in masks)
+
+    pipe = SketchGuidedStableDiffusionInpaintPipeline(
+        **components, lgp=LGPModel.from_pretrained(tmp_path / "cached")
+    ).to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    photo = PIL.Image.new("RGB", (32, 32), (200, 200, 200))
+    mask_image = PIL.Image.new("L", (32, 32), 255)
+    sketch = PIL.Image.new("L", (32, 32), 0)
+    sketch.paste(255, (8, 8, 24, 10))
+
+    def inpaint(**guidance):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(
+            "a red square", image=photo, mask_image=mask_image, num_inference_steps=4, generator=generator,
+            output_type="np", **guidance,
+        ).images[0]  # fmt: skip
+
+    assert np.abs(inpaint(sketch=sketch, sketch_guidance_scale=8.0) - inpaint()).max() > 1e-4
+
+
+def test_train_lgp_refuses_a_unet_that_is_neither_plain_nor_inpainting_and_validation_on_inpainting(prepared, tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from pipeline_sketch_guided.testing import tiny_unet
+
+    data, _ = prepared
+    odd = tmp_path / "odd"
+    StableDiffusionPipeline(**{**tiny_components(), "unet": tiny_unet(in_channels=5)}).save_pretrained(odd)
+    with pytest.raises(ValueError, match="takes 5 input channels.*inpainting UNets that take 9"):
+        train_lgp.main(train_args(str(odd), data, tmp_path / "out-odd", "--max_train_steps", "1"))
+    inpainting = tmp_path / "inpainting"
+    StableDiffusionInpaintPipeline(**{**tiny_components(), "unet": tiny_unet(in_channels=9)}).save_pretrained(
+        inpainting
+    )
+    sketch = tmp_path / "sketch.png"
+    PIL.Image.new("L", (32, 32), 0).save(sketch)
+    validation = ["--validation_prompts", "a red square", "--validation_sketches", str(sketch)]
+    with pytest.raises(ValueError, match="leave out `--validation_prompts`"):
+        train_lgp.main(
+            train_args(str(inpainting), data, tmp_path / "out-inpainting", "--max_train_steps", "1", *validation)
+        )
+    assert not (tmp_path / "out-inpainting" / "checkpoint-1").exists()

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
@@ -20,15 +21,25 @@ from pipeline_sketch_guided import LGPModel
 
 class UNetDenoiser:
     """SD 1.x/2.x and SDXL: z_t = sqrt(alphabar_t) E(x) + sqrt(1 - alphabar_t) noise on the base model's DDPM schedule,
-    integer timesteps."""
+    integer timesteps. An inpainting UNet (9 input channels) reads, after z_t, a repaint mask and the latents of the
+    masked image (`inpainting_inputs`)."""
 
     default_block_preset = "sketch2img"
+    inpainting = False
 
     def __init__(self, base, resolution: int):
         self.base, self.resolution = base, resolution
         self.module: nn.Module = base.unet
         self.schedule = DDPMScheduler.from_config(base.scheduler.config)
         self.num_train_timesteps = self.schedule.config.num_train_timesteps
+        latent_channels, in_channels = base.vae.config.latent_channels, self.module.config.in_channels
+        if in_channels not in (latent_channels, 2 * latent_channels + 1):
+            raise ValueError(
+                f"This UNet takes {in_channels} input channels: train_lgp reads UNets that take the VAE's"
+                f" {latent_channels} latent channels, or inpainting UNets that take {2 * latent_channels + 1} (the"
+                " latents, the mask, the masked image's latents)."
+            )
+        self.inpainting = in_channels != latent_channels
 
     @property
     def latent_multiple(self) -> int:
@@ -62,7 +73,30 @@ class UNetDenoiser:
         """alphabar of each timestep, for the LGP's noise-level input sqrt(1 - alphabar) noise."""
         return self.schedule.alphas_cumprod.to(timesteps.device)[timesteps]
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, Any]) -> Any:
+    def inpainting_inputs(self, pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor | None:
+        """What an inpainting UNet reads after the latents, made as `StableDiffusionInpaintPipeline` makes them from an
+        image in [-1, 1] and its mask (1 where to repaint): the binarised mask at the latents' size (nearest), then
+        the latents of the image with the masked pixels zeroed (the posterior's mean, as for the training latents,
+        where the pipeline draws a sample). `None` for any other denoiser."""
+        if not self.inpainting:
+            return None
+        device = self.base.vae.device
+        masks = (masks.to(device) >= 0.5).float()
+        masked_latents = self.base.encode_to_latents(pixels.to(device) * (masks < 0.5))
+        small_masks = F.interpolate(masks, size=masked_latents.shape[-2:]).to(masked_latents.dtype)
+        return torch.cat([small_masks, masked_latents], dim=1)
+
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: dict[str, Any],
+        inpainting: torch.Tensor | None = None,
+    ) -> Any:
+        if self.inpainting:
+            if inpainting is None:
+                raise ValueError("An inpainting UNet needs its mask and masked-image latents (`inpainting_inputs`).")
+            noisy = torch.cat([noisy, inpainting.to(noisy)], dim=1)
         return self.module(noisy.to(self.module.dtype), timesteps, **conditioning)
 
 
@@ -116,7 +150,9 @@ class SD3Denoiser(UNetDenoiser):
         (as the pipeline computes it, `SketchGuidanceMixin.noise_level_alpha_bar`)."""
         return 1 - self.sigmas(timesteps) ** 2
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, Any]) -> Any:
+    def forward(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, Any], inpainting: None = None
+    ) -> Any:
         timestep = self.sigmas(timesteps) * self.num_train_timesteps  # as the pipeline passes the scheduler's t
         return self.module(hidden_states=noisy.to(self.module.dtype), timestep=timestep, **conditioning)
 
@@ -142,7 +178,9 @@ class FluxDenoiser(SD3Denoiser):
         )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, Any]) -> Any:
+    def forward(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, Any], inpainting: None = None
+    ) -> Any:
         batch, channels, height, width = noisy.shape
         dtype, device = self.module.dtype, noisy.device
         packed = self.base._pack_latents(noisy.to(dtype), batch, channels, height, width)

@@ -6,7 +6,8 @@ SD3 and FLUX the flow's x_t = (1 - sigma) E(x) + sigma noise, sigma = t / 1000),
 on (z_t, t, c) without gradients captures the LGP's blocks, and the LGP is fitted at every latent pixel (mean squared
 error, `--stroke_weight` weighing an edge map's strokes) to E(e), or with `--target map` to e itself at its output
 resolution, given the noise level n = sqrt(1 - alphabar_t) * noise (sigma * noise on a flow). `training/denoisers.py`
-holds what differs between the families.
+holds what differs between the families. An inpainting UNet (9 input channels) also reads a repaint mask and the
+masked image's latents, as its pipeline gives them: a random box per example (`inpainting_mask`), or the whole image.
 
 Runs on the CPU, one GPU, or many GPUs and nodes through accelerate, from a checkout's root:
 
@@ -307,9 +308,31 @@ def image_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
+# With an inpainting UNet: the share of examples whose mask is the whole image (nothing known, as in text-to-image),
+# and the smallest side of the other examples' box masks, as a fraction of the image's.
+WHOLE_IMAGE_MASK_FRACTION = 0.25
+SMALLEST_MASK_SIDE = 0.25
+
+
+def inpainting_mask(index: int, resolution: int, seed: int) -> torch.Tensor:
+    """The repaint mask `(1, resolution, resolution)` (1 = repaint) of example `index` for an inpainting UNet: the whole
+    image for a quarter of the examples, else a box of random size (a quarter of the side to all of it) and place.
+    A function of its arguments only, so that cached, uncached and resumed runs see the same masks."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    mask = torch.zeros(1, resolution, resolution)
+    if torch.rand(1, generator=generator).item() < WHOLE_IMAGE_MASK_FRACTION:
+        return mask + 1
+    height, width = torch.randint(int(SMALLEST_MASK_SIDE * resolution), resolution + 1, (2,), generator=generator)
+    top = torch.randint(0, resolution - height + 1, (1,), generator=generator).item()
+    left = torch.randint(0, resolution - width + 1, (1,), generator=generator).item()
+    mask[:, top : top + height, left : left + width] = 1
+    return mask
+
+
 class EdgeDataset(Dataset):
     """The prepared (image, map, caption) triplets as tensors in [-1, 1]: edge maps in `sketch_polarity`, other maps
-    (`map_kind`) as prepared (grey maps repeated on three channels, colour maps in their own)."""
+    (`map_kind`) as prepared (grey maps repeated on three channels, colour maps in their own); with `mask_seed`, each
+    example's `inpainting_mask` too."""
 
     def __init__(
         self,
@@ -317,9 +340,11 @@ class EdgeDataset(Dataset):
         resolution: int,
         sketch_polarity: str = "light_on_dark",
         map_kind: str = "edges",
+        mask_seed: int | None = None,
     ):
         self.examples = examples
         self.resolution = resolution
+        self.mask_seed = mask_seed
         # Prepared edge maps are light on dark; no other kind of map has a polarity to turn.
         self.invert_edges = map_kind == "edges" and sketch_polarity == "dark_on_light"
 
@@ -336,11 +361,14 @@ class EdgeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
         edges = image_to_tensor(self._load(example.edge_path))
-        return {
+        item = {
             "pixel_values": image_to_tensor(self._load(example.image_path)),
             "edge_values": -edges if self.invert_edges else edges,
             "caption": example.caption,
         }
+        if self.mask_seed is not None:
+            item["mask"] = inpainting_mask(index, self.resolution, self.mask_seed)
+        return item
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -350,24 +378,33 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class CachedLatents(Dataset):
-    """E(x), the LGP's targets and their loss weights, computed once (`--cache_latents`)."""
+    """E(x), the LGP's targets and their loss weights, and an inpainting UNet's extra inputs, computed once
+    (`--cache_latents`)."""
 
     def __init__(
-        self, image_latents: torch.Tensor, edge_latents: torch.Tensor, loss_weights: torch.Tensor, captions: list[str]
+        self,
+        image_latents: torch.Tensor,
+        edge_latents: torch.Tensor,
+        loss_weights: torch.Tensor,
+        captions: list[str],
+        inpainting_inputs: torch.Tensor | None = None,
     ):
         self.image_latents, self.edge_latents, self.loss_weights = image_latents, edge_latents, loss_weights
-        self.captions = captions
+        self.captions, self.inpainting_inputs = captions, inpainting_inputs
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {
+        item = {
             "image_latents": self.image_latents[index],
             "edge_latents": self.edge_latents[index],
             "loss_weights": self.loss_weights[index],
             "caption": self.captions[index],
         }
+        if self.inpainting_inputs is not None:
+            item["inpainting_inputs"] = self.inpainting_inputs[index]
+        return item
 
 
 def epoch_batches(
@@ -467,19 +504,20 @@ def lgp_loss(
     noise: torch.Tensor,
     stop_block: nn.Module | None = None,
     loss_weights: torch.Tensor | None = None,
+    inpainting: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error of the LGP's prediction at every pixel of z_t = add_noise(E(x), noise, t) (the family's
     noising, `training/denoisers.py`), against its target (`lgp_targets`: E(e), or the map e itself), weighted per pixel
     by `loss_weights` where given.
 
-    The denoiser runs without gradients, in its own dtype, with `conditioning` (`denoiser.conditioning`); `lgp` may be
-    wrapped (DDP), so its config comes separately.
+    The denoiser runs without gradients, in its own dtype, with `conditioning` (`denoiser.conditioning`) and an
+    inpainting UNet's `inpainting` inputs; `lgp` may be wrapped (DDP), so its config comes separately.
     """
     noisy_latents = denoiser.noisy_latents(image_latents, noise, timesteps)
     with torch.no_grad():
         with capture_activations(denoiser.module, lgp_config.blocks, lgp_config.tuple_output_index) as features:
             with stop_forward_after(stop_block):
-                denoiser.forward(noisy_latents, timesteps, conditioning)
+                denoiser.forward(noisy_latents, timesteps, conditioning, inpainting)
         features = dict(features)
     prediction = lgp(features, noise_level_map(noise.float(), denoiser.alpha_bar(timesteps)))
     if loss_weights is None:
@@ -755,7 +793,13 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
             f" process x {accelerator.num_processes} processes); lower --train_batch_size or add data."
         )
     map_kind, map_normalization = training_map_kind(args)
-    dataset = EdgeDataset(examples, args.resolution, args.sketch_polarity, map_kind)
+    if denoiser.inpainting and args.validation_prompts:
+        raise ValueError(
+            "Validation draws text-to-image samples, which an inpainting UNet cannot (it needs an image and a mask):"
+            " leave out `--validation_prompts`, and measure the LGP with its inpainting pipeline after training."
+        )
+    mask_seed = args.seed if denoiser.inpainting else None
+    dataset = EdgeDataset(examples, args.resolution, args.sketch_polarity, map_kind, mask_seed)
 
     set_seed(args.seed)  # the LGP's initialisation: the same on every process
     lgp = denoiser.new_lgp(
@@ -815,13 +859,16 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         latent_size = args.resolution // base.vae_scale_factor
         probe = torch.zeros(1, lgp_config.latent_channels, latent_size, latent_size, device=accelerator.device)
         zero = torch.zeros(1, dtype=torch.long, device=accelerator.device)
+        probe_inpainting = torch.zeros_like(probe[:, :1]).repeat(1, 1 + probe.shape[1], 1, 1)
         last_block = last_block_to_run(
-            denoiser.module, lgp_config.blocks, lambda: denoiser.forward(probe, zero, probe_conditioning)
+            denoiser.module,
+            lgp_config.blocks,
+            lambda: denoiser.forward(probe, zero, probe_conditioning, probe_inpainting),
         )
     stop_block = denoiser.module.get_submodule(last_block)
 
     if args.cache_latents:
-        image_latents, edge_latents, loss_weights = [], [], []
+        image_latents, edge_latents, loss_weights, inpainting_inputs = [], [], [], []
         loader = DataLoader(
             dataset, batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers
         )
@@ -831,8 +878,16 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
                 targets, weights = targets_and_weights(batch["edge_values"])
                 edge_latents.append(targets.cpu())
                 loss_weights.append((torch.ones_like(targets[:, :1]) if weights is None else weights).cpu())
+                if denoiser.inpainting:
+                    inpainting_inputs.append(denoiser.inpainting_inputs(batch["pixel_values"], batch["mask"]).cpu())
         captions = [e.caption for e in examples]
-        dataset = CachedLatents(torch.cat(image_latents), torch.cat(edge_latents), torch.cat(loss_weights), captions)
+        dataset = CachedLatents(
+            torch.cat(image_latents),
+            torch.cat(edge_latents),
+            torch.cat(loss_weights),
+            captions,
+            torch.cat(inpainting_inputs) if inpainting_inputs else None,
+        )
 
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -864,9 +919,11 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
                     image_latents = batch["image_latents"].to(accelerator.device)
                     edge_latents = batch["edge_latents"].to(accelerator.device)
                     loss_weights = batch["loss_weights"].to(accelerator.device)
+                    inpainting = batch.get("inpainting_inputs")
                 else:
                     image_latents = encode_latents(base, batch["pixel_values"])
                     edge_latents, loss_weights = targets_and_weights(batch["edge_values"])
+                    inpainting = denoiser.inpainting_inputs(batch["pixel_values"], batch.get("mask"))
                 conditioning = denoiser.conditioning(batch["caption"], lgp_config.feature_branch)
                 noise = torch.randn(
                     image_latents.shape, generator=generator, device=accelerator.device, dtype=torch.float32
@@ -889,6 +946,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
                 noise,
                 stop_block,
                 loss_weights,
+                inpainting,
             )
             accelerator.backward(loss)
             optimizer.step()
