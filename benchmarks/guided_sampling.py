@@ -5,7 +5,8 @@ Times, `--repeats` times each after `--warmup` untimed runs, and reports medians
 - whole generations, from the prompt's text to a PIL image, as users run them: unguided (our pipeline without a
   sketch, which is exactly `StableDiffusionPipeline`) and guided (the first `--guided_fraction` of the steps; several
   fractions side by side), with split and batched guided steps (`--step_modes`), plus guided every k-th step for each
-  `--intervals` k (the approximate mode, `sketch_guidance_interval`, reusing the last gradient between);
+  `--intervals` k (the approximate mode, `sketch_guidance_interval`, reusing the last gradient between) and with each
+  `--recurrences` N (`sketch_guidance_recurrence`: the first guided steps run N times);
 - the fixed costs around the loop (prompt encoding, sketch encoding, VAE decoding), so that the loop's own ratio can be
   read off too;
 - the parts of one step: an unguided classifier-free step and a guided one, and inside the guided step the UNet forward
@@ -447,6 +448,9 @@ def timed_modes(args: argparse.Namespace, fraction: float, sketch) -> list[tuple
         modes.append((name, guided_settings(args, fraction, sketch), step_mode))
     for interval in args.intervals:
         modes.append((generation_name(suffix, interval), guided_settings(args, fraction, sketch, interval), None))
+    for times in args.recurrences:
+        settings = {**guided_settings(args, fraction, sketch), "sketch_guidance_recurrence": times}
+        modes.append((f"generation, guided, recurrence {times}{suffix}", settings, None))
     return modes
 
 
@@ -503,6 +507,10 @@ def ratios(seconds: dict[str, dict[str, Any]], args: argparse.Namespace, guided_
     for interval in args.intervals:
         formulas[f"generation guided every {interval} / unguided"] = lambda k=interval: (
             s[f"generation, guided every {k} steps"] / s["generation, unguided"]
+        )
+    for times in args.recurrences:
+        formulas[f"generation guided, recurrence {times} / unguided"] = lambda n=times: (
+            s[f"generation, guided, recurrence {n}"] / s["generation, unguided"]
         )
     out = {}
     for name, formula in formulas.items():
@@ -683,6 +691,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--intervals", type=int, nargs="*", default=[], help="Also guide every k-th step, each k.")
     parser.add_argument(
+        "--recurrences",
+        type=int,
+        nargs="*",
+        default=[],
+        help="Also a guided generation with each `sketch_guidance_recurrence` N (timed; not in --efficacy).",
+    )
+    parser.add_argument(
         "--no_gradient_reuse",
         action="store_true",
         help="With --intervals: the plain interval mode (no guidance between computed gradients).",
@@ -723,6 +738,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--guided_fraction must be in (0, 1], got {args.guided_fractions}.")
     if any(k < 1 for k in args.intervals):
         parser.error("--intervals must be at least 1.")
+    if any(n < 2 for n in args.recurrences):
+        parser.error("--recurrences must be at least 2 (1 is the plain guided generation).")
     return args
 
 

@@ -95,7 +95,7 @@ def test_benchmark_smoke_run_reports_every_figure(tmp_path):
     output = tmp_path / "guided_sampling.json"
     argv = ["--model", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
     argv += ["--guided_fraction", "0.5"]  # one of the 2 steps guided, whatever the pipeline's default
-    guided_sampling.main([*argv, "--intervals", "2", "--output", str(output)])
+    guided_sampling.main([*argv, "--intervals", "2", "--recurrences", "2", "--output", str(output)])
     record = json.loads(output.read_text())
 
     assert record["config"]["model"] == "tiny"
@@ -104,6 +104,7 @@ def test_benchmark_smoke_run_reports_every_figure(tmp_path):
         "generation, unguided",
         "generation, guided",
         "generation, guided every 2 steps",
+        "generation, guided, recurrence 2",
         "step, unguided",
         "step, guided",
         "  backward to the latents (LGP + UNet)",
@@ -123,6 +124,9 @@ def test_benchmark_smoke_run_reports_every_figure(tmp_path):
         floor / s["step, unguided"]
     )
     assert "CFG batch of 2 / 2 one-branch forwards" in record["ratios"]
+    assert record["ratios"]["generation guided, recurrence 2 / unguided"] == pytest.approx(
+        s["generation, guided, recurrence 2"] / s["generation, unguided"]
+    )
     saved = record["saved_for_backward_mib"]
     # The pipeline keeps nothing for weight gradients or for the layers after the last block the LGP reads.
     assert saved["guided step"]["after the last block read"] == 0
@@ -245,3 +249,9 @@ def test_inpainting_benchmark_measures_both_and_the_vae_floor(tmp_path):
     first, again = inpainting.inpainting_cases(2), inpainting.inpainting_cases(2)
     assert first[1]["prompt"] == again[1]["prompt"] and (first[1]["region"] == again[1]["region"]).all()
     assert first[0]["region"].sum() == first[0]["region"].size // 2  # one half repainted
+
+
+def test_guided_sampling_refuses_a_recurrence_below_two(capsys):
+    with pytest.raises(SystemExit):
+        guided_sampling.parse_args(["--recurrences", "1"])
+    assert "--recurrences must be at least 2" in capsys.readouterr().err
