@@ -4,6 +4,7 @@ import json
 import random
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
@@ -225,3 +226,50 @@ def test_transformer_demo_names_an_init_folder_that_is_not_a_pipeline(tmp_path, 
         train_demo_transformer.main(["--output_dir", str(tmp_path / "out"), "--init_from", str(tmp_path)])
     assert f"--init_from {tmp_path} is not a Stable Diffusion pipeline folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_inpainting_demo_starts_as_its_base_then_trains_on_masks_and_an_lgp_guides_it(tmp_path, capsys):
+    base = UNet2DConditionModel.from_pretrained(DEMO_MODEL_DIR, subfolder="unet", torch_dtype=torch.float32)
+    inpainting = train_demo_model.inpainting_unet(base)
+    assert inpainting.config.in_channels == 9
+    latents, extra = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 16, 16)
+    states, timesteps = torch.randn(2, 16, base.config.cross_attention_dim), torch.tensor([10, 500])
+    with torch.no_grad():  # the new channels' weights are zero: whatever they read, it computes what the base does
+        torch.testing.assert_close(
+            inpainting(torch.cat([latents, extra], 1), timesteps, states).sample,
+            base(latents, timesteps, states).sample,
+        )
+
+    train_demo_model.main(
+        [
+            "--output_dir", str(tmp_path), "--init_from", str(DEMO_MODEL_DIR), "--inpainting", "--num_images", "8",
+            "--unet_steps", "2", "--unet_batch_size", "4", "--device", "cpu",
+        ]
+    )  # fmt: skip
+    folder = tmp_path / "pipeline"
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
+    trained = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
+    assert trained.shape[1] == 9 and trained[:, 4:].abs().max() > 0  # the new channels learned something
+
+    pipe = loading.editing_pipeline(
+        loading.load_pipeline(str(folder), str(DEMO_MODEL_DIR / "lgp")), image=True, mask=True
+    )
+    assert type(pipe).__name__ == "SketchGuidedStableDiffusionInpaintPipeline"
+    pipe.set_progress_bar_config(disable=True)
+    photo, _, _ = shapes.render_sample(3)
+    mask = PIL.Image.new("L", photo.size, 0)
+    mask.paste(255, (32, 0, 64, 64))
+    sketch = efficacy.held_out_cases(1)[0].sketch
+
+    def inpaint(**guidance):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(
+            "a red circle", image=photo, mask_image=mask, num_inference_steps=3, generator=generator,
+            output_type="np", **guidance,
+        ).images[0]  # fmt: skip
+
+    assert np.abs(inpaint(sketch=sketch, sketch_guidance_scale=4.0) - inpaint()).max() > 1e-3
+
+    with pytest.raises(SystemExit):
+        train_demo_model.main(["--output_dir", str(tmp_path / "no-init"), "--inpainting"])
+    assert "--inpainting makes an inpainting UNet from a trained one" in capsys.readouterr().err

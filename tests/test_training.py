@@ -21,7 +21,7 @@ from diffusers import StableDiffusionPipeline
 from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline
 from pipeline_sketch_guided.testing import tiny_components
 from pipeline_sketch_guided.training import prepare_data, train_lgp
-from pipeline_sketch_guided.training.denoisers import UNetDenoiser
+from pipeline_sketch_guided.training.denoisers import UNetDenoiser, inpainting_mask
 from pipeline_sketch_guided.training.train_lgp import epoch_batches, last_block_to_run, latest_checkpoint, lgp_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -615,7 +615,7 @@ def test_an_inpainting_unet_reads_each_examples_mask_and_masked_image_and_its_lg
         with torch.no_grad():
             masked = vae.encode((item["pixel_values"] * (1 - mask))[None]).latent_dist.mean * vae.config.scaling_factor
         assert torch.allclose(uncached[row, 1:], masked[0], atol=1e-4)
-    masks = [train_lgp.inpainting_mask(index, RESOLUTION, 3) for index in range(200)]
+    masks = [inpainting_mask(index, RESOLUTION, 3) for index in range(200)]
     whole = np.mean([bool(mask.all()) for mask in masks])
     assert 0.15 < whole < 0.35 and any(0 < mask.mean() < 0.5 for mask in masks)
 

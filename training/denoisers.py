@@ -18,6 +18,26 @@ from torch import nn
 
 from pipeline_sketch_guided import LGPModel
 
+# With an inpainting UNet: the share of examples whose mask is the whole image (nothing known, as in text-to-image),
+# and the smallest side of the other examples' box masks, as a fraction of the image's.
+WHOLE_IMAGE_MASK_FRACTION = 0.25
+SMALLEST_MASK_SIDE = 0.25
+
+
+def inpainting_mask(index: int, resolution: int, seed: int) -> torch.Tensor:
+    """The repaint mask `(1, resolution, resolution)` (1 = repaint) of example `index` for an inpainting UNet: the whole
+    image for a quarter of the examples, else a box of random size (a quarter of the side to all of it) and place.
+    A function of its arguments only, so that cached, uncached and resumed runs see the same masks."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    mask = torch.zeros(1, resolution, resolution)
+    if torch.rand(1, generator=generator).item() < WHOLE_IMAGE_MASK_FRACTION:
+        return mask + 1
+    height, width = torch.randint(int(SMALLEST_MASK_SIDE * resolution), resolution + 1, (2,), generator=generator)
+    top = torch.randint(0, resolution - height + 1, (1,), generator=generator).item()
+    left = torch.randint(0, resolution - width + 1, (1,), generator=generator).item()
+    mask[:, top : top + height, left : left + width] = 1
+    return mask
+
 
 class UNetDenoiser:
     """SD 1.x/2.x and SDXL: z_t = sqrt(alphabar_t) E(x) + sqrt(1 - alphabar_t) noise on the base model's DDPM schedule,

@@ -9,7 +9,13 @@ result is an ordinary `StableDiffusionPipeline` folder in `<output_dir>/pipeline
 
 `--init_from` continues from a trained pipeline folder instead (its VAE kept as it is, its text encoder and UNet
 trained further), on the same or another data mix (`--styles`): how demo model v2 was trained on a GPU, and
-how the fine-tune that the LGP is checked on was made.
+how the fine-tune that the LGP is checked on was made. With `--inpainting` as well, that UNet becomes an inpainting UNet
+(9 input channels: the latents, the repaint mask, the masked image's latents; the new channels' weights start at zero,
+as Stable Diffusion's inpainting checkpoints were made from their bases) trained on a random mask per image (the masks
+`train_lgp` uses), and the result is a `StableDiffusionInpaintPipeline`:
+
+    python -m pipeline_sketch_guided.training.train_demo_model --output_dir outputs/demo-inpainting \
+        --init_from pipeline_sketch_guided/demo_model --inpainting --num_images 4000 --unet_steps 800
 
     python -m pipeline_sketch_guided.training.train_demo_model --output_dir outputs/demo-sd-v2 \
         --init_from pipeline_sketch_guided/demo_model --device cuda --num_images 60000 --unet_batch_size 256 \
@@ -29,11 +35,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from pipeline_sketch_guided.testing import tiny_tokenizer
+from pipeline_sketch_guided.training.denoisers import inpainting_mask
 from pipeline_sketch_guided.training.shapes import (
     BACKGROUND_STYLES,
     IMAGE_SIZE,
@@ -82,7 +96,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layout", default="inside", choices=LAYOUTS, help="how the shapes are sized and placed")
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--inpainting",
+        action="store_true",
+        help="with --init_from: make its UNet an inpainting UNet (9 input channels) and train it on random masks",
+    )
+    args = parser.parse_args(argv)
+    if args.inpainting and args.init_from is None:
+        parser.error("--inpainting makes an inpainting UNet from a trained one: give the pipeline with --init_from")
+    return args
 
 
 def make_vae() -> AutoencoderKL:
@@ -130,6 +152,34 @@ def make_unet() -> UNet2DConditionModel:
         attention_head_dim=8,
         norm_num_groups=16,
     )
+
+
+def inpainting_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """`unet` taking, after its latents, a repaint mask and the masked image's latents (`2 * in_channels + 1` input
+    channels): the new channels' input weights are zero, so that it starts out computing exactly what `unet` does."""
+    channels = unet.config.in_channels
+    inpainting = UNet2DConditionModel.from_config({**unet.config, "in_channels": 2 * channels + 1})
+    state = unet.state_dict()
+    weight = state["conv_in.weight"]
+    state["conv_in.weight"] = torch.cat([weight, weight.new_zeros(weight.shape[0], channels + 1, *weight.shape[2:])], 1)
+    inpainting.load_state_dict(state)
+    return inpainting.to(unet.dtype)
+
+
+@torch.no_grad()
+def encode_inpainting_inputs(vae: AutoencoderKL, images: np.ndarray, seed: int) -> torch.Tensor:
+    """Per image, what an inpainting UNet reads after the latents (`UNetDenoiser.inpainting_inputs`): its mask
+    (`inpainting_mask`) at the latents' size, then the latents of the image with the masked pixels zeroed (posterior
+    means, scaled as the pipeline scales them)."""
+    inputs = []
+    for start in range(0, len(images), 256):
+        pixels = to_tensor(images[start : start + 256])
+        masks = torch.stack([inpainting_mask(start + i, pixels.shape[-1], seed) for i in range(len(pixels))])
+        device = vae.device
+        latents = vae.encode((pixels * (masks < 0.5)).to(device)).latent_dist.mean * vae.config.scaling_factor
+        small = F.interpolate(masks, size=latents.shape[-2:]).to(device)
+        inputs.append(torch.cat([small, latents], dim=1).cpu())
+    return torch.cat(inputs)
 
 
 def _render(arguments: tuple[int, tuple[str, ...], str]) -> tuple[np.ndarray, str]:
@@ -282,7 +332,7 @@ def encode_dataset(vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
     return torch.cat(latents)
 
 
-def train_unet(args, vae, latents, captions, clock: Clock):
+def train_unet(args, vae, latents, captions, clock: Clock, inpainting_inputs: torch.Tensor | None = None):
     stage = args.output_dir / "unet_stage"
     stage.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_tokenizer(WORDS, model_max_length=MAX_TOKENS)
@@ -292,6 +342,8 @@ def train_unet(args, vae, latents, captions, clock: Clock):
     if args.init_from is not None:
         unet = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet", torch_dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder", dtype=torch.float32)
+        if inpainting_inputs is not None and unet.config.in_channels == latents.shape[1]:
+            unet = inpainting_unet(unet)
     else:
         unet, text_encoder = make_unet(), make_text_encoder(len(tokenizer))
     device = torch.device(args.device)
@@ -311,6 +363,8 @@ def train_unet(args, vae, latents, captions, clock: Clock):
         ema.to(device)
         step = checkpoint["step"]
     latents = latents.to(device) * vae.config.scaling_factor
+    if inpainting_inputs is not None:
+        inpainting_inputs = inpainting_inputs.to(device)
     caption_ids, empty_ids = caption_ids.to(device), empty_ids.to(device)
 
     def checkpoint_now():
@@ -337,6 +391,8 @@ def train_unet(args, vae, latents, captions, clock: Clock):
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), generator=generator)
         timesteps = timesteps.to(device)
         noisy = scheduler.add_noise(clean, noise, timesteps)
+        if inpainting_inputs is not None:
+            noisy = torch.cat([noisy, inpainting_inputs[index]], dim=1)
         prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
         loss = F.mse_loss(prediction, noise)
         loss.backward()
@@ -392,9 +448,19 @@ def main(argv=None) -> None:
         # Scale the latents to unit variance, as Stable Diffusion's scaling_factor does for its VAE.
         vae.register_to_config(scaling_factor=float(1 / latents.std()))
     print(f"latents: std {latents.std():.3f}, scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
-    unet, text_encoder, tokenizer, unet_step = train_unet(args, vae, latents, captions, clock)
+    inpainting_inputs = None
+    if args.inpainting:
+        cache = args.output_dir / f"inpainting-inputs-seed{args.seed}.pt"
+        if cache.is_file():
+            inpainting_inputs = torch.load(cache, weights_only=True)
+        else:
+            inpainting_inputs = encode_inpainting_inputs(vae.to(args.device), images, args.seed)
+            vae.cpu()
+            atomic_save(lambda path: torch.save(inpainting_inputs, path), cache)
+    unet, text_encoder, tokenizer, unet_step = train_unet(args, vae, latents, captions, clock, inpainting_inputs)
     use_finetuned_decoder(args, vae)
-    pipe = StableDiffusionPipeline(
+    pipeline_class = StableDiffusionInpaintPipeline if args.inpainting else StableDiffusionPipeline
+    pipe = pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -62,7 +62,7 @@ from pipeline_sketch_guided.lgp import (
 )
 from pipeline_sketch_guided.loading import absent_components, pipeline_class_for
 from pipeline_sketch_guided.sketch import MAP_KINDS, MAP_NORMALIZATIONS
-from pipeline_sketch_guided.training.denoisers import UNetDenoiser, training_denoiser
+from pipeline_sketch_guided.training.denoisers import UNetDenoiser, inpainting_mask, training_denoiser
 from pipeline_sketch_guided.training.prepare_data import (
     REPORT_FILE,
     PreparedExample,
@@ -306,27 +306,6 @@ def image_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float tensor in [-1, 1], as the VAE reads it."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
-
-
-# With an inpainting UNet: the share of examples whose mask is the whole image (nothing known, as in text-to-image),
-# and the smallest side of the other examples' box masks, as a fraction of the image's.
-WHOLE_IMAGE_MASK_FRACTION = 0.25
-SMALLEST_MASK_SIDE = 0.25
-
-
-def inpainting_mask(index: int, resolution: int, seed: int) -> torch.Tensor:
-    """The repaint mask `(1, resolution, resolution)` (1 = repaint) of example `index` for an inpainting UNet: the whole
-    image for a quarter of the examples, else a box of random size (a quarter of the side to all of it) and place.
-    A function of its arguments only, so that cached, uncached and resumed runs see the same masks."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    mask = torch.zeros(1, resolution, resolution)
-    if torch.rand(1, generator=generator).item() < WHOLE_IMAGE_MASK_FRACTION:
-        return mask + 1
-    height, width = torch.randint(int(SMALLEST_MASK_SIDE * resolution), resolution + 1, (2,), generator=generator)
-    top = torch.randint(0, resolution - height + 1, (1,), generator=generator).item()
-    left = torch.randint(0, resolution - width + 1, (1,), generator=generator).item()
-    mask[:, top : top + height, left : left + width] = 1
-    return mask
 
 
 class EdgeDataset(Dataset):
