@@ -13,6 +13,13 @@ sketch mask defaulting to the inpainting mask), and each image is measured:
   round trip", whose IoU and colour rows mean nothing: it has no new shape).
 
     python -m benchmarks.inpainting --output_dir outputs/inpainting
+
+`--model` measures another model instead (an inpainting checkpoint made from the demo, `train_demo_model --inpainting`,
+whose 9-channel UNet is not blended back: there the kept half is the UNet's own doing) with the LGP at `--lgp`, or the
+model's own:
+
+    python -m benchmarks.inpainting --model outputs/demo-inpainting/pipeline \
+        --lgp pipeline_sketch_guided/demo_model/lgp --output_dir outputs/inpainting-carry-over
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ import PIL.Image
 import torch
 
 from benchmarks.efficacy import foreground_colour, iou, named_colour, segment_foreground
-from pipeline_sketch_guided.demo import COLOURS, SHAPES, freehand_sketch, load_demo_pipeline
-from pipeline_sketch_guided.loading import editing_pipeline
+from pipeline_sketch_guided.demo import COLOURS, SHAPES, freehand_sketch
+from pipeline_sketch_guided.loading import editing_pipeline, load_pipeline
 from pipeline_sketch_guided.training.shapes import (
     BACKGROUND_STYLES,
     BACKGROUNDS,
@@ -119,7 +126,9 @@ def summarize(values: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    pipe = editing_pipeline(load_demo_pipeline(), image=True, mask=True)
+    pipe = editing_pipeline(load_pipeline(args.model, args.lgp), image=True, mask=True)
+    if pipe.lgp is None:
+        raise ValueError(f"{args.model!r} has no LGP: pass `--lgp` with the folder or Hub id of one trained for it.")
     pipe.set_progress_bar_config(disable=True)
     cases = inpainting_cases(args.num_cases)
     started = time.perf_counter()
@@ -180,12 +189,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a Stable Diffusion folder or Hub id (default: the demo model)")
+    parser.add_argument("--lgp", default=None, help="an LGP folder or Hub id (default: the model's own)")
     parser.add_argument("--output_dir", default="outputs/inpainting")
     parser.add_argument("--num_cases", type=int, default=24)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.lgp is not None and args.model is None:
+        parser.error("--lgp needs --model: the demo model brings its own LGP.")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

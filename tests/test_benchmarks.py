@@ -249,6 +249,14 @@ def test_inpainting_benchmark_measures_both_and_the_vae_floor(tmp_path):
     first, again = inpainting.inpainting_cases(2), inpainting.inpainting_cases(2)
     assert first[1]["prompt"] == again[1]["prompt"] and (first[1]["region"] == again[1]["region"]).all()
     assert first[0]["region"].sum() == first[0]["region"].size // 2  # one half repainted
+    # --model and --lgp name what to measure: the demo's own folders measure as the default does.
+    from pipeline_sketch_guided.demo import DEMO_MODEL_DIR
+
+    named = ["--model", str(DEMO_MODEL_DIR), "--lgp", str(DEMO_MODEL_DIR / "lgp")]
+    again = inpainting.main([*named, "--num_cases", "1", "--seeds", "0", "--steps", "2", "--output_dir", str(tmp_path)])
+    assert again["summary"] == summary
+    with pytest.raises(SystemExit):
+        inpainting.parse_args(["--lgp", str(DEMO_MODEL_DIR / "lgp")])
 
 
 def test_guided_sampling_refuses_a_recurrence_below_two(capsys):
