@@ -140,7 +140,9 @@ def card_target_text(config) -> str:
     if getattr(config, "target", "vae_latent") == "map":
         scale = config.target_scale
         where = "the latent resolution" if scale == 1 else f"{scale}x the latent resolution"
-        return f'the map itself (`target="map"`), area-averaged to {where}'
+        blur = getattr(config, "target_blur", 0.0)
+        blurred = f", blurred by a Gaussian of {blur:g} pixels there (`target_blur={blur:g}`)" if blur > 0 else ""
+        return f'the map itself (`target="map"`), area-averaged to {where}{blurred}'
     return 'the VAE latent of the map (`target="vae_latent"`, the paper\'s)'
 
 

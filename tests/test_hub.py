@@ -118,6 +118,11 @@ def test_card_names_what_the_lgp_predicts():
     assert '| Target | the map itself (`target="map"`), area-averaged to 2x the latent resolution |' in (
         build_model_card(own, REPO_ID).text
     )
+    blurred = LGPModel(**{**config, "out_channels": 4}, target="map", target_scale=2, target_blur=1.5).eval()
+    assert (
+        "area-averaged to 2x the latent resolution, blurred by a Gaussian of 1.5 pixels there (`target_blur=1.5`)"
+        in (build_model_card(blurred, REPO_ID).text)
+    )
 
 
 def test_card_of_converted_weights_credits_the_source():
