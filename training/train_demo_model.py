@@ -9,17 +9,19 @@ result is an ordinary `StableDiffusionPipeline` folder in `<output_dir>/pipeline
 
 `--init_from` continues from a trained pipeline folder instead (its VAE kept as it is, its text encoder and UNet
 trained further), on the same or another data mix (`--styles`): how demo model v2 was trained on a GPU, and
-how the fine-tune that the LGP is checked on was made. With `--inpainting` as well, that UNet becomes an inpainting UNet
-(9 input channels: the latents, the repaint mask, the masked image's latents; the new channels' weights start at zero,
-as Stable Diffusion's inpainting checkpoints were made from their bases) trained on a random mask per image (the masks
-`train_lgp` uses), and the result is a `StableDiffusionInpaintPipeline`:
-
-    python -m pipeline_sketch_guided.training.train_demo_model --output_dir outputs/demo-inpainting \
-        --init_from pipeline_sketch_guided/demo_model --inpainting --num_images 4000 --unet_steps 800
+how the fine-tune that the LGP is checked on was made.
 
     python -m pipeline_sketch_guided.training.train_demo_model --output_dir outputs/demo-sd-v2 \
         --init_from pipeline_sketch_guided/demo_model --device cuda --num_images 60000 --unet_batch_size 256 \
         --layout anywhere
+
+With `--inpainting` as well, the UNet of `--init_from` becomes an inpainting UNet (9 input channels: the latents, the
+repaint mask, the masked image's latents; the new channels' weights start at zero, as Stable Diffusion's inpainting
+checkpoints were made from their bases) trained on a random mask per image (the masks `train_lgp` uses), and the result
+is a `StableDiffusionInpaintPipeline`:
+
+    python -m pipeline_sketch_guided.training.train_demo_model --output_dir outputs/demo-inpainting \
+        --init_from pipeline_sketch_guided/demo_model --inpainting --num_images 4000 --unet_steps 800
 """
 
 from __future__ import annotations
@@ -450,7 +452,7 @@ def main(argv=None) -> None:
     print(f"latents: std {latents.std():.3f}, scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
     inpainting_inputs = None
     if args.inpainting:
-        cache = args.output_dir / f"inpainting-inputs-seed{args.seed}.pt"
+        cache = args.output_dir / f"inpainting-inputs-{len(images)}-seed{args.seed}.pt"
         if cache.is_file():
             inpainting_inputs = torch.load(cache, weights_only=True)
         else:
