@@ -189,8 +189,12 @@ def test_transformer_demo_trains_resumes_and_loads_as_an_sd3_pipeline_that_an_lg
     train_demo_transformer.main([*arguments, "--steps", "2"])
     weights = output / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors"
     first = load_file(weights)
+    projection = output / "pipeline" / "text_encoder" / "model.safetensors"
+    first_projection = load_file(projection)["text_projection.weight"]
     train_demo_transformer.main([*arguments, "--steps", "2"])  # resumes at step 2: nothing left to train
     assert all(torch.equal(first[k], tensor) for k, tensor in load_file(weights).items())
+    # The pooled projections it conditions on are rebuilt the same: the resumed run trains on the same conditioning.
+    assert torch.equal(load_file(projection)["text_projection.weight"], first_projection)
     assert json.loads((output / "training_report.json").read_text())["transformer_steps_done"] == 2
     index = json.loads((output / "pipeline" / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline" and index["text_encoder_3"] == [None, None]

@@ -115,8 +115,10 @@ def build_pipeline(args, latent_size: int) -> StableDiffusion3Pipeline:
     if vae.config.shift_factor is None:
         vae.register_to_config(shift_factor=0.0)
     tokenizer = CLIPTokenizer.from_pretrained(args.init_from, subfolder="tokenizer")
+    # Seeded, so that a resumed run builds the same pooled projections; the second differs from the first.
+    torch.manual_seed(args.seed + 6)
     text_encoder = clip_with_projection(args.init_from / "text_encoder")
-    torch.manual_seed(args.seed + 7)  # the second encoder's pooled projection differs from the first's
+    torch.manual_seed(args.seed + 7)
     text_encoder_2 = clip_with_projection(args.init_from / "text_encoder")
     width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
     torch.manual_seed(args.seed)
