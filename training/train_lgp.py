@@ -688,9 +688,9 @@ def load_base(pretrained: str, dtype: torch.dtype, revision: str | None = None, 
     pipeline_class = pipeline_class_for(pretrained, revision=revision)
     has_safety_checker = pipeline_class.__name__ == "SketchGuidedStableDiffusionPipeline"
     extra = {"safety_checker": None, "requires_safety_checker": False} if has_safety_checker else {}
-    extra = {**absent_components(pretrained, revision=revision), **extra}
+    extra = {**absent_components(pretrained, revision=revision), "lgp": None, **extra}
     base = pipeline_class.from_pretrained(
-        pretrained, revision=revision, variant=variant, lgp=None, **dtype_kwargs(dtype), **extra
+        pretrained, revision=revision, variant=variant, **dtype_kwargs(dtype), **extra
     )
     base.set_progress_bar_config(disable=True)
     return freeze(base)
