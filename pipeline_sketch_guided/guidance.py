@@ -374,9 +374,10 @@ class GuidedCall:
         if index is None:
             index = state.get("_begin_index") or 0
         sigmas = getattr(scheduler, "sigmas", None)
-        if self.pipe.is_flow_matching() or (sigmas is not None and float(scheduler.init_noise_sigma) > 1):
+        flow = self.pipe.is_flow_matching()
+        if flow or (sigmas is not None and float(scheduler.init_noise_sigma) > 1):
             now, after = (float(sigmas[index]), float(sigmas[index + 1]) if index + 1 < len(sigmas) else 0.0)
-            if self.pipe.is_flow_matching():
+            if flow:
                 ratio = (1 - now) / (1 - after)
                 return torch.tensor(ratio), torch.tensor(max(now**2 - (ratio * after) ** 2, 0.0) ** 0.5)
             return torch.tensor(1.0), torch.tensor(max(now**2 - after**2, 0.0) ** 0.5)
@@ -698,7 +699,8 @@ class SketchGuidanceMixin:
     ) -> tuple[Any, Any]:
         """The parent pipeline's `__call__` (`parent_call`, with `parent_kwargs`), guided by the sketch arguments in
         `guidance` (`sketch`, `sketch_mask`, `sketch_guidance_scale`, `..._start`, `..._end`, `..._interval`,
-        `return_edge_maps`, `invert_map`, and `guidance_map`, another name for `sketch`): checked and prepared first,
+        `..._recurrence` (1 where absent, as in pipeline files written before it), `return_edge_maps`, `invert_map`,
+        and `guidance_map`, another name for `sketch`): checked and prepared first,
         then the
         parent's own loop with `sketch_guidance`.
 

@@ -8,7 +8,7 @@ features and noise levels it will read there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +37,18 @@ def inpainting_mask(index: int, resolution: int, seed: int) -> torch.Tensor:
     left = torch.randint(0, resolution - width + 1, (1,), generator=generator).item()
     mask[:, top : top + height, left : left + width] = 1
     return mask
+
+
+def inpainting_inputs(
+    encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, masks: torch.Tensor
+) -> torch.Tensor:
+    """What an inpainting UNet reads after the latents, made as `StableDiffusionInpaintPipeline` makes them from images
+    in [-1, 1] and their masks (1 where to repaint): the binarised mask at the latents' size (nearest), then
+    `encode`(the image with the masked pixels zeroed), `encode` giving scaled latents."""
+    masks = (masks.to(pixels.device) >= 0.5).float()
+    masked_latents = encode(pixels * (masks < 0.5))
+    small_masks = F.interpolate(masks, size=masked_latents.shape[-2:]).to(masked_latents)
+    return torch.cat([small_masks, masked_latents], dim=1)
 
 
 class UNetDenoiser:
@@ -100,11 +112,7 @@ class UNetDenoiser:
         where the pipeline draws a sample). `None` for any other denoiser."""
         if not self.inpainting:
             return None
-        device = self.base.vae.device
-        masks = (masks.to(device) >= 0.5).float()
-        masked_latents = self.base.encode_to_latents(pixels.to(device) * (masks < 0.5))
-        small_masks = F.interpolate(masks, size=masked_latents.shape[-2:]).to(masked_latents.dtype)
-        return torch.cat([small_masks, masked_latents], dim=1)
+        return inpainting_inputs(self.base.encode_to_latents, pixels.to(self.base.vae.device), masks)
 
     def forward(
         self,

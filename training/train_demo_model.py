@@ -49,7 +49,7 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from pipeline_sketch_guided.testing import tiny_tokenizer
-from pipeline_sketch_guided.training.denoisers import inpainting_mask
+from pipeline_sketch_guided.training.denoisers import inpainting_inputs, inpainting_mask
 from pipeline_sketch_guided.training.shapes import (
     BACKGROUND_STYLES,
     IMAGE_SIZE,
@@ -173,14 +173,15 @@ def encode_inpainting_inputs(vae: AutoencoderKL, images: np.ndarray, seed: int) 
     """Per image, what an inpainting UNet reads after the latents (`UNetDenoiser.inpainting_inputs`): its mask
     (`inpainting_mask`) at the latents' size, then the latents of the image with the masked pixels zeroed (posterior
     means, scaled as the pipeline scales them)."""
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+
     inputs = []
     for start in range(0, len(images), 256):
-        pixels = to_tensor(images[start : start + 256])
+        pixels = to_tensor(images[start : start + 256]).to(vae.device)
         masks = torch.stack([inpainting_mask(start + i, pixels.shape[-1], seed) for i in range(len(pixels))])
-        device = vae.device
-        latents = vae.encode((pixels * (masks < 0.5)).to(device)).latent_dist.mean * vae.config.scaling_factor
-        small = F.interpolate(masks, size=latents.shape[-2:]).to(device)
-        inputs.append(torch.cat([small, latents], dim=1).cpu())
+        inputs.append(inpainting_inputs(encode, pixels, masks).cpu())
     return torch.cat(inputs)
 
 

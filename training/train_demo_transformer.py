@@ -107,13 +107,18 @@ def make_transformer(args, latent_size: int, text_width: int) -> SD3Transformer2
     )
 
 
-def build_pipeline(args, latent_size: int) -> StableDiffusion3Pipeline:
-    """The pipeline with a new transformer: the init pipeline's VAE (with SD3's `shift_factor`, 0 here, since it was
-    trained without one) and its text encoder as both CLIP encoders."""
+def load_vae(args) -> AutoencoderKL:
+    """The init pipeline's VAE, frozen, with SD3's `shift_factor` (0 where it has none: it was trained without)."""
     vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae", torch_dtype=torch.float32).eval()
     vae.requires_grad_(False)
     if vae.config.shift_factor is None:
         vae.register_to_config(shift_factor=0.0)
+    return vae
+
+
+def build_pipeline(args, vae: AutoencoderKL, latent_size: int) -> StableDiffusion3Pipeline:
+    """The pipeline with a new transformer: `vae` (`load_vae`) and the init pipeline's text encoder as both CLIP
+    encoders."""
     tokenizer = CLIPTokenizer.from_pretrained(args.init_from, subfolder="tokenizer")
     # Seeded, so that a resumed run builds the same pooled projections; the second differs from the first.
     torch.manual_seed(args.seed + 6)
@@ -225,13 +230,14 @@ def main(argv=None) -> None:
     images, captions = load_dataset(args.output_dir, args.num_images, args.styles, args.layout)
     print(f"dataset: {len(images)} images ({(time.monotonic() - started):.0f} s)", flush=True)
     cache = args.output_dir / "latents.pt"
-    vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae", torch_dtype=torch.float32).eval()
+    vae = load_vae(args)
     if cache.is_file():
         latents = torch.load(cache, weights_only=True)
     else:
         latents = encode_dataset(vae.to(args.device), images)
+        vae.cpu()
         atomic_save(lambda path: torch.save(latents, path), cache)
-    pipe = build_pipeline(args, latent_size=latents.shape[-1])
+    pipe = build_pipeline(args, vae, latent_size=latents.shape[-1])
     parameters = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"transformer: {parameters / 1e6:.2f}M parameters; latents {tuple(latents.shape[1:])}", flush=True)
     step = train_transformer(args, pipe, latents, captions, clock)

@@ -838,8 +838,8 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
         latent_size = args.resolution // base.vae_scale_factor
         probe = torch.zeros(1, lgp_config.latent_channels, latent_size, latent_size, device=accelerator.device)
         zero = torch.zeros(1, dtype=torch.long, device=accelerator.device)
-        probe_inpainting = torch.zeros_like(probe[:, :1]).repeat(1, 1 + probe.shape[1], 1, 1)
-        probe_inpainting = probe_inpainting if denoiser.inpainting else None
+        # An inpainting UNet's mask and masked-image latents: zeros, as the probe's latents are.
+        probe_inpainting = probe.new_zeros(1, 1 + probe.shape[1], *probe.shape[2:]) if denoiser.inpainting else None
         last_block = last_block_to_run(
             denoiser.module,
             lgp_config.blocks,
