@@ -45,7 +45,8 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ import PIL.ImageDraw
 import torch
 
 from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline, loading
+from pipeline_sketch_guided import guidance as guidance_module
 from pipeline_sketch_guided.demo import (
     DEMO_IMAGE_SIZE,
     SHAPES,
@@ -967,6 +969,7 @@ def run_benchmark(
             "sketch_guidance_start": sketch_guidance_start,
             "sketch_guidance_interval": sketch_guidance_interval,
             "sketch_guidance_recurrence": sketch_guidance_recurrence,
+            "recurrence_fraction": guidance_module.RECURRENCE_FRACTION,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
             "image_size": image_size,
@@ -997,6 +1000,19 @@ def run_benchmark(
     for name, target in targets.items():
         log(f"{name}: {target['value']:.3f} (target {target['target']}) {'met' if target['met'] else 'NOT met'}")
     return result
+
+
+@contextmanager
+def recurrence_fraction(fraction: float | None) -> Iterator[None]:
+    """For screening: inside the context, the guided steps in the first `fraction` of the schedule recur (the
+    pipeline's `RECURRENCE_FRACTION`); `None` leaves it. Restored on leaving."""
+    saved = guidance_module.RECURRENCE_FRACTION
+    if fraction is not None:
+        guidance_module.RECURRENCE_FRACTION = fraction
+    try:
+        yield
+    finally:
+        guidance_module.RECURRENCE_FRACTION = saved
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1043,6 +1059,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="sketch_guidance_recurrence of every guided setting: run each guided step of the first 10%% of the"
         " schedule this many times (1: once)",
     )
+    parser.add_argument(
+        "--recurrence_fraction",
+        type=float,
+        default=None,
+        help="for screening: the first fraction of the schedule whose guided steps recur (default: the pipeline's"
+        " RECURRENCE_FRACTION, 0.1; 0.05 repeats 2 of 30 steps, 0.02 the first step)",
+    )
     parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--guidance_scale", type=float, default=DEFAULT_CFG)
     parser.add_argument("--image_size", type=int, default=None, help="default: the model's native size")
@@ -1070,6 +1093,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--image_size must be a multiple of 8, got {args.image_size}.")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}.")
+    if args.recurrence_fraction is not None and not 0 < args.recurrence_fraction <= 1:
+        parser.error(f"--recurrence_fraction must be in (0, 1], got {args.recurrence_fraction}.")
     return args
 
 
@@ -1078,27 +1103,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, args.lgp, args.map)
-    return run_benchmark(
-        pipe,
-        args.output_dir,
-        num_cases=args.num_cases,
-        seeds=args.seeds,
-        scales=args.scales,
-        ends=args.ends,
-        sketch_guidance_start=args.sketch_guidance_start,
-        sketch_guidance_interval=args.interval,
-        sketch_guidance_recurrence=args.recurrence,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        image_size=args.image_size,
-        timing_runs=args.timing_runs,
-        timing_steps=args.timing_steps,
-        validation_samples=args.validation_samples,
-        batch_size=args.batch_size,
-        max_end=args.max_end,
-        map=args.map,
-        placement=args.placement,
-    )
+    with recurrence_fraction(args.recurrence_fraction):
+        return run_benchmark(
+            pipe,
+            args.output_dir,
+            num_cases=args.num_cases,
+            seeds=args.seeds,
+            scales=args.scales,
+            ends=args.ends,
+            sketch_guidance_start=args.sketch_guidance_start,
+            sketch_guidance_interval=args.interval,
+            sketch_guidance_recurrence=args.recurrence,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            image_size=args.image_size,
+            timing_runs=args.timing_runs,
+            timing_steps=args.timing_steps,
+            validation_samples=args.validation_samples,
+            batch_size=args.batch_size,
+            max_end=args.max_end,
+            map=args.map,
+            placement=args.placement,
+        )
 
 
 if __name__ == "__main__":

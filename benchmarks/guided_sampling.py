@@ -292,6 +292,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "efficacy_steps": args.efficacy_steps or args.steps if args.efficacy else None,
             "efficacy_placement": args.efficacy_placement if args.efficacy else None,
             "guided_steps": None,
+            "recurrence_fraction": guidance_module.RECURRENCE_FRACTION,
             "repeats": args.repeats,
             "warmup": args.warmup,
             "dtype": args.dtype,
@@ -698,6 +699,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Also a guided generation with each `sketch_guidance_recurrence` N (timed; not in --efficacy).",
     )
     parser.add_argument(
+        "--recurrence_fraction",
+        type=float,
+        default=None,
+        help="For screening --recurrences: the first fraction of the schedule whose guided steps recur (default: the"
+        " pipeline's RECURRENCE_FRACTION, 0.1).",
+    )
+    parser.add_argument(
         "--no_gradient_reuse",
         action="store_true",
         help="With --intervals: the plain interval mode (no guidance between computed gradients).",
@@ -740,12 +748,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--intervals must be at least 1.")
     if any(n < 2 for n in args.recurrences):
         parser.error("--recurrences must be at least 2 (1 is the plain guided generation).")
+    if args.recurrence_fraction is not None and not 0 < args.recurrence_fraction <= 1:
+        parser.error(f"--recurrence_fraction must be in (0, 1], got {args.recurrence_fraction}.")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from benchmarks.efficacy import recurrence_fraction
+
     args = parse_args(argv)
-    record = run_benchmark(args)
+    with recurrence_fraction(args.recurrence_fraction):
+        record = run_benchmark(args)
     print(format_table(record))
     text = json.dumps(without_nan(record), indent=2)
     print(text)

@@ -95,10 +95,12 @@ def test_benchmark_smoke_run_reports_every_figure(tmp_path):
     output = tmp_path / "guided_sampling.json"
     argv = ["--model", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
     argv += ["--guided_fraction", "0.5"]  # one of the 2 steps guided, whatever the pipeline's default
-    guided_sampling.main([*argv, "--intervals", "2", "--recurrences", "2", "--output", str(output)])
+    argv += ["--intervals", "2", "--recurrences", "2", "--recurrence_fraction", "0.5"]
+    guided_sampling.main([*argv, "--output", str(output)])
     record = json.loads(output.read_text())
 
     assert record["config"]["model"] == "tiny"
+    assert record["config"]["recurrence_fraction"] == 0.5 and guided_sampling.guidance_module.RECURRENCE_FRACTION == 0.1
     assert record["config"]["guided_steps"] == 1
     for name in (
         "generation, unguided",
@@ -263,3 +265,6 @@ def test_guided_sampling_refuses_a_recurrence_below_two(capsys):
     with pytest.raises(SystemExit):
         guided_sampling.parse_args(["--recurrences", "1"])
     assert "--recurrences must be at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        guided_sampling.parse_args(["--recurrences", "2", "--recurrence_fraction", "1.5"])
+    assert "--recurrence_fraction must be in (0, 1]" in capsys.readouterr().err

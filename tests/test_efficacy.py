@@ -19,6 +19,7 @@ from benchmarks.efficacy import (
     load_pipeline,
     main,
     measure_image,
+    parse_args,
     pick_best,
     run_benchmark,
     segment_foreground,
@@ -252,3 +253,34 @@ def test_cli_runs_on_the_tiny_pipeline(tmp_path, one_thread):
     result = main(args)
     assert result["timing"] is None and result["segmentation_validation"] is None
     assert "guided_seconds" not in result["targets"]
+
+
+def test_recurrence_fraction_chooses_the_steps_that_recur_for_that_run_only(tmp_path, one_thread, monkeypatch):
+    """`--recurrence_fraction` (screening) widens the recurring part of the schedule for the run and is recorded; the
+    pipeline's own fraction is back afterwards. 4 steps, the first half guided: 0.1 repeats step 0, 0.5 steps 0, 1."""
+    from benchmarks import efficacy
+    from pipeline_sketch_guided import guidance
+
+    calls = []
+    load = efficacy.load_pipeline
+
+    def counting_load(*args):
+        pipe = load(*args)
+        pipe.lgp.register_forward_hook(lambda *_: calls.append(1))
+        return pipe
+
+    monkeypatch.setattr(efficacy, "load_pipeline", counting_load)
+    args = ["--model", "tiny", "--num_cases", "1", "--seeds", "0", "--scales", "1.6", "--ends", "0.5"]
+    args += ["--num_inference_steps", "4", "--timing_runs", "0", "--validation_samples", "0", "--recurrence", "2"]
+    default_fraction = guidance.RECURRENCE_FRACTION
+    counts = {}
+    for fraction in (None, 0.5):
+        calls.clear()
+        extra = [] if fraction is None else ["--recurrence_fraction", str(fraction)]
+        result = main([*args, "--output_dir", str(tmp_path / str(fraction)), *extra])
+        counts[fraction] = len(calls)
+        assert result["config"]["recurrence_fraction"] == (fraction or default_fraction)
+        assert guidance.RECURRENCE_FRACTION == default_fraction
+    assert counts == {None: 2 + 1, 0.5: 2 + 2}
+    with pytest.raises(SystemExit):
+        parse_args(["--recurrence_fraction", "0"])
