@@ -660,3 +660,34 @@ def test_train_lgp_refuses_a_unet_that_is_neither_plain_nor_inpainting_and_valid
             train_args(str(inpainting), data, tmp_path / "out-inpainting", "--max_train_steps", "1", *validation)
         )
     assert not (tmp_path / "out-inpainting" / "checkpoint-1").exists()
+
+
+def test_lgp_loss_benchmark_ranks_a_trained_lgp_below_an_untrained_one_on_the_same_noise(
+    base_model, prepared, tmp_path, capsys
+):
+    from benchmarks import lgp_loss
+
+    data, _ = prepared
+    trained, untrained = tmp_path / "trained", tmp_path / "untrained"
+    target = ("--target", "map", "--cache_latents")
+    train_lgp.main(train_args(base_model, data, trained, "--max_train_steps", "48", *target))
+    # One step at a learning rate that moves nothing: the same initialisation, saved as a trained LGP is.
+    train_lgp.main(train_args(base_model, data, untrained, "--max_train_steps", "1", "--learning_rate", "1e-12", *target))
+    output = tmp_path / "loss.json"
+    # Batches of 5 over 12 examples: the last is partial.
+    arguments = ["--model", base_model, "--data", str(data), "--batch_size", "5", "--min_timestep", "0"]
+    rows = lgp_loss.main([*arguments, "--lgp", str(trained), str(untrained), str(trained), "--output", str(output)])
+    assert [row["examples"] for row in rows] == [NUM_IMAGES] * 3
+    trained_loss, untrained_loss, again = (row["loss"] for row in rows)
+    assert trained_loss == again  # every LGP sees each example at the same timestep and noise
+    assert trained_loss < 0.8 * untrained_loss
+    assert json.loads(output.read_text())["rows"] == rows
+    assert f"| {trained} | {data} | {NUM_IMAGES} |" in capsys.readouterr().out
+    # Fewer examples asked for: the first ones, the same noise for them.
+    first = lgp_loss.main([*arguments, "--lgp", str(trained), "--num_examples", "5"])
+    assert first[0]["examples"] == 5 and first[0]["loss"] != trained_loss
+
+    with pytest.raises(SystemExit):
+        lgp_loss.main([*arguments[:2], "--data", str(tmp_path), "--lgp", str(trained)])  # not a prepared set
+    with pytest.raises(ValueError, match="below the base model's"):
+        lgp_loss.main([*arguments, "--lgp", str(trained), "--max_timestep", "5000"])
