@@ -672,7 +672,8 @@ def test_lgp_loss_benchmark_ranks_a_trained_lgp_below_an_untrained_one_on_the_sa
     target = ("--target", "map", "--cache_latents")
     train_lgp.main(train_args(base_model, data, trained, "--max_train_steps", "48", *target))
     # One step at a learning rate that moves nothing: the same initialisation, saved as a trained LGP is.
-    train_lgp.main(train_args(base_model, data, untrained, "--max_train_steps", "1", "--learning_rate", "1e-12", *target))
+    unchanged = ("--max_train_steps", "1", "--learning_rate", "1e-12")
+    train_lgp.main(train_args(base_model, data, untrained, *unchanged, *target))
     output = tmp_path / "loss.json"
     # Batches of 5 over 12 examples: the last is partial.
     arguments = ["--model", base_model, "--data", str(data), "--batch_size", "5", "--min_timestep", "0"]
@@ -683,7 +684,7 @@ def test_lgp_loss_benchmark_ranks_a_trained_lgp_below_an_untrained_one_on_the_sa
     assert trained_loss < 0.8 * untrained_loss
     assert json.loads(output.read_text())["rows"] == rows
     assert f"| {trained} | {data} | {NUM_IMAGES} |" in capsys.readouterr().out
-    # Fewer examples asked for: the first ones, the same noise for them.
+    # --num_examples: the set's first examples only.
     first = lgp_loss.main([*arguments, "--lgp", str(trained), "--num_examples", "5"])
     assert first[0]["examples"] == 5 and first[0]["loss"] != trained_loss
 
