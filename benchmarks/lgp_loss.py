@@ -69,7 +69,9 @@ def mean_loss(base, lgp: LGPModel, data: str, args: argparse.Namespace) -> tuple
     denoiser = training_denoiser(base, resolution)
     if args.max_timestep >= denoiser.num_train_timesteps:
         raise ValueError(f"--max_timestep must be below the base model's {denoiser.num_train_timesteps} timesteps.")
-    dataset = EdgeDataset(examples, resolution, lgp.config.sketch_polarity, lgp.config.map_kind)
+    # An inpainting UNet reads a repaint mask per example, drawn as the trainer draws them.
+    mask_seed = args.seed if denoiser.inpainting else None
+    dataset = EdgeDataset(examples, resolution, lgp.config.sketch_polarity, lgp.config.map_kind, mask_seed)
     # The same timestep and noise for an example whichever LGP is measured.
     generator = torch.Generator().manual_seed(args.seed)
     timesteps = torch.randint(args.min_timestep, args.max_timestep + 1, (len(examples),), generator=generator)
@@ -80,8 +82,19 @@ def mean_loss(base, lgp: LGPModel, data: str, args: argparse.Namespace) -> tuple
         noise = torch.randn(image_latents.shape, generator=generator)
         targets = lgp_targets(base, lgp, batch["edge_values"])
         conditioning = denoiser.conditioning(batch["caption"], lgp.config.feature_branch)
+        inpainting = denoiser.inpainting_inputs(batch["pixel_values"], batch.get("mask"))
         batch_timesteps = timesteps[start : start + count].to(image_latents.device)
-        loss = lgp_loss(denoiser, lgp, lgp.config, image_latents, targets, conditioning, batch_timesteps, noise)
+        loss = lgp_loss(
+            denoiser,
+            lgp,
+            lgp.config,
+            image_latents,
+            targets,
+            conditioning,
+            batch_timesteps,
+            noise,
+            inpainting=inpainting,
+        )
         total += loss.item() * count
         start += count
     return total / len(examples), len(examples)

@@ -692,3 +692,29 @@ def test_lgp_loss_benchmark_ranks_a_trained_lgp_below_an_untrained_one_on_the_sa
         lgp_loss.main([*arguments[:2], "--data", str(tmp_path), "--lgp", str(trained)])  # not a prepared set
     with pytest.raises(ValueError, match="below the base model's"):
         lgp_loss.main([*arguments, "--lgp", str(trained), "--max_timestep", "5000"])
+
+
+def test_lgp_loss_benchmark_gives_an_inpainting_unet_its_masks(prepared, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from benchmarks import lgp_loss
+    from pipeline_sketch_guided.testing import tiny_unet
+
+    data, _ = prepared
+    base = tmp_path / "inpainting-base"
+    StableDiffusionInpaintPipeline(**{**tiny_components(), "unet": tiny_unet(in_channels=9)}).save_pretrained(base)
+    train_lgp.main(train_args(str(base), data, tmp_path / "lgp", "--max_train_steps", "1"))
+    seen = []
+    forward = UNetDenoiser.forward
+
+    def spy(self, noisy, timesteps, conditioning, inpainting=None):
+        seen.append((tuple(noisy.shape), None if inpainting is None else tuple(inpainting.shape)))
+        return forward(self, noisy, timesteps, conditioning, inpainting)
+
+    monkeypatch.setattr(UNetDenoiser, "forward", spy)
+    arguments = ["--model", str(base), "--lgp", str(tmp_path / "lgp"), "--data", str(data), "--batch_size", "8"]
+    rows = lgp_loss.main(arguments)
+    assert rows[0]["examples"] == NUM_IMAGES and np.isfinite(rows[0]["loss"])
+    # For each batch (8, then the last 4): the mask and the masked image's 4 latent channels, at the latents' size.
+    assert [noisy[0] for noisy, _ in seen] == [8, 4]
+    assert all(inpainting == (noisy[0], 5, *noisy[2:]) for noisy, inpainting in seen)
