@@ -20,7 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import PIL.Image
 import torch
 from torch.utils.data import DataLoader
 
@@ -34,6 +33,7 @@ from pipeline_sketch_guided.training.train_lgp import (
     lgp_loss,
     lgp_targets,
     load_base,
+    prepared_resolution,
 )
 
 
@@ -64,8 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def mean_loss(base, lgp: LGPModel, data: str, args: argparse.Namespace) -> tuple[float, int]:
     """The LGP's mean loss over the first `args.num_examples` examples of `data`, and how many there were."""
     examples = load_prepared_dataset(data)[: args.num_examples]
-    with PIL.Image.open(examples[0].image_path) as first:
-        resolution = first.width  # as the trainer takes it
+    resolution = prepared_resolution(examples)  # as the trainer takes it
     denoiser = training_denoiser(base, resolution)
     if args.max_timestep >= denoiser.num_train_timesteps:
         raise ValueError(f"--max_timestep must be below the base model's {denoiser.num_train_timesteps} timesteps.")

@@ -350,6 +350,12 @@ class EdgeDataset(Dataset):
         return item
 
 
+def prepared_resolution(examples: list[PreparedExample]) -> int:
+    """The side of a prepared set's images (`prepare_data` writes them all square, at one size): the first one's."""
+    with PIL.Image.open(examples[0].image_path) as first:
+        return first.width
+
+
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0] if key != "caption"}
     batch["caption"] = [e["caption"] for e in examples]
@@ -755,8 +761,7 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     base.to(accelerator.device)
     examples = load_prepared_dataset(args.train_data_dir)
     if args.resolution is None:
-        with PIL.Image.open(examples[0].image_path) as first:
-            args.resolution = first.width
+        args.resolution = prepared_resolution(examples)
     denoiser = training_denoiser(base, args.resolution, args.max_sequence_length, args.guidance_scale)
     num_train_timesteps = denoiser.num_train_timesteps
     max_timestep = num_train_timesteps - 1 if args.max_timestep is None else args.max_timestep
