@@ -268,3 +268,54 @@ def test_guided_sampling_refuses_a_recurrence_below_two(capsys):
     with pytest.raises(SystemExit):
         guided_sampling.parse_args(["--recurrences", "2", "--recurrence_fraction", "1.5"])
     assert "--recurrence_fraction must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["gradient_blur:1", "error_blur:1", "schedule:linear", "schedule:front3"])
+def test_guidance_variants_change_the_guided_latents_and_are_undone_on_exit(pipe, spec):
+    from benchmarks.guidance_variants import guidance_variant
+
+    plain = generate_latents(pipe, sketch=draw_square())
+    with guidance_variant(spec):
+        varied = generate_latents(pipe, sketch=draw_square())
+        unguided = generate_latents(pipe)
+    assert not torch.allclose(varied, plain, atol=1e-4)
+    # Only guidance changes: without a sketch the variant changes nothing, and on leaving everything is as before.
+    assert torch.equal(unguided, generate_latents(pipe))
+    assert torch.equal(generate_latents(pipe, sketch=draw_square()), plain)
+
+
+def test_gradient_blur_spreads_a_point_gradient_over_its_neighbours():
+    from benchmarks.guidance_variants import guidance_variant
+    from pipeline_sketch_guided import guidance as guidance_module
+
+    latents, next_latents = torch.zeros(1, 4, 9, 9), torch.ones(1, 4, 9, 9)
+    point = torch.zeros(1, 4, 9, 9)
+    point[..., 4, 4] = 1.0
+    sharp = guidance_module.sketch_guidance_step(latents, next_latents, point, 1.0)
+    with guidance_variant("gradient_blur:1"):
+        broad = guidance_module.sketch_guidance_step(latents, next_latents, point, 1.0)
+    moved_sharp, moved_broad = (next_latents - sharp)[0, 0], (next_latents - broad)[0, 0]
+    assert (moved_sharp > 0).sum() == 1 and (moved_broad > 1e-3).sum() >= 9
+    # The step's size is the rule's whatever the gradient's shape.
+    assert torch.allclose(moved_sharp.norm(), moved_broad.norm(), rtol=1e-5)
+
+
+def test_guidance_schedules_keep_the_mean_scale_or_say_they_add():
+    from benchmarks.guidance_variants import schedule_weight
+
+    def mean(name):
+        return sum(schedule_weight(name, i, 9) for i in range(9)) / 9
+
+    assert mean("linear") == pytest.approx(1.0) and mean("front3") == pytest.approx(1.0)
+    assert mean("front3_plus") == pytest.approx(4 / 3)
+    assert [schedule_weight("linear", i, 9) for i in range(9)] == sorted(
+        (schedule_weight("linear", i, 9) for i in range(9)), reverse=True
+    )
+
+
+@pytest.mark.parametrize("spec", ["blur:1", "gradient_blur:0", "gradient_blur:x", "error_blur", "schedule:cubic"])
+def test_guidance_variants_refuse_what_they_do_not_know(spec):
+    from benchmarks.guidance_variants import main
+
+    with pytest.raises(ValueError, match="got"):
+        main(["--variant", spec, "--", "--model", "tiny"])

@@ -1,0 +1,126 @@
+"""Screening of ways to turn the LGP's gradient into a guidance step, none of them in the pipeline: the efficacy
+benchmark with one such change applied for the whole run.
+
+Each variant keeps the LGP and the step-size rule (alpha = beta ||z_t - z_{t-1}|| / ||g||) and changes one thing:
+
+- `gradient_blur:SIGMA`: g blurred per channel by a Gaussian of SIGMA latent pixels before the step, so that guidance
+  moves the latents in broad strokes only;
+- `error_blur:SIGMA`: the loss taken between the LGP's prediction and the target both blurred by a Gaussian of SIGMA
+  pixels of the target's resolution, L = sum (G * (LGP(F) - E(s)))^2: a prediction some pixels off a stroke still
+  sees a slope towards it (a guidance-time widening of `target_blur`);
+- `schedule:linear`: beta over the guided steps falling linearly from 2 x 9/10 beta at the first (of 9) to 2 x 1/10 at
+  the last, with the same mean;
+- `schedule:front3`: 2 x beta on the first 3 guided steps and beta / 2 after (the same mean over 9 guided steps);
+- `schedule:front3_plus`: 2 x beta on the first 3 guided steps and beta after.
+
+Results and reasons are in docs/fidelity.md ("Shaping the gradient"). Everything after `--` goes to the efficacy
+benchmark:
+
+    python -m benchmarks.guidance_variants --variant error_blur:1 -- --placement inside --num_cases 24 --seeds 0 1 \\
+        --scales 2.5 --ends 0.3 --max_end 0.3 --threads 2 --timing_runs 0 --validation_samples 0 \\
+        --output_dir outputs/variants/error_blur_1_inside
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+from unittest import mock
+
+from pipeline_sketch_guided import guidance as guidance_module
+from pipeline_sketch_guided.lgp import LGPModel, gaussian_blur
+
+from . import efficacy
+
+SCHEDULES = ("linear", "front3", "front3_plus")
+KINDS = ("gradient_blur", "error_blur", "schedule")
+
+
+def schedule_weight(schedule: str, position: int, num_guided: int) -> float:
+    """The factor on beta at the `position`-th (from 0) of `num_guided` guided steps."""
+    if schedule == "linear":
+        return 2 * (num_guided - position) / (num_guided + 1)
+    if schedule == "front3":
+        return 2.0 if position < 3 else 0.5
+    if schedule == "front3_plus":
+        return 2.0 if position < 3 else 1.0
+    raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}.")
+
+
+def parse_variant(spec: str) -> tuple[str, Any]:
+    """("gradient_blur" | "error_blur", sigma) or ("schedule", name) from "KIND:VALUE"."""
+    kind, _, value = spec.partition(":")
+    if kind not in KINDS or not value:
+        raise ValueError(f"A variant is KIND:VALUE with KIND one of {KINDS}, got {spec!r}.")
+    if kind == "schedule":
+        if value not in SCHEDULES:
+            raise ValueError(f"A schedule is one of {SCHEDULES}, got {value!r}.")
+        return kind, value
+    try:
+        sigma = float(value)
+    except ValueError:
+        sigma = -1.0
+    if not sigma > 0:
+        raise ValueError(f"{kind}'s value is a standard deviation in pixels above 0, got {value!r}.")
+    return kind, sigma
+
+
+@contextlib.contextmanager
+def guidance_variant(spec: str) -> Iterator[None]:
+    """Inside the context, every sketch-guided pipeline guides with the variant `spec` (see the module's doc)."""
+    kind, value = parse_variant(spec)
+    with contextlib.ExitStack() as stack:
+        if kind == "gradient_blur":
+            step = guidance_module.sketch_guidance_step
+
+            def blurred_step(latents, next_latents, gradient, scale):
+                return step(latents, next_latents, gaussian_blur(gradient.float(), value), scale)
+
+            stack.enter_context(mock.patch.object(guidance_module, "sketch_guidance_step", blurred_step))
+        elif kind == "error_blur":
+            # Blurring both sides of the error is blurring the prediction and the target: (G*p - G*t) = G*(p - t).
+            lgp_forward = LGPModel.forward
+            prepare = guidance_module.SketchGuidanceMixin.prepare_sketch_latents
+
+            def blurred_forward(self, *args, **kwargs):
+                return gaussian_blur(lgp_forward(self, *args, **kwargs).float(), value)
+
+            def blurred_target(self, *args, **kwargs):
+                return gaussian_blur(prepare(self, *args, **kwargs).float(), value)
+
+            stack.enter_context(mock.patch.object(LGPModel, "forward", blurred_forward))
+            stack.enter_context(
+                mock.patch.object(guidance_module.SketchGuidanceMixin, "prepare_sketch_latents", blurred_target)
+            )
+        else:
+            scheduler_step = guidance_module.GuidedCall.scheduler_step
+
+            def scheduled_step(self, *args, **kwargs):
+                base = self.scale
+                if self.step_call is not None:
+                    guided = sorted(self.guided_steps)
+                    self.scale = base * schedule_weight(value, guided.index(self.step_call[0]), len(guided))
+                try:
+                    return scheduler_step(self, *args, **kwargs)
+                finally:
+                    self.scale = base
+
+            stack.enter_context(mock.patch.object(guidance_module.GuidedCall, "scheduler_step", scheduled_step))
+        yield
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", required=True, help="KIND:VALUE, see above")
+    parser.add_argument("efficacy_args", nargs=argparse.REMAINDER, help="-- then the efficacy benchmark's arguments")
+    args = parser.parse_args(argv)
+    rest = args.efficacy_args[1:] if args.efficacy_args[:1] == ["--"] else args.efficacy_args
+    parse_variant(args.variant)  # a bad variant fails before the pipeline loads
+    with guidance_variant(args.variant):
+        return efficacy.main(rest)
+
+
+if __name__ == "__main__":
+    main()
