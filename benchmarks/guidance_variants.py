@@ -8,6 +8,9 @@ Each variant keeps the LGP and the step-size rule (alpha = beta ||z_t - z_{t-1}|
 - `error_blur:SIGMA`: the loss taken between the LGP's prediction and the target both blurred by a Gaussian of SIGMA
   pixels of the target's resolution, L = sum (G * (LGP(F) - E(s)))^2: a prediction some pixels off a stroke still
   sees a slope towards it (a guidance-time widening of `target_blur`);
+- `detach:BLOCK[,BLOCK...]`: no gradient through the LGP's reading of the named UNet blocks (the LGP still reads
+  them); g then reaches the latents only through the other blocks' features (and through these blocks inside the
+  UNet, on the way to the deeper ones);
 - `schedule:linear`: beta over the guided steps falling linearly from 2 x 9/10 beta at the first (of 9) to 2 x 1/10 at
   the last, with the same mean;
 - `schedule:front3`: 2 x beta on the first 3 guided steps and beta / 2 after (the same mean over 9 guided steps);
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from unittest import mock
 
@@ -35,7 +38,7 @@ from pipeline_sketch_guided.lgp import LGPModel, gaussian_blur
 from . import efficacy
 
 SCHEDULES = ("linear", "front3", "front3_plus")
-KINDS = ("gradient_blur", "error_blur", "schedule")
+KINDS = ("gradient_blur", "error_blur", "detach", "schedule")
 
 
 def schedule_weight(schedule: str, position: int, num_guided: int) -> float:
@@ -50,7 +53,7 @@ def schedule_weight(schedule: str, position: int, num_guided: int) -> float:
 
 
 def parse_variant(spec: str) -> tuple[str, Any]:
-    """("gradient_blur" | "error_blur", sigma) or ("schedule", name) from "KIND:VALUE"."""
+    """("gradient_blur" | "error_blur", sigma), ("detach", block names) or ("schedule", name) from "KIND:VALUE"."""
     kind, _, value = spec.partition(":")
     if kind not in KINDS or not value:
         raise ValueError(f"A variant is KIND:VALUE with KIND one of {KINDS}, got {spec!r}.")
@@ -58,6 +61,8 @@ def parse_variant(spec: str) -> tuple[str, Any]:
         if value not in SCHEDULES:
             raise ValueError(f"A schedule is one of {SCHEDULES}, got {value!r}.")
         return kind, value
+    if kind == "detach":
+        return kind, tuple(value.split(","))
     try:
         sigma = float(value)
     except ValueError:
@@ -94,6 +99,19 @@ def guidance_variant(spec: str) -> Iterator[None]:
             stack.enter_context(
                 mock.patch.object(guidance_module.SketchGuidanceMixin, "prepare_sketch_latents", blurred_target)
             )
+        elif kind == "detach":
+            lgp_forward = LGPModel.forward
+
+            def forward_without(self, features, noise_level):
+                unknown = set(value) - set(self.config.blocks)
+                if unknown:
+                    raise ValueError(f"This LGP reads no block {sorted(unknown)}; it reads {self.config.blocks}.")
+                if isinstance(features, Mapping):
+                    features = [features[name] for name in self.config.blocks]
+                read = [f.detach() if n in value else f for n, f in zip(self.config.blocks, features, strict=True)]
+                return lgp_forward(self, read, noise_level)
+
+            stack.enter_context(mock.patch.object(LGPModel, "forward", forward_without))
         else:
             scheduler_step = guidance_module.GuidedCall.scheduler_step
 

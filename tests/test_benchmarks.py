@@ -270,7 +270,9 @@ def test_guided_sampling_refuses_a_recurrence_below_two(capsys):
     assert "--recurrence_fraction must be in (0, 1]" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spec", ["gradient_blur:1", "error_blur:1", "schedule:linear", "schedule:front3"])
+@pytest.mark.parametrize(
+    "spec", ["gradient_blur:1", "error_blur:1", "detach:down_blocks.0", "schedule:linear", "schedule:front3"]
+)
 def test_guidance_variants_change_the_guided_latents_and_are_undone_on_exit(pipe, spec):
     from benchmarks.guidance_variants import guidance_variant
 
@@ -282,6 +284,13 @@ def test_guidance_variants_change_the_guided_latents_and_are_undone_on_exit(pipe
     # Only guidance changes: without a sketch the variant changes nothing, and on leaving everything is as before.
     assert torch.equal(unguided, generate_latents(pipe))
     assert torch.equal(generate_latents(pipe, sketch=draw_square()), plain)
+
+
+def test_detaching_a_block_the_lgp_does_not_read_is_refused(pipe):
+    from benchmarks.guidance_variants import guidance_variant
+
+    with guidance_variant("detach:down_blocks.7"), pytest.raises(ValueError, match="reads no block"):
+        generate_latents(pipe, sketch=draw_square())
 
 
 def test_gradient_blur_spreads_a_point_gradient_over_its_neighbours():
