@@ -10,7 +10,8 @@ one) from the same 4,000 renders and their Canny edges (`pipeline_sketch_guided.
 measures, in one run and for each method:
 
 - sketch and prompt agreement on `benchmarks.efficacy`'s held-out free-hand sketches (IoU of the image's foreground
-  with the filled sketch, outline F-score, prompt colour, recognisable shape), each case with the same seeds;
+  with the filled sketch, outline F-score, prompt colour, recognisable shape, one shape drawn), each case with the
+  same seeds; the development set by default, `--placement anywhere` or `freehand` for the other two;
 - training time (from each model's `training.json`), trainable parameters and the weights' file size;
 - the seconds of one 30-step generation on this machine, and that over unguided (on the base: a fine-tune has the
   same architecture, so the same cost).
@@ -53,6 +54,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lgp", default=None, help="an LGP folder (default: the model's own)")
     parser.add_argument("--controlnets", nargs="+", required=True, help="ControlNet folders trained on --model")
     parser.add_argument("--finetuned_model", default=None, help="a fine-tune of --model to measure each method on")
+    parser.add_argument(
+        "--placement",
+        default="inside",
+        choices=efficacy.PLACEMENTS,
+        help="which held-out sketches (benchmarks.efficacy's --placement): the development set, `anywhere` or the"
+        " second drawer's `freehand`",
+    )
     parser.add_argument("--num_cases", type=int, default=24)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--num_inference_steps", type=int, default=efficacy.DEFAULT_STEPS)
@@ -217,9 +225,9 @@ def sd15_sizes() -> dict[str, int]:
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
-        "| base | method | IoU | outline F | colour | recognisable | training | trainable parameters | file"
-        " | s / image | over unguided |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| base | method | IoU | outline F | colour | recognisable | one object | training | trainable parameters"
+        " | file | s / image | over unguided |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for row in rows:
         training = (
@@ -231,7 +239,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         over = f"{row['over_unguided']:.2f}x" if row.get("over_unguided") else "-"
         lines.append(
             f"| {row['base']} | {row['method']} | {row['iou']:.3f} | {row['outline_f_score']:.3f}"
-            f" | {row['colour_agreement']:.0%} | {row['recognisable']:.0%} | {training} | {parameters} | {size}"
+            f" | {row['colour_agreement']:.0%} | {row['recognisable']:.0%} | {row['one_object']:.0%} | {training}"
+            f" | {parameters} | {size}"
             f" | {seconds} | {over} |"
         )
     return "\n".join(lines) + "\n"
@@ -245,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         if not (Path(folder) / "config.json").is_file():
             raise SystemExit(f"{folder} is not a ControlNet folder (no config.json): train one with train_controlnet.")
     size = efficacy.DEMO_IMAGE_SIZE
-    cases = efficacy.held_out_cases(args.num_cases, size)
+    cases = efficacy.held_out_cases(args.num_cases, size, placement=args.placement)
     rows = measure_base(args, args.model, "base", cases, size, timed=True)
     if args.finetuned_model:
         rows += measure_base(args, args.finetuned_model, "fine-tune of the base", cases, size, timed=False)

@@ -113,9 +113,18 @@ def test_controlnet_training_names_a_folder_that_is_not_training_data(tmp_path):
         )  # fmt: skip
 
 
-def test_comparison_an_untrained_controlnet_draws_the_unguided_images(tmp_path):
+def test_comparison_an_untrained_controlnet_draws_the_unguided_images(tmp_path, monkeypatch):
     """ControlNet's zero convolutions start the control at nothing: an untrained one must score exactly as unguided,
-    while the LGP moves the images; the table carries each method's size and parameters."""
+    while the LGP moves the images; the table carries each method's size and parameters. Measured on the sketch set
+    asked for (`--placement`)."""
+    asked = []
+    held_out_cases = efficacy.held_out_cases
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("placement"))
+        return held_out_cases(*args, **kwargs)
+
+    monkeypatch.setattr(efficacy, "held_out_cases", recording)
     unet = UNet2DConditionModel.from_pretrained(DEMO_MODEL_DIR, subfolder="unet", torch_dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(DEMO_MODEL_DIR, subfolder="vae")
     controlnet = ControlNetModel.from_unet(
@@ -127,16 +136,18 @@ def test_comparison_an_untrained_controlnet_draws_the_unguided_images(tmp_path):
         [
             "--controlnets", str(tmp_path / "untrained"), "--num_cases", "4", "--seeds", "0",
             "--num_inference_steps", "10", "--timing_runs", "0", "--output_dir", str(tmp_path / "out"),
+            "--placement", "anywhere",
         ]
     )  # fmt: skip
+    assert asked == ["anywhere"]
     unguided, lgp, untrained = rows
-    metrics = ("iou", "outline_f_score", "colour_agreement", "recognisable")
+    metrics = ("iou", "outline_f_score", "colour_agreement", "recognisable", "one_object")
     assert [untrained[m] for m in metrics] == pytest.approx([unguided[m] for m in metrics], abs=1e-6)
     assert lgp["iou"] > unguided["iou"] + 0.1
     assert untrained["trainable_parameters"] == sum(p.numel() for p in controlnet.parameters())
     assert lgp["file_bytes"] == (DEMO_MODEL_DIR / "lgp" / "diffusion_pytorch_model.safetensors").stat().st_size
     table = (tmp_path / "out" / "comparison.md").read_text()
-    assert "ControlNet, 0.5 s of training" in table and "LGP guidance" in table
+    assert "ControlNet, 0.5 s of training" in table and "LGP guidance" in table and "| one object |" in table
     # SD1.5's published ControlNets train 361M parameters; the sizes are counted on that architecture.
     assert "a ControlNet trains 361M" in table
 
