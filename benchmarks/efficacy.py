@@ -68,7 +68,15 @@ from pipeline_sketch_guided.demo import (
     shape_polygon,
 )
 from pipeline_sketch_guided.training.evaluate import chamfer_distance, edge_agreement, edge_f_score, sketch_strokes
-from pipeline_sketch_guided.training.shapes import BACKGROUNDS, COLOURS, render_sample, shape_mask
+from pipeline_sketch_guided.training.shapes import (
+    BACKGROUND_STYLES,
+    BACKGROUNDS,
+    COLOURS,
+    Shape,
+    render,
+    render_sample,
+    shape_mask,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -544,6 +552,22 @@ def measure_image(
 
 
 @torch.no_grad()
+def perfect_answer_iou(case: EfficacyCase, image_size: int) -> float | None:
+    """The IoU that an exact answer to `case` scores: the training renderer's image of the intended shape (its colour
+    and background, each background style once) read back by `segment_foreground`. Below 1 where the read-out loses
+    part of the shape (a shape as light as its background, a background fitted on a border the shape covers); `None`
+    for a silhouette case, whose mask is its blob rather than the shape."""
+    if case.map != "edges":
+        return None
+    shape = Shape(case.kind, case.colour, case.center, case.radius, case.rotation)
+    scores = []
+    for index, style in enumerate(BACKGROUND_STYLES):
+        image = render([shape], case.background, style, random.Random(case.sketch_seed + index))
+        image = image.resize((image_size, image_size), PIL.Image.Resampling.BOX)
+        scores.append(iou(segment_foreground(image), case.mask))
+    return float(np.mean(scores))
+
+
 def vae_round_trip(vae, images: Sequence[PIL.Image.Image], batch_size: int = 64) -> list[np.ndarray]:
     """`images` encoded (posterior mean) and decoded by `vae`: what the best possible UNet could hand the decoder."""
     results = []
@@ -980,7 +1004,7 @@ def run_benchmark(
             ),
         },
         "segmentation_validation": validation,
-        "cases": [case.describe() for case in cases],
+        "cases": [{**case.describe(), "perfect_answer_iou": perfect_answer_iou(case, image_size)} for case in cases],
         "unguided": unguided,
         "sweep": sweep,
         "best": {**best, "selection_rule_met": rule_met},

@@ -20,6 +20,7 @@ from benchmarks.efficacy import (
     main,
     measure_image,
     parse_args,
+    perfect_answer_iou,
     pick_best,
     run_benchmark,
     segment_foreground,
@@ -87,6 +88,14 @@ def test_a_perfect_answer_scores_high(style):
         assert metrics["colour_ok"] and metrics["recognisable"], (case.prompt, metrics)
         assert metrics["outline_f_score"] > 0.8, (case.prompt, metrics)
         assert metrics["objects"] == 1, (case.prompt, metrics)
+
+
+def test_a_perfect_answer_is_read_back_and_a_misplaced_mask_is_not():
+    case = held_out_cases(1)[0]
+    assert perfect_answer_iou(case, 64) > 0.9
+    case.mask = np.roll(case.mask, 20, axis=1)
+    assert perfect_answer_iou(case, 64) < 0.5
+    assert perfect_answer_iou(held_out_cases(1, map="silhouette")[0], 64) is None
 
 
 def test_two_shapes_for_a_one_shape_prompt_are_counted():
@@ -228,6 +237,7 @@ def test_benchmark_runs_end_to_end_on_the_tiny_pipeline(tmp_path, one_thread):
     for key in ("segmentation_validation", "cases", "unguided", "sweep", "best", "timing", "targets", "table"):
         assert key in written, key
     assert len(written["sweep"]) == 2
+    assert 0.0 <= written["cases"][0]["perfect_answer_iou"] <= 1.0
     assert set(written["segmentation_validation"]["through_vae"]) >= {"mean_iou", "colour_accuracy"}
     for row in [written["unguided"], *written["sweep"]]:
         for metric in ("iou", "edge_f_score", "outline_f_score", "colour_agreement", "recognisable"):
