@@ -18,7 +18,8 @@ seeds, unguided and guided with the same seeds, and every image is measured:
 The foreground is segmented without a model: the background is one of four neutral tones (with a gradient or grain),
 the shapes are saturated colours, so a pixel belongs to a shape when its colour differs from a plane fitted to the
 image's border in the chromatic direction. The thresholds are checked on training renders whose true masks are known
-(`validate_segmentation`, reported with every run).
+(`validate_segmentation`, reported with every run), and each case carries the IoU that a perfect answer to it scores
+(`perfect_answer_iou`: the training renderer's image of the intended shape, read back), the ceiling of its IoU.
 
 With `--map silhouette` the guidance maps are hand-drawn-looking filled blobs instead (`freehand_blob`: the shape's
 outline bent in and out by random waves, filled white on black; smooth, wobbly and lumpy), for the demo silhouette LGP
