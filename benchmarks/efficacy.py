@@ -552,7 +552,6 @@ def measure_image(
     }
 
 
-@torch.no_grad()
 def perfect_answer_iou(case: EfficacyCase, image_size: int) -> float | None:
     """The IoU that an exact answer to `case` scores: the training renderer's image of the intended shape (its colour
     and background, each background style once) read back by `segment_foreground`. Below 1 where the read-out loses
@@ -569,6 +568,7 @@ def perfect_answer_iou(case: EfficacyCase, image_size: int) -> float | None:
     return float(np.mean(scores))
 
 
+@torch.no_grad()
 def vae_round_trip(vae, images: Sequence[PIL.Image.Image], batch_size: int = 64) -> list[np.ndarray]:
     """`images` encoded (posterior mean) and decoded by `vae`: what the best possible UNet could hand the decoder."""
     results = []
