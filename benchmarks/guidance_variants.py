@@ -7,7 +7,7 @@ Each variant keeps the LGP and the step-size rule (alpha = beta ||z_t - z_{t-1}|
   moves the latents in broad strokes only;
 - `error_blur:SIGMA`: the loss taken between the LGP's prediction and the target both blurred by a Gaussian of SIGMA
   pixels of the target's resolution, L = sum (G * (LGP(F) - E(s)))^2: a prediction some pixels off a stroke still
-  sees a slope towards it (a guidance-time widening of `target_blur`);
+  sees a slope towards it (a guidance-time widening of `target_blur`; the edge maps returned are the blurred ones);
 - `detach:BLOCK[,BLOCK...]`: no gradient through the LGP's reading of the named UNet blocks (the LGP still reads
   them); g then reaches the latents only through the other blocks' features (and through these blocks inside the
   UNet, on the way to the deeper ones);
@@ -32,10 +32,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from unittest import mock
 
+from benchmarks import efficacy
 from pipeline_sketch_guided import guidance as guidance_module
 from pipeline_sketch_guided.lgp import LGPModel, gaussian_blur
-
-from . import efficacy
 
 SCHEDULES = ("linear", "front3", "front3_plus")
 KINDS = ("gradient_blur", "error_blur", "detach", "schedule")
