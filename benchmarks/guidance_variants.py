@@ -134,8 +134,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("efficacy_args", nargs=argparse.REMAINDER, help="-- then the efficacy benchmark's arguments")
     args = parser.parse_args(argv)
     rest = args.efficacy_args[1:] if args.efficacy_args[:1] == ["--"] else args.efficacy_args
-    parse_variant(args.variant)  # a bad variant fails before the pipeline loads
-    with guidance_variant(args.variant):
+    with guidance_variant(args.variant):  # parses the variant first: a bad one fails before the pipeline loads
         return efficacy.main(rest)
 
 
