@@ -18,11 +18,17 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline
+from pipeline_sketch_guided import BLOCK_PRESETS, LGPModel, SketchGuidedStableDiffusionPipeline
 from pipeline_sketch_guided.testing import tiny_components
 from pipeline_sketch_guided.training import prepare_data, train_lgp
 from pipeline_sketch_guided.training.denoisers import UNetDenoiser, inpainting_mask
-from pipeline_sketch_guided.training.train_lgp import epoch_batches, last_block_to_run, latest_checkpoint, lgp_loss
+from pipeline_sketch_guided.training.train_lgp import (
+    epoch_batches,
+    last_block_to_run,
+    last_up_block_read,
+    latest_checkpoint,
+    lgp_loss,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 32
@@ -484,6 +490,26 @@ def test_an_sdxl_lgp_trains_resumes_and_drives_the_sdxl_pipeline(sdxl_base, prep
     guided = pipe("a red square", sketch=sketch, generator=torch.Generator().manual_seed(0), **kwargs).images
     plain = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert np.isfinite(guided).all() and not np.allclose(guided, plain)
+
+
+def test_reading_the_last_up_block_is_warned_about(base_model, prepared, tmp_path, components, caplog):
+    """The last up block's features let an LGP predict well and guide badly (docs/fidelity.md): the trainer says so
+    when the blocks read include it, and not for the default set."""
+    unet = components["unet"]
+    last = f"up_blocks.{len(unet.up_blocks) - 1}"
+    assert last_up_block_read(unet, BLOCK_PRESETS["down-up"](unet)) == last
+    assert last_up_block_read(unet, BLOCK_PRESETS["sketch2img"](unet)) is None
+    assert last_up_block_read(torch.nn.Linear(2, 2), ["up_blocks.0"]) is None  # no up blocks: a transformer
+
+    data, _ = prepared
+    with caplog.at_level("WARNING"):
+        train_lgp.main(train_args(base_model, data, tmp_path / "default", "--max_train_steps", "1"))
+    assert "last up block" not in caplog.text
+    with caplog.at_level("WARNING"):
+        train_lgp.main(
+            train_args(base_model, data, tmp_path / "down-up", "--max_train_steps", "1", "--block_preset", "down-up")
+        )
+    assert f"reads {last!r}, the UNet's last up block" in caplog.text
 
 
 def test_the_base_model_loads_without_notices(base_model, prepared, tmp_path, caplog):
