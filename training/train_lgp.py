@@ -820,14 +820,14 @@ def main(argv: Sequence[str] | None = None) -> TrainingResult:
     )
     if args.stroke_weight != 1 and map_kind != "edges":
         raise ValueError(f"`--stroke_weight` weighs the strokes of edge maps; this LGP learns {map_kind!r} maps.")
-    last_up = last_up_block_read(denoiser.module, lgp.config.blocks)
+    lgp_config = lgp.config
+    last_up = last_up_block_read(denoiser.module, lgp_config.blocks)
     if last_up is not None:
         logger.warning(
             f"This LGP reads {last_up!r}, the UNet's last up block, whose features are nearly its output: on the demo"
             " model such an LGP predicted edge maps better but guided far worse (IoU 0.44 against 0.85). Leave it out"
             " (the default `--block_preset sketch2img` does) unless you mean to compare."
         )
-    lgp_config = lgp.config
     target_model = lgp  # unwrapped: what computes the targets
 
     def targets_and_weights(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
