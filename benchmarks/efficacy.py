@@ -46,8 +46,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from benchmarks.measuring import recurrence_fraction, schedule_fraction
 from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline, loading
 from pipeline_sketch_guided import guidance as guidance_module
 from pipeline_sketch_guided.demo import (
@@ -1027,19 +1027,6 @@ def run_benchmark(
     return result
 
 
-@contextmanager
-def recurrence_fraction(fraction: float | None) -> Iterator[None]:
-    """For screening: inside the context, the guided steps in the first `fraction` of the schedule recur (the
-    pipeline's `RECURRENCE_FRACTION`); `None` leaves it. Restored on leaving."""
-    saved = guidance_module.RECURRENCE_FRACTION
-    if fraction is not None:
-        guidance_module.RECURRENCE_FRACTION = fraction
-    try:
-        yield
-    finally:
-        guidance_module.RECURRENCE_FRACTION = saved
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -1086,7 +1073,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--recurrence_fraction",
-        type=float,
+        type=schedule_fraction,
         default=None,
         help="for screening: the first fraction of the schedule whose guided steps recur (default: the pipeline's"
         " RECURRENCE_FRACTION, 0.1; 0.05 repeats 2 of 30 steps, 0.02 the first step)",
@@ -1118,8 +1105,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--image_size must be a multiple of 8, got {args.image_size}.")
     if args.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}.")
-    if args.recurrence_fraction is not None and not 0 < args.recurrence_fraction <= 1:
-        parser.error(f"--recurrence_fraction must be in (0, 1], got {args.recurrence_fraction}.")
     return args
 
 

@@ -58,6 +58,8 @@ from benchmarks.measuring import (
     guided_step_mode,
     measure,
     memory_kind,
+    recurrence_fraction,
+    schedule_fraction,
     synchronize,
     within,
     without_savings,
@@ -678,7 +680,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guided_fraction",
         "--guided_fractions",
         dest="guided_fractions",
-        type=float,
+        type=schedule_fraction,
         nargs="+",
         default=[DEFAULT_SKETCH_GUIDANCE_END],
         help="`sketch_guidance_end` (start is 0), one or several side by side; default: the pipeline's.",
@@ -700,7 +702,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--recurrence_fraction",
-        type=float,
+        type=schedule_fraction,
         default=None,
         help="For screening --recurrences: the first fraction of the schedule whose guided steps recur (default: the"
         " pipeline's RECURRENCE_FRACTION, 0.1).",
@@ -742,20 +744,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.steps < 1:
         parser.error("--repeats and --steps must be at least 1, --warmup at least 0.")
-    if not all(0 < fraction <= 1 for fraction in args.guided_fractions):
-        parser.error(f"--guided_fraction must be in (0, 1], got {args.guided_fractions}.")
     if any(k < 1 for k in args.intervals):
         parser.error("--intervals must be at least 1.")
     if any(n < 2 for n in args.recurrences):
         parser.error("--recurrences must be at least 2 (1 is the plain guided generation).")
-    if args.recurrence_fraction is not None and not 0 < args.recurrence_fraction <= 1:
-        parser.error(f"--recurrence_fraction must be in (0, 1], got {args.recurrence_fraction}.")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.efficacy import recurrence_fraction
-
     args = parse_args(argv)
     with recurrence_fraction(args.recurrence_fraction):
         record = run_benchmark(args)

@@ -4,6 +4,7 @@ pipeline's savings and modes for one measurement."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import gc
@@ -153,6 +154,27 @@ def without_savings() -> Iterator[None]:
         yield
     finally:
         guidance_module.frozen_parameters, guidance_module.autograd_until = saved
+
+
+def schedule_fraction(value: str) -> float:
+    """An argparse type: a fraction of the sampling schedule, in (0, 1]."""
+    fraction = float(value)
+    if not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the schedule in (0, 1], got {value}")
+    return fraction
+
+
+@contextlib.contextmanager
+def recurrence_fraction(fraction: float | None) -> Iterator[None]:
+    """For screening: inside the context, the guided steps in the first `fraction` of the schedule recur (the
+    pipeline's `RECURRENCE_FRACTION`); `None` leaves it. Restored on leaving."""
+    saved = guidance_module.RECURRENCE_FRACTION
+    if fraction is not None:
+        guidance_module.RECURRENCE_FRACTION = fraction
+    try:
+        yield
+    finally:
+        guidance_module.RECURRENCE_FRACTION = saved
 
 
 @contextlib.contextmanager

@@ -267,7 +267,10 @@ def test_guided_sampling_refuses_a_recurrence_below_two(capsys):
     assert "--recurrences must be at least 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         guided_sampling.parse_args(["--recurrences", "2", "--recurrence_fraction", "1.5"])
-    assert "--recurrence_fraction must be in (0, 1]" in capsys.readouterr().err
+    assert "--recurrence_fraction: must be a fraction of the schedule in (0, 1], got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        guided_sampling.parse_args(["--guided_fraction", "0.3", "0"])
+    assert "--guided_fractions: must be a fraction of the schedule in (0, 1], got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

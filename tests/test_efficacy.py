@@ -265,7 +265,7 @@ def test_cli_runs_on_the_tiny_pipeline(tmp_path, one_thread):
     assert "guided_seconds" not in result["targets"]
 
 
-def test_recurrence_fraction_chooses_the_steps_that_recur_for_that_run_only(tmp_path, one_thread, monkeypatch):
+def test_recurrence_fraction_chooses_the_steps_that_recur_for_that_run_only(tmp_path, one_thread, monkeypatch, capsys):
     """`--recurrence_fraction` (screening) widens the recurring part of the schedule for the run and is recorded; the
     pipeline's own fraction is back afterwards. 4 steps, the first half guided: 0.1 repeats step 0, 0.5 steps 0, 1."""
     from benchmarks import efficacy
@@ -294,3 +294,4 @@ def test_recurrence_fraction_chooses_the_steps_that_recur_for_that_run_only(tmp_
     assert counts == {None: 2 + 1, 0.5: 2 + 2}
     with pytest.raises(SystemExit):
         parse_args(["--recurrence_fraction", "0"])
+    assert "--recurrence_fraction: must be a fraction of the schedule in (0, 1], got 0" in capsys.readouterr().err
