@@ -22,7 +22,8 @@ encoder and UNet trained further on a style the base never saw, by `train_demo_m
 striped`), every method is measured again on the fine-tune with its weights unchanged: an LGP reads the UNet's
 activations, so does it still guide a fine-tune of its base?
 
-Writes `comparison.json` and `comparison.md` (the table in docs/controlnet.md) to `--output_dir`.
+Writes `comparison.json` (every row's figures, each image's own under `per_image` by seed and case, and the cases)
+and `comparison.md` (the table in docs/controlnet.md) to `--output_dir`.
 """
 
 from __future__ import annotations
@@ -143,12 +144,13 @@ def measure_base(args, model: str, label: str, cases, size: int, timed: bool) ->
     steps = args.num_inference_steps
 
     def score(images_per_seed) -> dict[str, Any]:
-        metrics = [
-            efficacy.measure_image(image, case)
-            for images in images_per_seed
+        """The row's figures over every image, then each image's own (`per_image`: which sketches hold it down)."""
+        per_image = [
+            {"seed": seed, "case": case.index, **efficacy.measure_image(image, case)}
+            for seed, images in zip(args.seeds, images_per_seed, strict=True)
             for image, case in zip(images, cases, strict=True)
         ]
-        return efficacy.summarize(metrics)
+        return {**efficacy.summarize(per_image), "per_image": per_image}
 
     def lgp_images(guidance, chosen=cases, seeds=args.seeds):
         return [efficacy.generate(pipe, chosen, seed, size, steps, guidance=guidance) for seed in seeds]
@@ -261,7 +263,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     settings = {key: str(value) for key, value in vars(args).items()}
     sizes = sd15_sizes()
-    report = {"settings": settings, "rows": rows, "sd15_trainable_parameters": sizes}
+    report = {
+        "settings": settings,
+        "cases": [case.describe() for case in cases],
+        "rows": rows,
+        "sd15_trainable_parameters": sizes,
+    }
     (args.output_dir / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(rows) + (
         f"\nOn Stable Diffusion 1.5's architecture (UNet {sizes['unet'] / 1e6:.0f}M parameters): a ControlNet trains"

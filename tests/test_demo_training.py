@@ -115,14 +115,15 @@ def test_controlnet_training_names_a_folder_that_is_not_training_data(tmp_path):
 
 def test_comparison_an_untrained_controlnet_draws_the_unguided_images(tmp_path, monkeypatch):
     """ControlNet's zero convolutions start the control at nothing: an untrained one must score exactly as unguided,
-    while the LGP moves the images; the table carries each method's size and parameters. Measured on the sketch set
-    asked for (`--placement`)."""
-    asked = []
+    image by image, while the LGP moves the images; the table carries each method's size and parameters, the json each
+    image's figures. Measured on the sketch set asked for (`--placement`)."""
+    asked, asked_cases = [], []
     held_out_cases = efficacy.held_out_cases
 
     def recording(*args, **kwargs):
         asked.append(kwargs.get("placement"))
-        return held_out_cases(*args, **kwargs)
+        asked_cases.extend(held_out_cases(*args, **kwargs))
+        return asked_cases
 
     monkeypatch.setattr(efficacy, "held_out_cases", recording)
     unet = UNet2DConditionModel.from_pretrained(DEMO_MODEL_DIR, subfolder="unet", torch_dtype=torch.float32)
@@ -146,6 +147,15 @@ def test_comparison_an_untrained_controlnet_draws_the_unguided_images(tmp_path, 
     assert lgp["iou"] > unguided["iou"] + 0.1
     assert untrained["trainable_parameters"] == sum(p.numel() for p in controlnet.parameters())
     assert lgp["file_bytes"] == (DEMO_MODEL_DIR / "lgp" / "diffusion_pytorch_model.safetensors").stat().st_size
+    # Each image's own figures, by seed and case, so a set's figure can be traced to the sketches that hold it down.
+    report = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [case["radius"] for case in report["cases"]] == [round(case.radius, 2) for case in asked_cases]
+    seed_and_case = [(0, case.index) for case in asked_cases]
+    for row in report["rows"]:
+        assert [(image["seed"], image["case"]) for image in row["per_image"]] == seed_and_case
+        assert np.mean([image["iou"] for image in row["per_image"]]) == pytest.approx(row["iou"])
+    untrained_images, unguided_images = report["rows"][2]["per_image"], report["rows"][0]["per_image"]
+    assert [i["iou"] for i in untrained_images] == pytest.approx([i["iou"] for i in unguided_images], abs=1e-6)
     table = (tmp_path / "out" / "comparison.md").read_text()
     assert "ControlNet, 0.5 s of training" in table and "LGP guidance" in table and "| one object |" in table
     # SD1.5's published ControlNets train 361M parameters; the sizes are counted on that architecture.
