@@ -14,7 +14,10 @@ Each variant keeps the LGP and the step-size rule (alpha = beta ||z_t - z_{t-1}|
 - `schedule:linear`: beta over the guided steps falling linearly from 2 x 9/10 beta at the first (of 9) to 2 x 1/10 at
   the last, with the same mean;
 - `schedule:front3`: 2 x beta on the first 3 guided steps and beta / 2 after (the same mean over 9 guided steps);
-- `schedule:front3_plus`: 2 x beta on the first 3 guided steps and beta after.
+- `schedule:front3_plus`: 2 x beta on the first 3 guided steps and beta after;
+- `relu_temperature:T`: the gradient taken through the LGP's ReLUs softened to a softplus of width T instead of the
+  pipeline's 0.02 (`LGPModel.smooth_relu_gradients`): the LGP's predictions are unchanged, its gradient is that of a
+  smoother network, the smoother the wider T.
 
 Results and reasons are in docs/fidelity.md ("Shaping the gradient"). Everything after `--` goes to the efficacy
 benchmark:
@@ -37,7 +40,7 @@ from pipeline_sketch_guided import guidance as guidance_module
 from pipeline_sketch_guided.lgp import LGPModel, gaussian_blur
 
 SCHEDULES = ("linear", "front3", "front3_plus")
-KINDS = ("gradient_blur", "error_blur", "detach", "schedule")
+KINDS = ("gradient_blur", "error_blur", "detach", "schedule", "relu_temperature")
 
 
 def schedule_weight(schedule: str, position: int, num_guided: int) -> float:
@@ -52,7 +55,8 @@ def schedule_weight(schedule: str, position: int, num_guided: int) -> float:
 
 
 def parse_variant(spec: str) -> tuple[str, Any]:
-    """("gradient_blur" | "error_blur", sigma), ("detach", block names) or ("schedule", name) from "KIND:VALUE"."""
+    """("gradient_blur" | "error_blur", sigma), ("detach", block names), ("schedule", name) or ("relu_temperature",
+    width) from "KIND:VALUE"."""
     kind, _, value = spec.partition(":")
     if kind not in KINDS or not value:
         raise ValueError(f"A variant is KIND:VALUE with KIND one of {KINDS}, got {spec!r}.")
@@ -63,12 +67,13 @@ def parse_variant(spec: str) -> tuple[str, Any]:
     if kind == "detach":
         return kind, tuple(value.split(","))
     try:
-        sigma = float(value)
+        number = float(value)
     except ValueError:
-        sigma = -1.0
-    if not sigma > 0:
-        raise ValueError(f"{kind}'s value is a standard deviation in pixels above 0, got {value!r}.")
-    return kind, sigma
+        number = -1.0
+    if not number > 0:
+        what = "a softplus width" if kind == "relu_temperature" else "a standard deviation in pixels"
+        raise ValueError(f"{kind}'s value is {what} above 0, got {value!r}.")
+    return kind, number
 
 
 @contextlib.contextmanager
@@ -111,6 +116,13 @@ def guidance_variant(spec: str) -> Iterator[None]:
                 return lgp_forward(self, read, noise_level)
 
             stack.enter_context(mock.patch.object(LGPModel, "forward", forward_without))
+        elif kind == "relu_temperature":
+            smooth = LGPModel.smooth_relu_gradients
+
+            def smoother(self, temperature=None):
+                return smooth(self, value)
+
+            stack.enter_context(mock.patch.object(LGPModel, "smooth_relu_gradients", smoother))
         else:
             scheduler_step = guidance_module.GuidedCall.scheduler_step
 

@@ -274,7 +274,15 @@ def test_guided_sampling_refuses_a_recurrence_below_two(capsys):
 
 
 @pytest.mark.parametrize(
-    "spec", ["gradient_blur:1", "error_blur:1", "detach:down_blocks.0", "schedule:linear", "schedule:front3"]
+    "spec",
+    [
+        "gradient_blur:1",
+        "error_blur:1",
+        "detach:down_blocks.0",
+        "schedule:linear",
+        "schedule:front3",
+        "relu_temperature:1",
+    ],
 )
 def test_guidance_variants_change_the_guided_latents_and_are_undone_on_exit(pipe, spec):
     from benchmarks.guidance_variants import guidance_variant
@@ -325,7 +333,9 @@ def test_guidance_schedules_keep_the_mean_scale_or_say_they_add():
     )
 
 
-@pytest.mark.parametrize("spec", ["blur:1", "gradient_blur:0", "gradient_blur:x", "error_blur", "schedule:cubic"])
+@pytest.mark.parametrize(
+    "spec", ["blur:1", "gradient_blur:0", "gradient_blur:x", "error_blur", "schedule:cubic", "relu_temperature:-1"]
+)
 def test_guidance_variants_refuse_what_they_do_not_know(spec):
     from benchmarks.guidance_variants import main
 
