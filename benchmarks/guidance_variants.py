@@ -19,8 +19,8 @@ Each variant keeps the LGP and the step-size rule (alpha = beta ||z_t - z_{t-1}|
   pipeline's 0.02 (`LGPModel.smooth_relu_gradients`): the LGP's predictions are unchanged, its gradient is that of a
   smoother network, the smoother the wider T.
 
-Results and reasons are in docs/fidelity.md ("Shaping the gradient"). Everything after `--` goes to the efficacy
-benchmark:
+Results and reasons are in docs/fidelity.md ("Shaping the gradient"; the ReLU width under "What did not help").
+Everything after `--` goes to the efficacy benchmark:
 
     python -m benchmarks.guidance_variants --variant error_blur:1 -- --placement inside --num_cases 24 --seeds 0 1 \\
         --scales 2.5 --ends 0.3 --max_end 0.3 --threads 2 --timing_runs 0 --validation_samples 0 \\
