@@ -297,6 +297,16 @@ def test_guidance_variants_change_the_guided_latents_and_are_undone_on_exit(pipe
     assert torch.equal(generate_latents(pipe, sketch=draw_square()), plain)
 
 
+def test_the_relu_width_variant_at_the_pipelines_width_changes_nothing(pipe):
+    from benchmarks.guidance_variants import guidance_variant
+    from pipeline_sketch_guided.lgp import RELU_GRADIENT_TEMPERATURE
+
+    plain = generate_latents(pipe, sketch=draw_square())
+    with guidance_variant(f"relu_temperature:{RELU_GRADIENT_TEMPERATURE}"):
+        same = generate_latents(pipe, sketch=draw_square())
+    assert torch.equal(same, plain)
+
+
 def test_detaching_a_block_the_lgp_does_not_read_is_refused(pipe):
     from benchmarks.guidance_variants import guidance_variant
 
