@@ -142,13 +142,14 @@ def measure_base(args, model: str, label: str, cases, size: int, timed: bool) ->
     lgp_folder = Path(args.lgp) if args.lgp else Path(args.model) / "lgp"  # the base's LGP, on a fine-tune too
     pipe = efficacy.load_pipeline(model, str(lgp_folder))
     steps = args.num_inference_steps
+    strokes = [efficacy.case_strokes(case, size) for case in cases]  # once per case, not once per image and row
 
     def score(images_per_seed) -> dict[str, Any]:
         """The row's figures over every image, then each image's own (`per_image`: which sketches hold it down)."""
         per_image = [
-            {"seed": seed, "case": case.index, **efficacy.measure_image(image, case)}
+            {"seed": seed, "case": case.index, **efficacy.measure_image(image, case, stroke)}
             for seed, images in zip(args.seeds, images_per_seed, strict=True)
-            for image, case in zip(images, cases, strict=True)
+            for image, case, stroke in zip(images, cases, strokes, strict=True)
         ]
         return {**efficacy.summarize(per_image), "per_image": per_image}
 

@@ -122,8 +122,9 @@ def test_comparison_an_untrained_controlnet_draws_the_unguided_images(tmp_path, 
 
     def recording(*args, **kwargs):
         asked.append(kwargs.get("placement"))
-        asked_cases.extend(held_out_cases(*args, **kwargs))
-        return asked_cases
+        cases = held_out_cases(*args, **kwargs)
+        asked_cases.extend(cases)
+        return cases
 
     monkeypatch.setattr(efficacy, "held_out_cases", recording)
     unet = UNet2DConditionModel.from_pretrained(DEMO_MODEL_DIR, subfolder="unet", torch_dtype=torch.float32)
