@@ -57,7 +57,7 @@ import PIL.ImageDraw
 import torch
 
 from benchmarks.measuring import recurrence_fraction, schedule_fraction
-from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline, loading
+from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline, loading
 from pipeline_sketch_guided import guidance as guidance_module
 from pipeline_sketch_guided.demo import (
     DEMO_IMAGE_SIZE,
@@ -867,6 +867,7 @@ def run_benchmark(
     sketch_guidance_start: float = 0.0,
     sketch_guidance_interval: int = 1,
     sketch_guidance_recurrence: int = 1,
+    sketch_fill_scale: float | None = None,
     num_inference_steps: int = DEFAULT_STEPS,
     guidance_scale: float = DEFAULT_CFG,
     image_size: int | None = None,
@@ -883,7 +884,8 @@ def run_benchmark(
     """Generate every held-out case with every seed, unguided and at every (scale, end) of the sweep, measure, pick
     the defaults, time a guided generation, and write `efficacy.json`, `efficacy.md` and `contact_sheet.png` to
     `output_dir`. Returns what `efficacy.json` holds. `map` picks the held-out cases (`held_out_cases`); it must be
-    the map the pipeline's LGP was trained on."""
+    the map the pipeline's LGP was trained on. A pipeline with a `fill_lgp` guides with each sketch's fill, weighted by
+    `sketch_fill_scale` (`None`: the pipeline's default)."""
     lgp_map = pipe.lgp.config.map_kind
     if lgp_map != map:
         raise ValueError(f"The pipeline's LGP predicts {lgp_map} maps, but the cases are {map}: pass --map {lgp_map}.")
@@ -911,6 +913,8 @@ def run_benchmark(
                 f" shape kind {_percent(values['shape_accuracy'] or 0)}"
             )
 
+    fill_scale = guidance_module.DEFAULT_SKETCH_FILL_SCALE if sketch_fill_scale is None else sketch_fill_scale
+    fill_arguments = {} if sketch_fill_scale is None else {"sketch_fill_scale": sketch_fill_scale}
     cases = held_out_cases(num_cases, image_size, map=map, placement=placement)
     strokes = [case_strokes(case, image_size) for case in cases]
     common = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "batch_size": batch_size}
@@ -940,6 +944,7 @@ def run_benchmark(
                 "sketch_guidance_end": end,
                 "sketch_guidance_interval": sketch_guidance_interval,
                 "sketch_guidance_recurrence": sketch_guidance_recurrence,
+                **fill_arguments,
             }
             metrics, images = measure_all(guidance)
             row = {"sketch_guidance_scale": scale, "sketch_guidance_end": end, **summarize(list(metrics.values()))}
@@ -958,6 +963,7 @@ def run_benchmark(
         "sketch_guidance_end": best_key[1],
         "sketch_guidance_interval": sketch_guidance_interval,
         "sketch_guidance_recurrence": sketch_guidance_recurrence,
+        **fill_arguments,
     }
     timing = None
     if timing_runs:
@@ -994,6 +1000,8 @@ def run_benchmark(
             "sketch_guidance_start": sketch_guidance_start,
             "sketch_guidance_interval": sketch_guidance_interval,
             "sketch_guidance_recurrence": sketch_guidance_recurrence,
+            "fill_lgp": getattr(pipe, "fill_lgp", None) is not None,
+            "sketch_fill_scale": fill_scale,
             "recurrence_fraction": guidance_module.RECURRENCE_FRACTION,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
@@ -1078,6 +1086,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="for screening: the first fraction of the schedule whose guided steps recur (default: the pipeline's"
         " RECURRENCE_FRACTION, 0.1; 0.05 repeats 2 of 30 steps, 0.02 the first step)",
     )
+    parser.add_argument(
+        "--fill_lgp",
+        type=str,
+        default=None,
+        help="fill guidance: a silhouette LGP folder or Hub id to set as the pipeline's `fill_lgp`, or `none` to"
+        " measure without the one the model brings (default: the model's own, if any)",
+    )
+    parser.add_argument(
+        "--sketch_fill_scale",
+        type=float,
+        default=None,
+        help="sketch_fill_scale of every guided setting, with a fill LGP (default: the pipeline's)",
+    )
     parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--guidance_scale", type=float, default=DEFAULT_CFG)
     parser.add_argument("--image_size", type=int, default=None, help="default: the model's native size")
@@ -1113,6 +1134,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, args.lgp, args.map)
+    if args.fill_lgp is not None:
+        fill_lgp = None if args.fill_lgp == "none" else LGPModel.from_pretrained(args.fill_lgp)
+        pipe.fill_lgp = None if fill_lgp is None else fill_lgp.to(pipe.device, pipe.lgp.dtype)
     with recurrence_fraction(args.recurrence_fraction):
         return run_benchmark(
             pipe,
@@ -1124,6 +1148,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             sketch_guidance_start=args.sketch_guidance_start,
             sketch_guidance_interval=args.interval,
             sketch_guidance_recurrence=args.recurrence,
+            sketch_fill_scale=args.sketch_fill_scale,
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
             image_size=args.image_size,

@@ -25,8 +25,10 @@ import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -36,6 +38,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .capture import capture_activations, resolve_blocks
+from .fill import fill_sketch
 from .lgp import noise_level_map
 from .sketch import SKETCH_POLARITIES, SketchInput, prepare_map, prepare_sketch_mask, sketch_list
 
@@ -50,6 +53,9 @@ logger = logging.get_logger(__name__)
 # (docs/fidelity.md).
 DEFAULT_SKETCH_GUIDANCE_SCALE = 2.5
 DEFAULT_SKETCH_GUIDANCE_END = 0.3
+# The weight of fill guidance's loss against the sketch's (`sketch_fill_scale`), chosen on the demo model by
+# `python -m benchmarks.efficacy --sketch_fill auto --sketch_fill_scale S` (docs/fidelity.md, "Fill guidance").
+DEFAULT_SKETCH_FILL_SCALE = 0.5
 # Far above the useful range (about 1 to 4) a guidance step outweighs the denoising step many times over and the image
 # turns to noise or black: a larger scale is a mistake, refused with the sensible range.
 MAX_SKETCH_GUIDANCE_SCALE = 50.0
@@ -227,6 +233,18 @@ def _finite_or_skipped(gradient: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return gradient
 
 
+@dataclass
+class FillGuidance:
+    """Fill guidance for one call: a second LGP, trained on filled silhouettes (`map_kind="silhouette"`), reads the
+    same denoiser pass as the edge LGP, and its squared error against `latents` (the filled sketch's target, one per
+    image) enters the sketch loss with the weight `scale`: L = L_sketch + scale * L_fill. It tells the image which
+    side of each line is the shape (docs/guidance.md, "Fill guidance")."""
+
+    lgp: torch.nn.Module
+    latents: torch.Tensor
+    scale: float
+
+
 class GuidedCall:
     """One pipeline call's sketch guidance, run inside the pipeline's own denoising loop.
 
@@ -251,8 +269,9 @@ class GuidedCall:
         scheduler_step: Callable[..., Any],
         recurrence: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        fill: FillGuidance | None = None,
     ):
-        self.pipe, self.sketch_latents, self.sketch_mask = pipe, sketch_latents, sketch_mask
+        self.pipe, self.sketch_latents, self.sketch_mask, self.fill = pipe, sketch_latents, sketch_mask, fill
         self.scale, self.start, self.end, self.interval = scale, start, end, interval
         self.recurrence, self.generator = recurrence, generator
         self.original_forward, self.original_scheduler_step = denoiser_forward, scheduler_step
@@ -291,6 +310,7 @@ class GuidedCall:
             self.sketch_latents,
             self.sketch_mask,
             forward=self.original_forward,
+            fill=self.fill,
         )
         self.gradient = self.last_gradient
         return self.pipe.denoiser_output(prediction, return_dict)
@@ -354,6 +374,7 @@ class GuidedCall:
                 self.sketch_latents,
                 self.sketch_mask,
                 forward=self.original_forward,
+                fill=self.fill,
             )
             if num_branches > 1:
                 unconditional, text = prediction.chunk(2)
@@ -412,11 +433,18 @@ class SketchGuidanceMixin:
         # Check when the LGP or the denoiser is set, before it is, so that a mismatch names the block now (not in a
         # matmul later) and leaves the pipeline as it was. (Read from __dict__: while a module is being registered,
         # getattr would find it in the config instead.)
-        if name in ("lgp", self.denoiser_name):
-            lgp = value if name == "lgp" else self.__dict__.get("lgp")
+        if name in ("lgp", "fill_lgp", self.denoiser_name):
             denoiser = value if name == self.denoiser_name else self.__dict__.get(self.denoiser_name)
-            if isinstance(lgp, torch.nn.Module) and isinstance(denoiser, torch.nn.Module):
-                lgp.check_unet(denoiser)
+            for lgp_name in ("lgp", "fill_lgp") if name == self.denoiser_name else (name,):
+                lgp = value if name == lgp_name else self.__dict__.get(lgp_name)
+                if isinstance(lgp, torch.nn.Module) and isinstance(denoiser, torch.nn.Module):
+                    lgp.check_unet(denoiser)
+            if name == "fill_lgp" and isinstance(value, torch.nn.Module) and value.config.map_kind != "silhouette":
+                raise ValueError(
+                    "`fill_lgp` must be an LGP trained on filled silhouettes (`map_kind='silhouette'`, as"
+                    " `sketch-guided train train_lgp --map silhouette` trains one); this one reads"
+                    f" {value.config.map_kind} maps. Set it as `pipe.lgp` to guide with those maps instead."
+                )
         super().__setattr__(name, value)
         if name == "vae":  # encoded sketches belong to the VAE that encoded them
             self.__dict__.pop("_sketch_cache", None)
@@ -572,6 +600,46 @@ class SketchGuidanceMixin:
                 " Use float32 or bfloat16 on the CPU, or float16 on a GPU."
             )
 
+    def check_fill_inputs(self, sketch, sketch_fill, sketch_fill_scale: float, num_images: int, batch_size: int):
+        """Check fill guidance's arguments (after `check_sketch_inputs`); return whether this call guides with a fill:
+        with an explicit `sketch_fill`, or by default (`None`) when the pipeline has a `fill_lgp`."""
+        if not is_finite_number(sketch_fill_scale) or not 0 <= sketch_fill_scale <= MAX_SKETCH_GUIDANCE_SCALE:
+            raise ValueError(
+                f"`sketch_fill_scale` must be a number from 0 (no fill guidance) to {MAX_SKETCH_GUIDANCE_SCALE}, got"
+                f" {sketch_fill_scale!r} (default {DEFAULT_SKETCH_FILL_SCALE})."
+            )
+        fill_lgp = getattr(self, "fill_lgp", None)
+        if sketch_fill is None:
+            if sketch is None or fill_lgp is None:
+                return False
+        else:
+            if sketch is None:
+                raise ValueError(
+                    "`sketch_fill` needs a `sketch`: the fill says which side of the sketch's lines is the shape. To"
+                    " guide with a silhouette alone, set a silhouette LGP as `pipe.lgp` and pass it as `sketch`."
+                )
+            if fill_lgp is None:
+                raise ValueError(
+                    "`sketch_fill` needs a fill LGP (one trained on filled silhouettes for this base model), and this"
+                    " pipeline has none: set `pipe.fill_lgp = LGPModel.from_pretrained(<its repo id or folder>)`."
+                )
+            if not (isinstance(sketch_fill, str) and sketch_fill == "auto"):
+                count = len(sketch_list(sketch_fill))
+                if count not in (1, batch_size, num_images):
+                    raise ValueError(
+                        f"Got {count} fills for {batch_size} prompts and {num_images} images: pass one for all, one"
+                        ' per prompt, or one per image (or "auto", each sketch\'s own).'
+                    )
+        if sketch_fill_scale == 0:
+            return False
+        if fill_lgp.config.feature_branch != self.lgp.config.feature_branch:
+            raise ValueError(
+                f"The fill LGP reads the {fill_lgp.config.feature_branch} branch and the LGP the"
+                f" {self.lgp.config.feature_branch} one; both read the same denoiser pass, so they must read the same"
+                " branch. Use a fill LGP trained on the LGP's branch, or `sketch_fill_scale=0` to guide without it."
+            )
+        return True
+
     def sketch_size(self, height: int | None, width: int | None, latents: torch.Tensor | None) -> tuple[int, int]:
         """The size of the images this call makes, as the parent pipeline will choose it: the latents' size when they
         are given, else `height` x `width`, else the UNet's sample size."""
@@ -598,13 +666,39 @@ class SketchGuidanceMixin:
         config = self.lgp.config
         options = (config.map_kind, config.sketch_polarity, config.map_normalization, invert_map)
         maps = [prepare_map(s, height, width, *options) for s in sketches]
-        if config.target == "map":
-            latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-            latents = self.lgp.target_from_map(torch.cat(maps), latent_size).to(device)
-        else:
-            latents = torch.cat([self._encoded_sketch(image, device) for image in maps])
         # One sketch for all images, or one per prompt (repeated for its images), or one per image.
-        return latents.repeat_interleave(num_images // len(sketches), dim=0)
+        return self._map_targets(self.lgp, maps, height, width, device).repeat_interleave(
+            num_images // len(sketches), dim=0
+        )
+
+    def prepare_fill_latents(
+        self, sketch, sketch_fill, num_images: int, height: int, width: int, device
+    ) -> torch.Tensor:
+        """The fill LGP's target: each fill (`"auto"`: each sketch's own, `fill_sketch`) as a silhouette map, light on
+        dark, encoded as the fill LGP's config says (as `prepare_sketch_latents` does for the LGP)."""
+        config = self.fill_lgp.config
+        if isinstance(sketch_fill, str) and sketch_fill == "auto":
+            fills = [fill_sketch(s, height, width) for s in sketch_list(sketch)]
+            # Built as they are: `prepare_map` would tell the paper by the border's tone, which a fill that covers
+            # most of the frame's edge would turn round.
+            maps = [
+                torch.from_numpy(np.asarray(f, dtype=np.float32) / 127.5 - 1.0).expand(1, 3, height, width).contiguous()
+                for f in fills
+            ]
+        else:
+            fills = sketch_list(sketch_fill)
+            maps = [prepare_map(f, height, width, "silhouette", config.sketch_polarity) for f in fills]
+        return self._map_targets(self.fill_lgp, maps, height, width, device).repeat_interleave(
+            num_images // len(fills), dim=0
+        )
+
+    def _map_targets(self, lgp, maps: list[torch.Tensor], height: int, width: int, device) -> torch.Tensor:
+        """`lgp`'s targets for prepared maps: the maps at its output resolution (`target="map"`), else their VAE
+        latents."""
+        if lgp.config.target == "map":
+            latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+            return lgp.target_from_map(torch.cat(maps), latent_size).to(device)
+        return torch.cat([self._encoded_sketch(image, device) for image in maps])
 
     def _encoded_sketch(self, image: torch.Tensor, device) -> torch.Tensor:
         """E(s) of one prepared sketch, from the cache when the same image (its content, size and polarity, all in
@@ -724,9 +818,12 @@ class SketchGuidanceMixin:
         start, end = guidance["sketch_guidance_start"], guidance["sketch_guidance_end"]
         interval, return_edge_maps = guidance["sketch_guidance_interval"], guidance["return_edge_maps"]
         recurrence = guidance.get("sketch_guidance_recurrence", 1)
+        sketch_fill = guidance.get("sketch_fill")
+        fill_scale = guidance.get("sketch_fill_scale", DEFAULT_SKETCH_FILL_SCALE)
         self.check_sketch_inputs(
             sketch, scale, start, end, return_edge_maps, num_images, batch_size, interval, sketch_mask, recurrence
         )
+        with_fill = self.check_fill_inputs(sketch, sketch_fill, fill_scale, num_images, batch_size)
         if sketch is None or scale == 0:
             # Unguided: exactly the parent pipeline, at exactly its cost.
             return parent_call(**parent_kwargs, return_dict=True), None
@@ -741,9 +838,15 @@ class SketchGuidanceMixin:
         masks = (
             None if sketch_mask is None else self.prepare_sketch_masks(sketch_mask, num_images, height, width, device)
         )
+        fill = None
+        if with_fill:
+            fill_latents = self.prepare_fill_latents(
+                sketch, "auto" if sketch_fill is None else sketch_fill, num_images, height, width, device
+            )
+            fill = FillGuidance(self.fill_lgp, fill_latents, float(fill_scale))
         generator = parent_kwargs.get("generator")
         with self.sketch_guidance(
-            sketch_latents, masks, float(scale), start, end, interval, int(recurrence), generator
+            sketch_latents, masks, float(scale), start, end, interval, int(recurrence), generator, fill
         ) as call:
             output = parent_call(**parent_kwargs, return_dict=True)
         edge_maps = None
@@ -773,9 +876,11 @@ class SketchGuidanceMixin:
         interval: int = 1,
         recurrence: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        fill: FillGuidance | None = None,
     ) -> Iterator[GuidedCall]:
-        """Inside the context, the pipeline's own `__call__` generates with sketch guidance (see `GuidedCall`); the
-        context yields the `GuidedCall`, whose `edge_latents` hold the LGP's last prediction afterwards."""
+        """Inside the context, the pipeline's own `__call__` generates with sketch guidance (see `GuidedCall`; with
+        `fill`, fill guidance too); the context yields the `GuidedCall`, whose `edge_latents` hold the LGP's last
+        prediction afterwards."""
         denoiser, scheduler = self.denoiser, self.scheduler
         # The instances' own attributes, if any (accelerate's offload hooks put a `forward` there), to restore after.
         saved_forward, saved_step = denoiser.__dict__.get("forward"), scheduler.__dict__.get("step")
@@ -791,12 +896,15 @@ class SketchGuidanceMixin:
             scheduler.step,
             recurrence,
             generator,
+            fill,
         )
+        lgps = [self.lgp] if fill is None else [self.lgp, fill.lgp]
         # BatchNorm must use its running statistics while sampling.
-        self.lgp.eval()
+        for lgp in lgps:
+            lgp.eval()
         # Frozen for the whole loop (toggling ~700 flags per step would cost milliseconds), so that gradient
         # checkpointing's recomputation in a backward sees the same flags as the forward did.
-        with frozen_parameters(denoiser, self.lgp):
+        with frozen_parameters(denoiser, *lgps):
             # With the originals' signatures (`functools.wraps`): the loop inspects the scheduler's step to decide
             # whether to pass it `generator` and `eta`, which ancestral and DDPM-like schedulers draw their noise with.
             denoiser.forward = with_signature_of(call.original_forward, call.denoiser_forward)
@@ -819,6 +927,7 @@ class SketchGuidanceMixin:
         sketch_latents: torch.Tensor,
         sketch_mask: torch.Tensor | None = None,
         forward: Callable[..., Any] | None = None,
+        fill: FillGuidance | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One guided step's model work: the UNet's noise prediction for the loop's input, and g = dL/dz_t.
 
@@ -841,7 +950,7 @@ class SketchGuidanceMixin:
         if not cfg or self.resolve_guided_step_mode() == "batched":
             with torch.enable_grad():
                 loss, leaf, prediction, edge_latents = self.sketch_loss(
-                    model_input, t, encoder_hidden_states, unet_kwargs, *target, branch, num_branches, forward
+                    model_input, t, encoder_hidden_states, unet_kwargs, *target, branch, num_branches, forward, fill
                 )
                 (gradient,) = torch.autograd.grad(loss, leaf)
             return prediction, _finite_or_skipped(self.latents_part(gradient), t), edge_latents.detach()
@@ -851,7 +960,9 @@ class SketchGuidanceMixin:
             return [branch_inputs(value, index, 2, model_input.shape[0]) for value in arguments]
 
         with torch.enable_grad():
-            loss, leaf, branch_prediction, edge_latents = self.sketch_loss(*inputs(branch), *target, forward=forward)
+            loss, leaf, branch_prediction, edge_latents = self.sketch_loss(
+                *inputs(branch), *target, forward=forward, fill=fill
+            )
             (gradient,) = torch.autograd.grad(loss, leaf)
         other_input, other_t, other_states, other_kwargs = inputs(1 - branch)
         other_prediction = self.call_denoiser(forward, other_input, other_t, other_states, other_kwargs)[0]
@@ -869,9 +980,11 @@ class SketchGuidanceMixin:
         branch: int = 0,
         num_branches: int = 1,
         forward: Callable[..., Any] | None = None,
+        fill: FillGuidance | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The denoiser with autograd on the branch the LGP reads, and the sketch loss
-        L = sum m * (LGP(F(z_t)) - E(s))^2.
+        L = sum m * (LGP(F(z_t)) - E(s))^2 (with `fill`, plus `fill.scale` times the fill LGP's summed squared error
+        against `fill.latents`, from the same features).
 
         `model_input` holds `num_branches` branches (stacked as the loop stacks them; `encoder_hidden_states` and
         `unet_kwargs` likewise) and the LGP reads the `branch`-th, the only one the leaf enters. m is `sketch_mask`
@@ -887,7 +1000,9 @@ class SketchGuidanceMixin:
         parts = list(model_input.detach().chunk(num_branches))
         leaf = parts[branch].requires_grad_(True)
         alpha_bar = self.noise_level_alpha_bar(t, model_input.device)
-        blocks, output_index = self.lgp.config.blocks, self.lgp.config.tuple_output_index
+        blocks, output_index = list(self.lgp.config.blocks), self.lgp.config.tuple_output_index
+        if fill is not None:
+            blocks += [name for name in fill.lgp.config.blocks if name not in blocks]
         denoiser = self.denoiser
         with capture_activations(denoiser, blocks, output_index) as features, autograd_until(denoiser, blocks):
             prediction = self.call_denoiser(forward, torch.cat(parts), t, encoder_hidden_states, unet_kwargs)[0]
@@ -897,13 +1012,24 @@ class SketchGuidanceMixin:
         branch_prediction = prediction.detach().chunk(num_branches)[branch]
         sample = self.latents_part(leaf.detach())
         epsilon = self.predict_noise_epsilon(branch_prediction.float(), sample.float(), alpha_bar)
+        noise_level = noise_level_map(self.latents_to_spatial(epsilon), alpha_bar)
         with self.lgp.smooth_relu_gradients():
-            edge_latents = self.lgp(features, noise_level_map(self.latents_to_spatial(epsilon), alpha_bar))
+            edge_latents = self.lgp(features, noise_level)
         error = (edge_latents.float() - sketch_latents.float()).square()
         if sketch_mask is not None:
             error = error * sketch_mask
         # Summed per image, so each image's gradient is its own; the loss is in float32 whatever the UNet's dtype.
-        return error.sum(), leaf, prediction.detach(), edge_latents
+        loss = error.sum()
+        if fill is not None:
+            with fill.lgp.smooth_relu_gradients():
+                fill_latents = fill.lgp(features, noise_level)
+            fill_error = (fill_latents.float() - fill.latents.float()).square()
+            if sketch_mask is not None:  # where the sketch applies, its fill does
+                fill_error = fill_error * torch.nn.functional.interpolate(
+                    sketch_mask, size=fill_error.shape[-2:], mode="area"
+                )
+            loss = loss + fill.scale * fill_error.sum()
+        return loss, leaf, prediction.detach(), edge_latents
 
     def noise_level_alpha_bar(self, t: torch.Tensor, device) -> torch.Tensor:
         """alphabar of the current step, for the LGP's noise-level input: from the scheduler's DDPM schedule; for

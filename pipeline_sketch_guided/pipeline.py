@@ -22,7 +22,9 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 # diffusers copies a local custom pipeline's modules by this file's own relative imports: each module is imported here.
 from .capture import capture_activations  # noqa: F401
+from .fill import fill_sketch  # noqa: F401
 from .guidance import (  # noqa: F401 (the names that were public here before guidance.py)
+    DEFAULT_SKETCH_FILL_SCALE,
     DEFAULT_SKETCH_GUIDANCE_END,
     DEFAULT_SKETCH_GUIDANCE_SCALE,
     MAX_SKETCH_GUIDANCE_SCALE,
@@ -90,12 +92,16 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
         lgp ([`LGPModel`], *optional*):
             The Latent Guidance Predictor trained for this `unet`. Needed only to generate with a sketch; it is
             checked against the UNet when set.
+        fill_lgp ([`LGPModel`], *optional*):
+            An LGP trained on filled silhouettes for this `unet` (`map_kind="silhouette"`), for fill guidance
+            (`sketch_fill`): guided with the region the sketch's outlines enclose, alongside `lgp`, it says which
+            side of each line is the shape. Checked against the UNet when set.
     """
 
     # The LGP runs at every guided step between UNet calls, so it stays out of the chain (as ControlNets do): in it, its
     # call would offload the UNet in the middle of a guided step. Offloading gives it a hook of its own.
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
-    _optional_components = [*StableDiffusionPipeline._optional_components, "lgp"]
+    _optional_components = [*StableDiffusionPipeline._optional_components, "lgp", "fill_lgp"]
 
     def __init__(
         self,
@@ -109,6 +115,7 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
         image_encoder: CLIPVisionModelWithProjection = None,
         requires_safety_checker: bool = True,
         lgp: LGPModel | None = None,
+        fill_lgp: LGPModel | None = None,
     ):
         super().__init__(
             vae=vae,
@@ -121,7 +128,7 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-        self.register_modules(lgp=lgp)
+        self.register_modules(lgp=lgp, fill_lgp=fill_lgp)
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -160,6 +167,8 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
         return_edge_maps: bool = False,
         guidance_map: SketchInput | list[SketchInput] | None = None,
         invert_map: bool = False,
+        sketch_fill: SketchInput | list[SketchInput] | str | None = None,
+        sketch_fill_scale: float = DEFAULT_SKETCH_FILL_SCALE,
         **kwargs,
     ):
         r"""
@@ -210,6 +219,14 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
             invert_map (`bool`, *optional*, defaults to `False`):
                 For a depth LGP: the map is dark where near (a distance map), so turn it round; the LGP reads light as
                 near. Sketches and silhouettes need no flag (their paper is found, either way round).
+            sketch_fill (`"auto"`, or the same types as `sketch`, *optional*):
+                Fill guidance, with the pipeline's `fill_lgp`: the shape's filled region, which tells the image which
+                side of the sketch's lines is the shape. `"auto"` fills what each sketch's outlines enclose (across
+                small gaps; an outline the frame cuts is closed by the frame); or pass the fills (white shapes on
+                black, or black on white), one for all images, per prompt or per image. By default (`None`), `"auto"`
+                when the pipeline has a `fill_lgp`, none otherwise.
+            sketch_fill_scale (`float`, *optional*, defaults to 0.5):
+                The weight of the fill's error against the sketch's in the guidance loss; 0 turns fill guidance off.
 
         Examples:
 
@@ -253,6 +270,8 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
             "return_edge_maps": return_edge_maps,
             "guidance_map": guidance_map,
             "invert_map": invert_map,
+            "sketch_fill": sketch_fill,
+            "sketch_fill_scale": sketch_fill_scale,
         }
         output, edge_maps = self.generate_with_sketch(super().__call__, parent_kwargs, guidance)
         if not return_dict:
