@@ -48,11 +48,12 @@ def load_pipeline(
     device: str | None = None,
     torch_dtype=None,
     demo_map: str | None = None,
+    fill_lgp: str | None = None,
     **kwargs,
 ):
     """The demo pipeline (`model=None`, with its LGP for `demo_map`, edges by default) or the Stable Diffusion model at
-    `model` (a folder or Hub id, loaded with `kwargs` as for `from_pretrained`), with the LGP at `lgp` when given, on
-    `device`.
+    `model` (a folder or Hub id, loaded with `kwargs` as for `from_pretrained`), with the LGP at `lgp` and the fill LGP
+    at `fill_lgp` when given, on `device`.
 
     `torch_dtype` defaults to float16 on a GPU and float32 on the CPU.
     """
@@ -72,6 +73,13 @@ def load_pipeline(
         pipe = pipeline_class.from_pretrained(model, **dtype_kwargs(torch_dtype), **kwargs)
     if lgp is not None:
         pipe.lgp = LGPModel.from_pretrained(lgp, **dtype_kwargs(torch_dtype))
+    if fill_lgp is not None:
+        if "fill_lgp" not in pipe.components:
+            raise ValueError(
+                f"fill guidance is in the Stable Diffusion 1.x/2.x text-to-image pipeline; {type(pipe).__name__} has"
+                " no fill LGP."
+            )
+        pipe.fill_lgp = LGPModel.from_pretrained(fill_lgp, **dtype_kwargs(torch_dtype))
     return pipe.to(device) if device is not None else pipe
 
 

@@ -49,6 +49,9 @@ def generate_args(out, *extra) -> list[str]:
         (["--model", "/no/such/model"], "--model /no/such/model: no such folder"),
         (["--sketch", "missing.png"], "--sketch missing.png: no such file"),
         (["--edge-map-out", "edges.png"], "--edge-map-out needs --sketch"),
+        (["--sketch-fill", "auto"], "--sketch-fill needs --sketch"),
+        (["--sketch-fill-scale", "-1"], "--sketch-fill-scale -1.0: must be from 0"),
+        (["--fill-lgp", "./no-fill-lgp"], "--fill-lgp ./no-fill-lgp: no such folder"),
     ],
 )
 def test_bad_arguments_are_one_line_before_any_loading(tmp_path, monkeypatch, no_loading, extra, message):
@@ -218,6 +221,22 @@ def test_a_sketch_mask_reaches_the_pipeline_and_the_metadata(tmp_path, sketch):
     assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(PIL.Image.open(plain)))
     with pytest.raises(SystemExit, match="--sketch-mask needs --sketch"):
         cli.main(generate_args(tmp_path / "x.png", "--sketch-mask", str(mask)))
+
+
+def test_a_fill_lgp_guides_with_the_sketchs_fill_and_the_metadata_says_so(tmp_path, sketch):
+    from pipeline_sketch_guided.demo import DEMO_LGP_FOLDERS, DEMO_MODEL_DIR
+
+    silhouette_lgp = str(DEMO_MODEL_DIR / DEMO_LGP_FOLDERS["silhouette"])
+    plain, filled, fill_off = tmp_path / "plain.png", tmp_path / "filled.png", tmp_path / "off.png"
+    cli.main(generate_args(plain, "--sketch", sketch, "--sketch-fill-scale", "0"))
+    cli.main(generate_args(filled, "--sketch", sketch, "--fill-lgp", silhouette_lgp))
+    cli.main(generate_args(fill_off, "--sketch", sketch, "--fill-lgp", silhouette_lgp, "--sketch-fill-scale", "0"))
+    settings = json.loads(PIL.Image.open(filled).text["sketch_guided"])
+    assert settings["sketch_fill"] == "auto" and settings["sketch_fill_scale"] == 0.5
+    assert json.loads(PIL.Image.open(fill_off).text["sketch_guided"])["sketch_fill"] is None
+    pixels = {path: np.asarray(PIL.Image.open(path)) for path in (plain, filled, fill_off)}
+    assert not np.array_equal(pixels[filled], pixels[plain])
+    assert np.array_equal(pixels[fill_off], pixels[plain])
 
 
 def test_the_command_line_is_the_top_of_the_house():

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def add_generate_parser(subparsers) -> None:
     from ..demo import VOCABULARY_HELP
-    from ..pipeline import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE
+    from ..pipeline import DEFAULT_SKETCH_FILL_SCALE, DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE
 
     parser = subparsers.add_parser(
         "generate",
@@ -122,6 +122,22 @@ def add_generate_parser(subparsers) -> None:
         help="for a depth LGP: the map is dark where near (a distance map), so turn it round (the LGP reads light as"
         " near); sketches and silhouettes are read either way round without it",
     )
+    parser.add_argument(
+        "--sketch-fill",
+        help="fill guidance (SD 1.x/2.x, with a fill LGP): 'auto' fills what the sketch's outlines enclose, or an"
+        " image of the filled shapes (white on black); default: auto when the model has a fill LGP",
+    )
+    parser.add_argument(
+        "--sketch-fill-scale",
+        type=float,
+        default=DEFAULT_SKETCH_FILL_SCALE,
+        help=f"weight of the fill against the sketch, 0 turns fill guidance off (default {DEFAULT_SKETCH_FILL_SCALE})",
+    )
+    parser.add_argument(
+        "--fill-lgp",
+        help="fill LGP (trained on filled silhouettes for --model): a Hub repo id or a folder (default: the one saved"
+        " with --model, if any; the demo model has one)",
+    )
     parser.add_argument("--height", type=positive_int, help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=positive_int, help="image width in pixels (default: the model's)")
     parser.add_argument(
@@ -167,12 +183,42 @@ def check_generate_args(args: argparse.Namespace) -> None:
             f"--sketch-guidance-start {args.sketch_guidance_start} and --sketch-guidance-end"
             f" {args.sketch_guidance_end}: need 0 <= start < end <= 1 (fractions of the steps)."
         )
+    if args.sketch_fill and not args.sketch:
+        raise UsageError("--sketch-fill needs --sketch: the fill says which side of its lines is the shape.")
+    if args.sketch_fill and args.sketch_fill != "auto":
+        check_image_file(args.sketch_fill, "--sketch-fill")
+    if not 0 <= args.sketch_fill_scale <= MAX_SKETCH_GUIDANCE_SCALE:
+        raise UsageError(
+            f"--sketch-fill-scale {args.sketch_fill_scale}: must be from 0 (no fill guidance) to"
+            f" {MAX_SKETCH_GUIDANCE_SCALE}."
+        )
     for size in (args.height, args.width):
         if size is not None and size % 8:
             raise UsageError(f"--height and --width must be multiples of 8, got {size}.")
     check_demo_map(args)
     check_model_source(args.model, "--model", "model's")
     check_model_source(args.lgp, "--lgp", "LGP's")
+    check_model_source(args.fill_lgp, "--fill-lgp", "fill LGP's")
+
+
+def fill_arguments(args: argparse.Namespace, pipe) -> dict:
+    """The fill guidance arguments for `pipe`: none for a pipeline without fill guidance (an error where a fill was
+    asked for)."""
+    if "sketch_fill" not in inspect.signature(type(pipe).__call__).parameters:
+        if args.sketch_fill:
+            raise UsageError(
+                "--sketch-fill: fill guidance is in the Stable Diffusion 1.x/2.x text-to-image pipeline; this is"
+                f" {type(pipe).__name__}."
+            )
+        return {}
+    return {"sketch_fill": args.sketch_fill, "sketch_fill_scale": args.sketch_fill_scale}
+
+
+def fill_setting(args: argparse.Namespace, pipe) -> str | None:
+    """What the image's metadata records as its fill: "auto", the fill image's sha256, or None (no fill guidance)."""
+    if not args.sketch or args.sketch_fill_scale == 0 or getattr(pipe, "fill_lgp", None) is None:
+        return None
+    return file_sha256(args.sketch_fill) if args.sketch_fill not in (None, "auto") else "auto"
 
 
 def numbered(path: str, index: int) -> str:
@@ -193,7 +239,14 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.model is None and (unknown := unknown_words(f"{args.prompt} {args.negative_prompt or ''}")):
         logger.warning(f"The demo model does not know {', '.join(map(repr, unknown))}. {VOCABULARY_HELP}")
 
-    pipe = loading.load_pipeline(args.model, args.lgp, device, dtype, demo_map=args.demo_map)
+    try:
+        pipe = loading.load_pipeline(
+            args.model, args.lgp, device, dtype, demo_map=args.demo_map, fill_lgp=args.fill_lgp
+        )
+    except ValueError as error:
+        if not args.fill_lgp or "fill guidance" not in str(error):
+            raise
+        raise UsageError(f"--fill-lgp: {error}") from None
     try:
         pipe = loading.editing_pipeline(pipe, image=bool(args.image), mask=bool(args.mask_image))
     except ValueError as error:
@@ -211,6 +264,7 @@ def run_generate(args: argparse.Namespace) -> int:
             editing["mask_image"] = PIL.Image.open(args.mask_image).convert("L")
         if args.strength is not None:
             editing["strength"] = args.strength
+    fill = fill_arguments(args, pipe)
     if args.scheduler:
         try:
             loading.set_scheduler(pipe, args.scheduler)
@@ -235,6 +289,7 @@ def run_generate(args: argparse.Namespace) -> int:
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         return_edge_maps=bool(args.edge_map_out),
         invert_map=args.invert_map,
+        **fill,
         **editing,
     )
     settings = {
@@ -254,6 +309,8 @@ def run_generate(args: argparse.Namespace) -> int:
         "sketch_guidance_interval": args.sketch_guidance_interval if args.sketch else None,
         "sketch_guidance_recurrence": args.sketch_guidance_recurrence if args.sketch else None,
         "invert_map": True if args.invert_map else None,
+        "sketch_fill": fill_setting(args, pipe),
+        "sketch_fill_scale": args.sketch_fill_scale if fill_setting(args, pipe) else None,
         "image_sha256": file_sha256(args.image) if args.image else None,
         "mask_image_sha256": file_sha256(args.mask_image) if args.mask_image else None,
         "strength": args.strength,
