@@ -6,7 +6,9 @@ Times, `--repeats` times each after `--warmup` untimed runs, and reports medians
   sketch, which is exactly `StableDiffusionPipeline`) and guided (the first `--guided_fraction` of the steps; several
   fractions side by side), with split and batched guided steps (`--step_modes`), plus guided every k-th step for each
   `--intervals` k (the approximate mode, `sketch_guidance_interval`, reusing the last gradient between) and with each
-  `--recurrences` N (`sketch_guidance_recurrence`: the first guided steps run N times);
+  `--recurrences` N (`sketch_guidance_recurrence`: the first guided steps run N times), and with `--fill` fill
+  guidance (a random silhouette LGP of the LGP's size as `fill_lgp`, guided with the sketch's own fill; the other
+  guided generations then pass `sketch_fill_scale=0`);
 - the fixed costs around the loop (prompt encoding, sketch encoding, VAE decoding), so that the loop's own ratio can be
   read off too;
 - the parts of one step: an unguided classifier-free step and a guided one, and inside the guided step the UNet forward
@@ -65,7 +67,7 @@ from benchmarks.measuring import (
     without_savings,
 )
 from benchmarks.models import build_pipeline
-from pipeline_sketch_guided import capture_activations, loading, noise_level_map
+from pipeline_sketch_guided import LGPModel, capture_activations, loading, noise_level_map
 from pipeline_sketch_guided import guidance as guidance_module
 from pipeline_sketch_guided.capture import resolve_blocks
 from pipeline_sketch_guided.demo import freehand_sketch
@@ -271,6 +273,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     pipe = build_pipeline(args.model, args.lgp, dtype, args.device).to(device)
     pipe.sketch_gradient_reuse = not args.no_gradient_reuse
+    if args.fill:
+        if "fill_lgp" not in pipe.components:
+            raise SystemExit(f"--fill: fill guidance is in the SD 1.x/2.x pipeline, not {type(pipe).__name__}.")
+        torch.manual_seed(1)
+        fill_lgp = LGPModel.from_unet(pipe.unet, map_kind="silhouette", hidden_dims=list(pipe.lgp.config.hidden_dims))
+        pipe.fill_lgp = fill_lgp.to(device, dtype).eval()
     if isinstance(pipe, SketchGuidedStableDiffusionXLPipeline) and "parts" in args.phases:
         raise SystemExit(f"--phases parts times the SD 1.x/2.x step; for {args.model} use --phases generation.")
     if args.scheduler:
@@ -417,6 +425,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def guided_settings(args: argparse.Namespace, fraction: float, sketch, interval: int = 1) -> dict[str, Any]:
     settings = {"sketch": sketch, "sketch_guidance_scale": args.sketch_guidance_scale, "sketch_guidance_end": fraction}
+    if args.fill:  # fill guidance only where it is timed
+        settings["sketch_fill_scale"] = 0.0
     if interval != 1:
         settings["sketch_guidance_interval"] = interval
     return settings
@@ -454,6 +464,10 @@ def timed_modes(args: argparse.Namespace, fraction: float, sketch) -> list[tuple
     for times in args.recurrences:
         settings = {**guided_settings(args, fraction, sketch), "sketch_guidance_recurrence": times}
         modes.append((f"generation, guided, recurrence {times}{suffix}", settings, None))
+    if args.fill:
+        fill_scale = guidance_module.DEFAULT_SKETCH_FILL_SCALE
+        settings = {**guided_settings(args, fraction, sketch), "sketch_fill_scale": fill_scale}
+        modes.append((f"generation, guided, fill{suffix}", settings, None))
     return modes
 
 
@@ -511,6 +525,8 @@ def ratios(seconds: dict[str, dict[str, Any]], args: argparse.Namespace, guided_
         formulas[f"generation guided every {interval} / unguided"] = lambda k=interval: (
             s[f"generation, guided every {k} steps"] / s["generation, unguided"]
         )
+    formulas["generation guided, fill / unguided"] = lambda: s["generation, guided, fill"] / s["generation, unguided"]
+    formulas["generation guided, fill / guided"] = lambda: s["generation, guided, fill"] / s["generation, guided"]
     for times in args.recurrences:
         formulas[f"generation guided, recurrence {times} / unguided"] = lambda n=times: (
             s[f"generation, guided, recurrence {n}"] / s["generation, unguided"]
@@ -734,6 +750,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["generation", "parts"],
         choices=["generation", "parts"],
         help="What to time: whole generations (with the fixed costs around the loop), the parts of a step, or both.",
+    )
+    parser.add_argument(
+        "--fill",
+        action="store_true",
+        help="Also a guided generation with fill guidance: a random silhouette LGP of the LGP's size as `fill_lgp`,"
+        " the sketch's own fill, the default `sketch_fill_scale` (timed; not in --efficacy).",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)

@@ -351,3 +351,23 @@ def test_guidance_variants_refuse_what_they_do_not_know(spec):
 
     with pytest.raises(ValueError, match="got"):
         main(["--variant", spec, "--", "--model", "tiny"])
+
+
+def test_fill_guidance_is_timed_as_its_own_generation(monkeypatch):
+    """With --fill, one generation guides with a fill LGP and the sketch's fill; every other guided one without."""
+    from pipeline_sketch_guided.guidance import SketchGuidanceMixin
+
+    fills = []
+    sketch_loss = SketchGuidanceMixin.sketch_loss
+
+    def recording(self, *args, **kwargs):
+        fills.append(kwargs.get("fill") is not None)
+        return sketch_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(SketchGuidanceMixin, "sketch_loss", recording)
+    argv = ["--model", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--threads", "1", "--fill"]
+    record = guided_sampling.main([*argv, "--step_modes", "split", "--phases", "generation"])
+    assert "generation, guided, fill" in record["seconds"]
+    assert record["ratios"]["generation guided, fill / unguided"] > 0
+    # The plain guided generation guides without the fill, the fill generation with it.
+    assert True in fills and False in fills
