@@ -22,8 +22,9 @@ from .utils import dtype_kwargs
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
 # The demo LGPs, by the map each was trained on, and their folders in DEMO_MODEL_DIR: the edge LGP is the pipeline's
-# own `lgp` component; the silhouette LGP (filled shapes, white on black) ships beside it.
-DEMO_LGP_FOLDERS = {"edges": "lgp", "silhouette": "lgp_silhouette"}
+# own `lgp` component; the silhouette LGP (filled shapes, white on black) is its `fill_lgp`, which guides each sketch's
+# fill alongside it (fill guidance), and the `lgp` of `load_demo_pipeline(map="silhouette")`.
+DEMO_LGP_FOLDERS = {"edges": "lgp", "silhouette": "fill_lgp"}
 DEMO_IMAGE_SIZE = 64
 SHAPES = ("circle", "square", "triangle", "star")
 # The demo model was trained on captions "a <colour> <shape> [and a <colour> <shape>] on a <background> background";
@@ -45,8 +46,9 @@ def load_demo_pipeline(
 
     `map` picks the LGP, by the map it was trained on: `"edges"` (the default: sketches, outlines of either polarity)
     or `"silhouette"` (filled shapes, white on black: "put a red thing here, this big"), whose guidance map is passed
-    as `sketch` like any other. The weights are stored in float16 to keep the package small and loaded in
-    `torch_dtype` (float32 by default, since the CPU does not run float16 well).
+    as `sketch` like any other. With `"edges"` the silhouette LGP is the pipeline's `fill_lgp`: each sketch's fill
+    guides too (`sketch_fill`, on by default; `sketch_fill_scale=0` turns it off). The weights are stored in float16 to
+    keep the package small and loaded in `torch_dtype` (float32 by default, since the CPU does not run float16 well).
     """
     if map not in DEMO_LGP_FOLDERS:
         raise ValueError(f"The demo has no LGP for the map {map!r}; choose one of {list(DEMO_LGP_FOLDERS)}.")
@@ -56,8 +58,11 @@ def load_demo_pipeline(
             f"The demo model (or its {map} LGP) is missing from {DEMO_MODEL_DIR}. Reinstall the package, or train it"
             " with `python -m pipeline_sketch_guided.training.train_demo_model` (see docs/demo_model.md)."
         )
-    # Another map's LGP replaces the pipeline's own (which is then never loaded).
-    extra = {} if map == "edges" else {"lgp": LGPModel.from_pretrained(lgp_dir, **dtype_kwargs(torch_dtype))}
+    # Another map's LGP replaces the pipeline's own (which is then never loaded), and guides without a fill: its map is
+    # no sketch to fill.
+    extra = {}
+    if map != "edges":
+        extra = {"lgp": LGPModel.from_pretrained(lgp_dir, **dtype_kwargs(torch_dtype)), "fill_lgp": None}
     pipe = SketchGuidedStableDiffusionPipeline.from_pretrained(DEMO_MODEL_DIR, **dtype_kwargs(torch_dtype), **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe

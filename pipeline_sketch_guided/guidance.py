@@ -54,8 +54,9 @@ logger = logging.get_logger(__name__)
 DEFAULT_SKETCH_GUIDANCE_SCALE = 2.5
 DEFAULT_SKETCH_GUIDANCE_END = 0.3
 # The weight of fill guidance's loss against the sketch's (`sketch_fill_scale`), chosen on the demo model by
-# `python -m benchmarks.efficacy --sketch_fill auto --sketch_fill_scale S` (docs/fidelity.md, "Fill guidance").
-DEFAULT_SKETCH_FILL_SCALE = 0.5
+# `python -m benchmarks.efficacy --fill_lgp FOLDER --sketch_fill_scale S` over four seeds: 0.25 followed every set at
+# least as closely as 0.5 (docs/fidelity.md, "Fill guidance").
+DEFAULT_SKETCH_FILL_SCALE = 0.25
 # Far above the useful range (about 1 to 4) a guidance step outweighs the denoising step many times over and the image
 # turns to noise or black: a larger scale is a mistake, refused with the sensible range.
 MAX_SKETCH_GUIDANCE_SCALE = 50.0
@@ -602,7 +603,8 @@ class SketchGuidanceMixin:
 
     def check_fill_inputs(self, sketch, sketch_fill, sketch_fill_scale: float, num_images: int, batch_size: int):
         """Check fill guidance's arguments (after `check_sketch_inputs`); return whether this call guides with a fill:
-        with an explicit `sketch_fill`, or by default (`None`) when the pipeline has a `fill_lgp`."""
+        with an explicit `sketch_fill`, or by default (`None`) when the pipeline has a `fill_lgp` and its `lgp` reads
+        sketches (edge maps)."""
         if not is_finite_number(sketch_fill_scale) or not 0 <= sketch_fill_scale <= MAX_SKETCH_GUIDANCE_SCALE:
             raise ValueError(
                 f"`sketch_fill_scale` must be a number from 0 (no fill guidance) to {MAX_SKETCH_GUIDANCE_SCALE}, got"
@@ -610,9 +612,15 @@ class SketchGuidanceMixin:
             )
         fill_lgp = getattr(self, "fill_lgp", None)
         if sketch_fill is None:
-            if sketch is None or fill_lgp is None:
+            # By default only for sketches: another map (a silhouette, a depth map) has no outline to fill.
+            if sketch is None or fill_lgp is None or self.lgp.config.map_kind != "edges":
                 return False
         else:
+            if sketch is not None and self.lgp.config.map_kind != "edges":
+                raise ValueError(
+                    f"`sketch_fill` fills a sketch's outlines, and this LGP reads {self.lgp.config.map_kind} maps, not"
+                    " sketches: leave `sketch_fill` out."
+                )
             if sketch is None:
                 raise ValueError(
                     "`sketch_fill` needs a `sketch`: the fill says which side of the sketch's lines is the shape. To"

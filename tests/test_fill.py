@@ -154,6 +154,15 @@ def test_a_given_fill_is_used_instead_of_the_sketchs_own(fill_pipe):
     torch.testing.assert_close(final_latents(fill_pipe, sketch_fill=own), auto)
 
 
+def test_an_lgp_for_another_map_guides_without_the_fill_by_default(fill_pipe, components):
+    """A silhouette (or depth) LGP's map has no outline to fill: the pipeline's fill LGP stays out of its calls."""
+    silhouette = random_lgp(components["unet"], seed=2, map_kind="silhouette")
+    fill_pipe.lgp = silhouette
+    alone = SketchGuidedStableDiffusionPipeline(**components, lgp=silhouette)
+    alone.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(final_latents(fill_pipe), final_latents(alone), rtol=0, atol=0)
+
+
 def test_the_sketch_mask_applies_to_the_fill(fill_pipe):
     """Where the mask is black, the fill's target does not matter: two fills that differ only there give one
     gradient (and differ in it without the mask)."""
@@ -200,6 +209,11 @@ def test_fill_arguments_are_checked(fill_pipe, pipe, components):
     with pytest.raises(ValueError, match="filled silhouettes"):
         fill_pipe.fill_lgp = random_lgp(components["unet"])  # an edge LGP
     assert fill_pipe.fill_lgp.config.map_kind == "silhouette"  # left as it was
+    edge_lgp = fill_pipe.lgp
+    fill_pipe.lgp = random_lgp(components["unet"], seed=2, map_kind="depth")
+    with pytest.raises(ValueError, match="reads depth maps, not sketches"):
+        generate(fill_pipe, sketch=draw_square(), sketch_fill="auto")
+    fill_pipe.lgp = edge_lgp
     fill_pipe.fill_lgp = random_lgp(components["unet"], map_kind="silhouette", feature_branch="unconditional")
     with pytest.raises(ValueError, match="same branch"):
         generate(fill_pipe, sketch=draw_square())

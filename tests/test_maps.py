@@ -434,7 +434,7 @@ def test_the_demo_ships_a_silhouette_lgp_beside_its_edge_lgp(silhouette_demo):
     assert (lgp.config.map_kind, lgp.config.map_normalization) == ("silhouette", "none")
     assert lgp.dtype == torch.float32 and silhouette_demo.unet.dtype == torch.float32
     lgp.check_unet(silhouette_demo.unet)
-    folder = DEMO_MODEL_DIR / "lgp_silhouette"
+    folder = DEMO_MODEL_DIR / "fill_lgp"
     assert (folder / "diffusion_pytorch_model.safetensors").stat().st_size < 4 * 2**20
     assert "lgp" in json.loads((folder / "training.json").read_text())["silhouette_training_summary"]
     assert load_demo_pipeline().lgp.config.map_kind == "edges"  # the default stays the edge LGP
@@ -494,7 +494,7 @@ def test_the_cli_guides_with_a_silhouette_through_the_lgp_option(tmp_path):
     blob_file, out, predicted = tmp_path / "blob.png", tmp_path / "out.png", tmp_path / "predicted.png"
     freehand_blob("circle", (24, 30), 14, seed=3)[0].save(blob_file)
     args = ["generate", "--prompt", "a red circle on a white background", "--sketch", str(blob_file)]
-    args += ["--lgp", str(DEMO_MODEL_DIR / "lgp_silhouette"), "--steps", "4", "--out", str(out)]
+    args += ["--lgp", str(DEMO_MODEL_DIR / "fill_lgp"), "--steps", "4", "--out", str(out)]
     cli([*args, "--edge-map-out", str(predicted)])
     assert PIL.Image.open(out).size == (64, 64) and PIL.Image.open(predicted).size == (64, 64)
 
@@ -510,14 +510,19 @@ def test_shipping_another_maps_lgp_puts_it_beside_the_model_and_reshipping_the_m
     with pytest.raises(ValueError, match="ship the model first"):
         ship_lgp(tmp_path / "silhouette-lgp", "silhouette", target)
     ship(tmp_path / "model", tmp_path / "edge-lgp", target)
+    assert SketchGuidedStableDiffusionPipeline.from_pretrained(target).fill_lgp is None
     ship_lgp(tmp_path / "silhouette-lgp", "silhouette", target, notes={"summary": {"steps": 2}})
+    # The silhouette LGP is the demo's fill LGP: loading the demo brings it.
+    assert SketchGuidedStableDiffusionPipeline.from_pretrained(target).fill_lgp.config.map_kind == "silhouette"
     with pytest.raises(ValueError, match="another demo map"):
         ship_lgp(tmp_path / "silhouette-lgp", "edges", target)
     ship(tmp_path / "model", tmp_path / "edge-lgp", target)  # the model again: the silhouette LGP stays beside it
     from safetensors.torch import load_file
 
-    weights = load_file(target / "lgp_silhouette" / "diffusion_pytorch_model.safetensors")
+    weights = load_file(target / "fill_lgp" / "diffusion_pytorch_model.safetensors")
     assert {tensor.dtype for name, tensor in weights.items() if "num_batches" not in name} == {torch.float16}
-    assert LGPModel.from_pretrained(target / "lgp_silhouette").config.map_kind == "silhouette"
-    assert json.loads((target / "lgp_silhouette" / "training.json").read_text()) == {"summary": {"steps": 2}}
+    assert LGPModel.from_pretrained(target / "fill_lgp").config.map_kind == "silhouette"
+    assert json.loads((target / "fill_lgp" / "training.json").read_text()) == {"summary": {"steps": 2}}
     assert LGPModel.from_pretrained(target / "lgp").config.map_kind == "edges"
+    reshipped = SketchGuidedStableDiffusionPipeline.from_pretrained(target)
+    assert reshipped.lgp.config.map_kind == "edges" and reshipped.fill_lgp.config.map_kind == "silhouette"

@@ -7,8 +7,9 @@ another demo LGP (one trained on another kind of map) beside it.
     python -m pipeline_sketch_guided.training.ship_demo_model --model outputs/demo-v2/sd-fp16 \
         --lgp outputs/demo-v2/lgp --target outputs/demo-v2/candidate
 
-`pipeline_sketch_guided.load_demo_pipeline()` loads the result (and upcasts it to float32 for the CPU);
-`load_demo_pipeline(map="silhouette")` the pipeline with the LGP shipped for that map.
+`pipeline_sketch_guided.load_demo_pipeline()` loads the result (and upcasts it to float32 for the CPU), with the
+silhouette LGP as its `fill_lgp` where one is shipped; `load_demo_pipeline(map="silhouette")` the pipeline with the
+silhouette LGP as its `lgp`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,20 @@ from pipeline_sketch_guided.utils import dtype_kwargs
 MAX_SHIPPED_BYTES = 25 * 2**20  # the package must stay small: the whole demo, weights and all, under 25 MiB
 
 
+def register_fill_lgp(folder: Path) -> None:
+    """Name the silhouette LGP beside the pipeline in `folder` as its `fill_lgp` component in `model_index.json`, so
+    that loading the demo brings it for fill guidance."""
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["fill_lgp"] = ["pipeline_sketch_guided.lgp", "LGPModel"]
+    temporary = index_path.with_name(index_path.name + ".tmp")
+    temporary.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    temporary.replace(index_path)
+
+
 def ship(model: Path, lgp: Path, target: Path = DEMO_MODEL_DIR, notes: dict | None = None) -> int:
-    """Write the float16 pipeline (with `lgp/`) to `target`; return its size in bytes."""
+    """Write the float16 pipeline (with `lgp/`) to `target`; return its size in bytes. A silhouette LGP already
+    shipped in `target` stays beside it, as its `fill_lgp`."""
     base = StableDiffusionPipeline.from_pretrained(model)
     pipe = SketchGuidedStableDiffusionPipeline.from_pipe(base, lgp=LGPModel.from_pretrained(lgp))
     pipe.to(torch.float16)
@@ -40,6 +53,8 @@ def ship(model: Path, lgp: Path, target: Path = DEMO_MODEL_DIR, notes: dict | No
         for extra in DEMO_LGP_FOLDERS.values():  # the other maps' demo LGPs stay beside the new model
             if extra != "lgp" and (target / extra).is_dir():
                 shutil.copytree(target / extra, folder / extra)
+        if (folder / DEMO_LGP_FOLDERS["silhouette"]).is_dir():
+            register_fill_lgp(folder)
         if notes:
             (folder / "training.json").write_text(json.dumps(notes, indent=2) + "\n")
         size = folder_size(folder)
@@ -74,6 +89,8 @@ def ship_lgp(lgp: Path, map_name: str, target: Path = DEMO_MODEL_DIR, notes: dic
         raise ValueError(
             f"The demo would be {size / 2**20:.1f} MiB, over the {MAX_SHIPPED_BYTES / 2**20:.0f} MiB limit."
         )
+    if map_name == "silhouette":
+        register_fill_lgp(target)
     return size
 
 
