@@ -443,7 +443,7 @@ class SketchGuidanceMixin:
             if name == "fill_lgp" and isinstance(value, torch.nn.Module) and value.config.map_kind != "silhouette":
                 raise ValueError(
                     "`fill_lgp` must be an LGP trained on filled silhouettes (`map_kind='silhouette'`, as"
-                    " `sketch-guided train train_lgp --map silhouette` trains one); this one reads"
+                    " `sketch-guided train train_lgp --map_kind silhouette` trains one); this one reads"
                     f" {value.config.map_kind} maps. Set it as `pipe.lgp` to guide with those maps instead."
                 )
         super().__setattr__(name, value)
