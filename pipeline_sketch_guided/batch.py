@@ -58,13 +58,25 @@ MANIFEST_FIELDS = {
     "height": int,
     "width": int,
     "invert_map": boolean,
+    "sketch_fill": str,
+    "sketch_fill_scale": float,
     "image": str,
     "mask_image": str,
     "strength": float,
     "output": str,
 }
 # The fields that each image of a batch may have its own of; rows that agree on all the others can share a batch.
-PER_IMAGE_FIELDS = ("prompt", "negative_prompt", "seed", "sketch", "sketch_mask", "image", "mask_image", "output")
+PER_IMAGE_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "sketch",
+    "sketch_mask",
+    "sketch_fill",
+    "image",
+    "mask_image",
+    "output",
+)
 RESULTS_FILE = "results.jsonl"
 METADATA_KEY = "sketch_guided_row"
 
@@ -87,10 +99,16 @@ class Row:
         return (
             "sketch" in self.settings,
             "sketch_mask" in self.settings,
+            self.fill_kind(),
             "image" in self.settings,
             "mask_image" in self.settings,
             tuple(sorted(shared.items())),
         )
+
+    def fill_kind(self) -> str | None:
+        """How the row gives its fill: "auto", an "image", or not at all (`None`); a batch shares one."""
+        fill = self.settings.get("sketch_fill")
+        return None if fill is None else "auto" if fill == "auto" else "image"
 
     def result(self) -> dict[str, Any]:
         return {
@@ -153,8 +171,8 @@ def parse_row(index: int, raw: dict[str, Any], manifest_dir: Path, out_dir: Path
             error += f", got {value!r}"
     if "prompt" not in settings and error is None:
         error = "no `prompt`"
-    for name in ("sketch", "sketch_mask", "image", "mask_image"):
-        if name in settings:
+    for name in ("sketch", "sketch_mask", "sketch_fill", "image", "mask_image"):
+        if name in settings and not (name == "sketch_fill" and settings[name] == "auto"):
             settings[name] = str((manifest_dir / settings[name]).resolve())
     settings.setdefault("seed", index)
     name = settings.pop("output", None) or f"{index:06d}-seed{settings['seed']}.png"
@@ -194,6 +212,11 @@ def check_row_inputs(row: Row, vae_scale_factor: int, default_size: tuple[int, i
             prepare_map(row.settings["sketch"], height, width, *options)
         if "sketch_mask" in row.settings:
             prepare_sketch_mask(row.settings["sketch_mask"], height // vae_scale_factor, width // vae_scale_factor)
+        if "sketch_fill" in row.settings:
+            if "sketch" not in row.settings:
+                raise ValueError("`sketch_fill` says which side of a sketch's lines is the shape: give the `sketch`")
+            if row.fill_kind() == "image":
+                prepare_map(row.settings["sketch_fill"], height, width, "silhouette")
         if "mask_image" in row.settings and "image" not in row.settings:
             raise ValueError("`mask_image` says which part of an `image` to repaint: give the `image` too")
         if "strength" in row.settings and "image" not in row.settings:
@@ -237,6 +260,10 @@ def generate_batch(
         kwargs["sketch"] = [row.settings["sketch"] for row in rows]
     if "sketch_mask" in first:
         kwargs["sketch_mask"] = [row.settings["sketch_mask"] for row in rows]
+    if rows[0].fill_kind() == "auto":
+        kwargs["sketch_fill"] = "auto"
+    elif rows[0].fill_kind() == "image":
+        kwargs["sketch_fill"] = [row.settings["sketch_fill"] for row in rows]
     negative = [row.settings.get("negative_prompt", "") for row in rows]
     start = time.perf_counter()
     images = pipe(

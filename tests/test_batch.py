@@ -133,3 +133,35 @@ def test_two_processes_with_accelerate_give_the_single_process_images(manifest, 
         assert (single / name).read_bytes() == (multi / name).read_bytes(), name
     assert [r["status"] for r in results(multi)] == [r["status"] for r in results(single)]
     assert not list(multi.glob("results.*.jsonl"))
+
+
+def test_rows_can_set_the_fill_and_its_weight(tmp_path):
+    """On the demo (which has a fill LGP) a row's `sketch_fill_scale` 0 is the sketch alone, its own fill image as
+    `sketch_fill` is the same as "auto" (the default), and a fill without a sketch fails its row."""
+    from pipeline_sketch_guided.fill import fill_sketch
+
+    (tmp_path / "sketches").mkdir()
+    star = demo_sketches()[0][1]
+    star.save(tmp_path / "sketches" / "star.png")
+    fill_sketch(star, 64, 64).save(tmp_path / "sketches" / "star-fill.png")
+    row = {"prompt": "a red star on a white background", "sketch": "sketches/star.png", "seed": 3}
+    rows = [
+        {**row, "output": "default.png"},
+        {**row, "output": "off.png", "sketch_fill_scale": 0},
+        {**row, "output": "own.png", "sketch_fill": "sketches/star-fill.png"},
+        {**row, "output": "auto.png", "sketch_fill": "auto"},
+        {"prompt": "a red star on a white background", "sketch_fill": "auto", "output": "bad.png"},
+    ]
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert run(path, out) == 1
+    statuses = {r["output"].rsplit("/", 1)[-1]: r for r in results(out)}
+    assert statuses["bad.png"]["status"] == "failed" and "give the `sketch`" in statuses["bad.png"]["error"]
+    names = ("default.png", "off.png", "own.png", "auto.png")
+    pixels = {name: np.asarray(PIL.Image.open(out / name)) for name in names}
+    assert np.array_equal(pixels["default.png"], pixels["auto.png"])
+    assert np.array_equal(pixels["own.png"], pixels["auto.png"])
+    assert not np.array_equal(pixels["off.png"], pixels["default.png"])
+    recorded = json.loads(PIL.Image.open(out / "own.png").text["sketch_guided_row"])
+    assert recorded["sketch_fill"].endswith("star-fill.png")
