@@ -640,12 +640,14 @@ class SketchGuidanceMixin:
                     )
         if sketch_fill_scale == 0:
             return False
-        if fill_lgp.config.feature_branch != self.lgp.config.feature_branch:
-            raise ValueError(
-                f"The fill LGP reads the {fill_lgp.config.feature_branch} branch and the LGP the"
-                f" {self.lgp.config.feature_branch} one; both read the same denoiser pass, so they must read the same"
-                " branch. Use a fill LGP trained on the LGP's branch, or `sketch_fill_scale=0` to guide without it."
-            )
+        for key in ("feature_branch", "tuple_output_index"):
+            if getattr(fill_lgp.config, key) != getattr(self.lgp.config, key):
+                raise ValueError(
+                    f"The fill LGP's `{key}` is {getattr(fill_lgp.config, key)!r} and the LGP's"
+                    f" {getattr(self.lgp.config, key)!r}; both read the same denoiser pass, so they must read it the"
+                    " same way (the same branch). Use a fill LGP trained like the LGP, or `sketch_fill_scale=0` to"
+                    " guide without it."
+                )
         return True
 
     def sketch_size(self, height: int | None, width: int | None, latents: torch.Tensor | None) -> tuple[int, int]:

@@ -215,5 +215,5 @@ def test_fill_arguments_are_checked(fill_pipe, pipe, components):
         generate(fill_pipe, sketch=draw_square(), sketch_fill="auto")
     fill_pipe.lgp = edge_lgp
     fill_pipe.fill_lgp = random_lgp(components["unet"], map_kind="silhouette", feature_branch="unconditional")
-    with pytest.raises(ValueError, match="same branch"):
+    with pytest.raises(ValueError, match="`feature_branch` is 'unconditional'"):
         generate(fill_pipe, sketch=draw_square())
