@@ -171,7 +171,12 @@ def card_map_text(config) -> dict[str, str]:
         }
     stretched = " stretched to its full range (as in training)" if normalization == "minmax" else ""
     how = {
-        "silhouette": 'The map is filled shapes, white on black ("a thing here, this big"), taken as it is, any size.',
+        "silhouette": (
+            'The map is filled shapes, white on black ("a thing here, this big"), taken as it is, any size. Beside a'
+            " sketch LGP for the same base model it is also a fill LGP"
+            " (`pipe.fill_lgp = LGPModel.from_pretrained(...)`): it then guides each sketch's filled outline too"
+            " (fill guidance, `sketch_fill`)."
+        ),
         "depth": f"The map is a depth map, light is near, any size, taken as it is{stretched}.",
         "color": "The map is a colour map (segmentation colours, normals, any RGB map), its three channels kept.",
     }[kind]
