@@ -107,6 +107,9 @@ def test_card_of_an_lgp_for_another_map_names_it_and_passes_guidance_map():
     for snippet in python_blocks(text):
         ast.parse(snippet)
         assert 'guidance_map="depth.png"' in snippet
+    assert "fill LGP" not in text
+    silhouette = LGPModel(**config, map_kind="silhouette").eval()
+    assert "it is also a fill LGP (`pipe.fill_lgp = " in build_model_card(silhouette, REPO_ID).text
 
 
 def test_card_names_what_the_lgp_predicts():
