@@ -54,6 +54,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=str(DEMO_MODEL_DIR), help="the base: a sketch-guided pipeline folder")
     parser.add_argument("--lgp", default=None, help="an LGP folder (default: the model's own)")
     parser.add_argument("--controlnets", nargs="+", required=True, help="ControlNet folders trained on --model")
+    parser.add_argument(
+        "--fill_lgp",
+        default=None,
+        help="fill guidance for the LGP rows on every base: a silhouette LGP folder, or `none` for none (default: each"
+        " model's own; the demo model has one, so its LGP row guides with each sketch's fill)",
+    )
     parser.add_argument("--finetuned_model", default=None, help="a fine-tune of --model to measure each method on")
     parser.add_argument(
         "--placement",
@@ -141,6 +147,9 @@ def measure_base(args, model: str, label: str, cases, size: int, timed: bool) ->
     ControlNet snapshot has the same architecture, so one is timed for all)."""
     lgp_folder = Path(args.lgp) if args.lgp else Path(args.model) / "lgp"  # the base's LGP, on a fine-tune too
     pipe = efficacy.load_pipeline(model, str(lgp_folder))
+    if args.fill_lgp is not None:
+        fill_lgp = None if args.fill_lgp == "none" else LGPModel.from_pretrained(args.fill_lgp)
+        pipe.fill_lgp = None if fill_lgp is None else fill_lgp.to(pipe.device, pipe.lgp.dtype)
     steps = args.num_inference_steps
     strokes = [efficacy.case_strokes(case, size) for case in cases]  # once per case, not once per image and row
 
@@ -178,16 +187,19 @@ def measure_base(args, model: str, label: str, cases, size: int, timed: bool) ->
         args.timing_runs if timed else 0,
     )
     lgp_training = training_record(lgp_folder)
+    fill_lgp = getattr(pipe, "fill_lgp", None)  # guides by default where the model has one
+    lgps = [pipe.lgp] if fill_lgp is None else [pipe.lgp, fill_lgp]
     rows = [
         {"method": "unguided", "base": label, **score(lgp_images(None)), "seconds": seconds["unguided"]},
         {
-            "method": "LGP guidance (pipeline defaults)",
+            "method": "LGP guidance (pipeline defaults" + (", with fill guidance)" if fill_lgp is not None else ")"),
             "base": label,
+            "fill_guidance": fill_lgp is not None,
             **score(lgp_images(LGP_GUIDANCE)),
             "seconds": seconds["lgp"],
             "training_seconds": lgp_training.get("seconds"),
             "training_device": lgp_training.get("device"),
-            "trainable_parameters": sum(p.numel() for p in pipe.lgp.parameters()),
+            "trainable_parameters": sum(p.numel() for lgp in lgps for p in lgp.parameters()),
             "file_bytes": weights_bytes(lgp_folder),
         },
     ]

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from benchmarks import controlnet_comparison, efficacy
-from pipeline_sketch_guided import loading
+from pipeline_sketch_guided import LGPModel, loading
 from pipeline_sketch_guided.demo import DEMO_MODEL_DIR
 from pipeline_sketch_guided.training import (
     prepare_data,
@@ -146,6 +146,10 @@ def test_comparison_an_untrained_controlnet_draws_the_unguided_images(tmp_path, 
     metrics = ("iou", "outline_f_score", "colour_agreement", "recognisable", "one_object")
     assert [untrained[m] for m in metrics] == pytest.approx([unguided[m] for m in metrics], abs=1e-6)
     assert lgp["iou"] > unguided["iou"] + 0.1
+    # The demo brings its fill LGP, so the LGP row guides with each sketch's fill, and counts both LGPs.
+    assert lgp["fill_guidance"] and lgp["method"] == "LGP guidance (pipeline defaults, with fill guidance)"
+    lgps = [LGPModel.from_pretrained(DEMO_MODEL_DIR / folder) for folder in ("lgp", "fill_lgp")]
+    assert lgp["trainable_parameters"] == sum(p.numel() for model in lgps for p in model.parameters())
     assert untrained["trainable_parameters"] == sum(p.numel() for p in controlnet.parameters())
     assert lgp["file_bytes"] == (DEMO_MODEL_DIR / "lgp" / "diffusion_pytorch_model.safetensors").stat().st_size
     # Each image's own figures, by seed and case, so a set's figure can be traced to the sketches that hold it down.
