@@ -225,7 +225,7 @@ class SketchGuidedStableDiffusionPipeline(SketchGuidanceMixin, StableDiffusionPi
                 small gaps; an outline the frame cuts is closed by the frame); or pass the fills (white shapes on
                 black, or black on white), one for all images, per prompt or per image. By default (`None`), `"auto"`
                 when the pipeline has a `fill_lgp`, none otherwise.
-            sketch_fill_scale (`float`, *optional*, defaults to 0.25):
+            sketch_fill_scale (`float`, *optional*, defaults to 0.125):
                 The weight of the fill's error against the sketch's in the guidance loss; 0 turns fill guidance off.
 
         Examples:

@@ -225,6 +225,7 @@ def test_a_sketch_mask_reaches_the_pipeline_and_the_metadata(tmp_path, sketch):
 
 def test_a_fill_lgp_guides_with_the_sketchs_fill_and_the_metadata_says_so(tmp_path, sketch):
     from pipeline_sketch_guided.demo import DEMO_LGP_FOLDERS, DEMO_MODEL_DIR
+    from pipeline_sketch_guided.guidance import DEFAULT_SKETCH_FILL_SCALE
 
     silhouette_lgp = str(DEMO_MODEL_DIR / DEMO_LGP_FOLDERS["silhouette"])
     plain, filled, fill_off = tmp_path / "plain.png", tmp_path / "filled.png", tmp_path / "off.png"
@@ -232,7 +233,7 @@ def test_a_fill_lgp_guides_with_the_sketchs_fill_and_the_metadata_says_so(tmp_pa
     cli.main(generate_args(filled, "--sketch", sketch, "--fill-lgp", silhouette_lgp))
     cli.main(generate_args(fill_off, "--sketch", sketch, "--fill-lgp", silhouette_lgp, "--sketch-fill-scale", "0"))
     settings = json.loads(PIL.Image.open(filled).text["sketch_guided"])
-    assert settings["sketch_fill"] == "auto" and settings["sketch_fill_scale"] == 0.25
+    assert settings["sketch_fill"] == "auto" and settings["sketch_fill_scale"] == DEFAULT_SKETCH_FILL_SCALE
     assert json.loads(PIL.Image.open(fill_off).text["sketch_guided"])["sketch_fill"] is None
     pixels = {path: np.asarray(PIL.Image.open(path)) for path in (plain, filled, fill_off)}
     assert not np.array_equal(pixels[filled], pixels[plain])
