@@ -14,6 +14,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 # diffusers copies a local custom pipeline's modules by this file's own relative imports: each module is imported here.
 from .capture import capture_activations  # noqa: F401
 from .editing import SketchGuidedEditingMixin, SketchGuidedEditingPipelineOutput, sketch_guided_signature
+from .fill import fill_sketch  # noqa: F401
 from .guidance import SketchGuidanceMixin
 from .lgp import LGPModel
 from .sketch import SketchInput  # noqa: F401

@@ -26,6 +26,7 @@ from transformers import (
 
 # diffusers copies a local custom pipeline's modules by this file's own relative imports: each module is imported here.
 from .capture import capture_activations  # noqa: F401
+from .fill import fill_sketch  # noqa: F401
 from .guidance import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE, SketchGuidanceMixin
 from .lgp import LGPModel
 from .sketch import SketchInput
