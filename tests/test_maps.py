@@ -497,6 +497,8 @@ def test_the_cli_guides_with_a_silhouette_through_the_lgp_option(tmp_path):
     args += ["--lgp", str(DEMO_MODEL_DIR / "fill_lgp"), "--steps", "4", "--out", str(out)]
     cli([*args, "--edge-map-out", str(predicted)])
     assert PIL.Image.open(out).size == (64, 64) and PIL.Image.open(predicted).size == (64, 64)
+    # The demo's fill LGP stays out: a silhouette has no outline to fill, and the metadata says no fill guided.
+    assert json.loads(PIL.Image.open(out).text["sketch_guided"])["sketch_fill"] is None
 
 
 def test_shipping_another_maps_lgp_puts_it_beside_the_model_and_reshipping_the_model_keeps_it(tmp_path):
