@@ -147,9 +147,7 @@ def measure_base(args, model: str, label: str, cases, size: int, timed: bool) ->
     ControlNet snapshot has the same architecture, so one is timed for all)."""
     lgp_folder = Path(args.lgp) if args.lgp else Path(args.model) / "lgp"  # the base's LGP, on a fine-tune too
     pipe = efficacy.load_pipeline(model, str(lgp_folder))
-    if args.fill_lgp is not None:
-        fill_lgp = None if args.fill_lgp == "none" else LGPModel.from_pretrained(args.fill_lgp)
-        pipe.fill_lgp = None if fill_lgp is None else fill_lgp.to(pipe.device, pipe.lgp.dtype)
+    efficacy.set_fill_lgp(pipe, args.fill_lgp)
     steps = args.num_inference_steps
     strokes = [efficacy.case_strokes(case, size) for case in cases]  # once per case, not once per image and row
 

@@ -685,6 +685,14 @@ def load_pipeline(
     return pipe
 
 
+def set_fill_lgp(pipe: SketchGuidedStableDiffusionPipeline, fill_lgp: str | None) -> None:
+    """A benchmark's `--fill_lgp`: `None` keeps the pipeline's own fill LGP, `"none"` removes it, anything else is the
+    folder or Hub id of the fill LGP to set (in the LGP's dtype, on the pipeline's device)."""
+    if fill_lgp is not None:
+        model = None if fill_lgp == "none" else LGPModel.from_pretrained(fill_lgp)
+        pipe.fill_lgp = None if model is None else model.to(pipe.device, pipe.lgp.dtype)
+
+
 def native_image_size(pipe: SketchGuidedStableDiffusionPipeline) -> int:
     """The side of the images the pipeline's denoiser (UNet or transformer) was made for: its default image size."""
     return pipe.sketch_size(None, None, None)[0]
@@ -1134,9 +1142,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, args.lgp, args.map)
-    if args.fill_lgp is not None:
-        fill_lgp = None if args.fill_lgp == "none" else LGPModel.from_pretrained(args.fill_lgp)
-        pipe.fill_lgp = None if fill_lgp is None else fill_lgp.to(pipe.device, pipe.lgp.dtype)
+    set_fill_lgp(pipe, args.fill_lgp)
     with recurrence_fraction(args.recurrence_fraction):
         return run_benchmark(
             pipe,

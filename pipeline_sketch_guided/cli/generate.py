@@ -294,6 +294,7 @@ def run_generate(args: argparse.Namespace) -> int:
         **fill,
         **editing,
     )
+    fill_used = fill_setting(args, pipe)
     settings = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
@@ -311,8 +312,8 @@ def run_generate(args: argparse.Namespace) -> int:
         "sketch_guidance_interval": args.sketch_guidance_interval if args.sketch else None,
         "sketch_guidance_recurrence": args.sketch_guidance_recurrence if args.sketch else None,
         "invert_map": True if args.invert_map else None,
-        "sketch_fill": fill_setting(args, pipe),
-        "sketch_fill_scale": args.sketch_fill_scale if fill_setting(args, pipe) else None,
+        "sketch_fill": fill_used,
+        "sketch_fill_scale": args.sketch_fill_scale if fill_used else None,
         "image_sha256": file_sha256(args.image) if args.image else None,
         "mask_image_sha256": file_sha256(args.mask_image) if args.mask_image else None,
         "strength": args.strength,
