@@ -25,7 +25,12 @@ import PIL.ImageOps
 import torch
 
 from . import loading
-from .guidance import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE, MAX_SKETCH_GUIDANCE_SCALE
+from .guidance import (
+    DEFAULT_SKETCH_FILL_SCALE,
+    DEFAULT_SKETCH_GUIDANCE_END,
+    DEFAULT_SKETCH_GUIDANCE_SCALE,
+    MAX_SKETCH_GUIDANCE_SCALE,
+)
 from .saving import save_image
 from .sketch import to_image
 
@@ -55,6 +60,8 @@ class Settings:
     sketch_guidance_end: float = DEFAULT_SKETCH_GUIDANCE_END
     sketch_guidance_interval: int = 1
     strength: float | None = None  # with a photo: how much of it is redrawn; None: the pipeline's own default
+    # Fill guidance, where the pipeline has a fill LGP: the weight of the sketch's filled outline (0: off).
+    sketch_fill_scale: float = DEFAULT_SKETCH_FILL_SCALE
 
     def checked(self) -> "Settings":
         """These settings with whole numbers made whole; a ValueError saying which value is out of range otherwise.
@@ -74,6 +81,11 @@ class Settings:
             raise ValueError(f"guidance_scale must be from 0 to 50, got {self.guidance_scale}.")
         if self.strength is not None and not 0 < self.strength <= 1:
             raise ValueError(f"strength must be above 0 and at most 1, got {self.strength}.")
+        if self.sketch_fill_scale is None or not 0 <= self.sketch_fill_scale <= MAX_SKETCH_GUIDANCE_SCALE:
+            raise ValueError(
+                f"sketch_fill_scale must be from 0 (no fill guidance) to {MAX_SKETCH_GUIDANCE_SCALE}, got"
+                f" {self.sketch_fill_scale}."
+            )
         return Settings(
             **{
                 **asdict(self),
@@ -208,6 +220,12 @@ class SketchGuidedApp:
         """The kind of map the pipeline's LGP reads (`LGPModel.config.map_kind`): edges, silhouette, depth, color."""
         return getattr(self.pipe.lgp.config, "map_kind", "edges")
 
+    @property
+    def fills(self) -> bool:
+        """Whether sketches are guided with their fill as well: the pipeline has a fill LGP and its LGP reads
+        sketches (edge maps), whose outlines can be filled."""
+        return getattr(self.pipe, "fill_lgp", None) is not None and self.map_kind == "edges"
+
     def guidance_map(self, drawing: PIL.Image.Image) -> PIL.Image.Image:
         """The drawing, passed to the pipeline as drawn: it reads sketches and silhouettes either way round (shapes
         painted dark on the white page, or an upload white on black), as every other way in does.
@@ -338,6 +356,8 @@ class SketchGuidedApp:
                 "return_edge_maps": True,
             }
         pipe = loading.editing_pipeline(self.pipe, image="image" in editing, mask="mask_image" in editing)
+        if sketch is not None and self.fills and not editing:  # 0 too: the pipeline's default would fill
+            guidance["sketch_fill_scale"] = settings.sketch_fill_scale
         output = pipe(
             settings.prompt,
             negative_prompt=settings.negative_prompt or None,
@@ -352,6 +372,13 @@ class SketchGuidedApp:
             raise Stopped(f"Stopped at step {stopped_at[0]} of {settings.steps} ({what}); nothing was saved.")
         return output
 
+    def _fill_scale(self, settings: Settings, editing: dict[str, Any]) -> float | None:
+        """The weight the sketch's fill is guided with; `None` for no fill guidance: none asked for, none in the
+        pipeline, or a photo to draw into (only the text-to-image pipeline has fill guidance)."""
+        if not self.fills or editing or settings.sketch_fill_scale == 0:
+            return None
+        return settings.sketch_fill_scale
+
     def _new_stem(self, seed: int) -> str:
         self._count += 1
         return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{self._count:04d}-seed{seed}"
@@ -364,6 +391,7 @@ class SketchGuidedApp:
             "mask_image_sha256": image_sha256(editing["mask_image"]) if "mask_image" in editing else None,
             "strength": settings.strength if "image" in editing else None,
         }
+        fill_scale = self._fill_scale(settings, editing)
         return {
             **{name: value for name, value in photo.items() if value is not None},
             "prompt": settings.prompt,
@@ -379,6 +407,8 @@ class SketchGuidedApp:
             "sketch_guidance_start": settings.sketch_guidance_start,
             "sketch_guidance_end": settings.sketch_guidance_end,
             "sketch_guidance_interval": settings.sketch_guidance_interval,
+            "sketch_fill": "auto" if fill_scale is not None else None,
+            "sketch_fill_scale": fill_scale,
             "generator": f"pipeline_sketch_guided {__version__} ui",
         }
 
@@ -438,6 +468,7 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
         end,
         interval,
         compare,
+        fill,
         photo,
         region,
         strength,
@@ -446,7 +477,7 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
         progress=gr.Progress(),  # noqa: B008 (Gradio finds its progress tracker by this default)
     ):
         session = request.session_hash if request is not None else None
-        settings = Settings(prompt, negative, seed, steps, None, scale, start, end, interval)
+        settings = Settings(prompt, negative, seed, steps, None, scale, start, end, interval, sketch_fill_scale=fill)
         editing = {}
         if photo is not None:
             settings = replace(settings, strength=strength)
@@ -468,6 +499,7 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
         sketch_guidance_end,
         sketch_guidance_interval,
         compare,
+        sketch_fill_scale=DEFAULT_SKETCH_FILL_SCALE,
         request: gr.Request = None,
         progress=gr.Progress(),  # noqa: B008 (Gradio finds its progress tracker by this default)
     ):
@@ -481,6 +513,7 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
             sketch_guidance_start=sketch_guidance_start,
             sketch_guidance_end=sketch_guidance_end,
             sketch_guidance_interval=sketch_guidance_interval,
+            sketch_fill_scale=sketch_fill_scale,
         )
         result = run_for_page(sketch, settings, compare, session, progress)
         return result.image, result.unguided, result.edge_map, json.dumps(result.settings)
@@ -568,6 +601,17 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
                     info="compute the sketch's gradient every k-th guided step (and every step of the first 10%)"
                     " and reuse it between: faster, approximate (default 1, the exact method)",
                 )
+                fill = gr.Slider(
+                    0,
+                    1,
+                    value=DEFAULT_SKETCH_FILL_SCALE,
+                    step=0.025,
+                    label="Fill guidance scale",
+                    info="how strongly the region your outlines enclose is drawn as the shape, so that a ring or a"
+                    f" shape the frame cuts comes out on the right side of its lines: 0 turns it off (default"
+                    f" {DEFAULT_SKETCH_FILL_SCALE})",
+                    visible=app.fills,
+                )
                 compare = gr.Checkbox(
                     value=True,
                     label="Compare",
@@ -634,7 +678,7 @@ def build_app(app: SketchGuidedApp, examples: list[list[str]] | None = None):
         if examples:
             gr.Examples(examples=examples, inputs=[canvas, prompt], label="Examples: one click loads a sketch")
 
-        inputs = [prompt, negative, seed, steps, scale, start, end, interval, compare]
+        inputs = [prompt, negative, seed, steps, scale, start, end, interval, compare, fill]
         page_inputs = [canvas, *inputs, photo, region, strength, gallery_state]
         # A photo shows faded under the sketch canvas and, as it is, under the region's brush.
         photo.change(lambda image: (faded(image), image), photo, [canvas, region], api_visibility="private")

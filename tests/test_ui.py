@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,8 @@ def test_a_sketch_too_large_is_refused_before_it_is_used():
         ({"seed": -1}, "seed must be a whole number from 0"),
         ({"sketch_guidance_interval": 0}, "sketch_guidance_interval"),
         ({"guidance_scale": float("nan")}, "guidance_scale must be from 0 to 50"),
+        ({"sketch_fill_scale": -0.5}, "sketch_fill_scale must be from 0 \\(no fill guidance\\)"),
+        ({"sketch_fill_scale": None}, "sketch_fill_scale must be from 0"),
     ],
 )
 def test_settings_out_of_range_say_which_and_the_range(change, message):
@@ -161,11 +164,46 @@ def test_the_unguided_image_is_reused_for_a_new_sketch_and_matches_the_pipeline(
     assert third.unguided != first.unguided
 
 
+def test_the_canvas_guides_the_sketchs_fill_at_the_chosen_scale_and_records_it(demo_app):
+    """The demo has a fill LGP: the app's images are the pipeline's own at the fill scale asked for (0 turns the fill
+    off, not back to the pipeline's default), and each PNG records whether the fill guided it and how strongly."""
+    from pipeline_sketch_guided.guidance import DEFAULT_SKETCH_FILL_SCALE
+
+    assert demo_app.fills
+    ring = freehand_sketch("circle", (32, 32), 29, seed=4, size=256)  # a frame-filling ring: the fill matters
+    settings = Settings("a green circle on a white background", seed=3, steps=8)
+
+    def pipeline_image(**fill):
+        return demo_app.pipe(
+            settings.prompt,
+            sketch=ring,
+            num_inference_steps=8,
+            generator=torch.Generator("cpu").manual_seed(3),
+            output_type="np",
+            **fill,
+        ).images[0]
+
+    def app_image(result):
+        return np.asarray(PIL.Image.open(result.image), dtype=np.float32) / 255
+
+    default = demo_app.generate(ring, settings, compare=False)
+    off = demo_app.generate(ring, replace(settings, sketch_fill_scale=0), compare=False)
+    strong = demo_app.generate(ring, replace(settings, sketch_fill_scale=0.5), compare=False)
+    assert np.abs(app_image(default) - pipeline_image()).max() < 2 / 255  # the pipeline's default: with the fill
+    assert np.abs(app_image(off) - pipeline_image(sketch_fill_scale=0)).max() < 2 / 255
+    assert np.abs(app_image(strong) - pipeline_image(sketch_fill_scale=0.5)).max() < 2 / 255
+    assert np.abs(app_image(default) - app_image(off)).mean() > 1 / 255  # the fill changed the image
+    recorded = [json.loads(PIL.Image.open(r.image).text["sketch_guided"]) for r in (default, off, strong)]
+    assert (recorded[0]["sketch_fill"], recorded[0]["sketch_fill_scale"]) == ("auto", DEFAULT_SKETCH_FILL_SCALE)
+    assert recorded[1]["sketch_fill"] is None and recorded[1]["sketch_fill_scale"] is None
+    assert recorded[2]["sketch_fill_scale"] == 0.5
+
+
 def test_a_silhouette_lgp_reads_shapes_painted_on_the_page_or_uploaded_white_on_black(tmp_path):
     from pipeline_sketch_guided.demo import freehand_blob
 
     app = SketchGuidedApp(load_demo_pipeline(map="silhouette"), tmp_path, model_name="demo")
-    assert app.map_kind == "silhouette"
+    assert app.map_kind == "silhouette" and not app.fills  # a silhouette has no outline to fill
     blob, _ = freehand_blob("circle", (24, 36), 15, seed=4, size=256)  # white on black, as the LGP reads it
     painted = PIL.ImageOps.invert(blob.convert("RGB"))  # dark paint on the white page, as drawn on the canvas
     # The page hands the drawing over as drawn; the pipeline reads either way round, as it does for every way in.
@@ -286,12 +324,19 @@ def test_api_generates_from_a_sketch_file_with_the_unguided_image_beside_it(clie
     from gradio_client import handle_file
 
     image, unguided, edge_map, settings = client.predict(
-        handle_file(star_file), STAR_PROMPT, seed=1, steps=30, sketch_guidance_scale=2.5, api_name="/generate"
+        handle_file(star_file),
+        STAR_PROMPT,
+        seed=1,
+        steps=30,
+        sketch_guidance_scale=2.5,
+        sketch_fill_scale=0.25,
+        api_name="/generate",
     )
     guided_image, unguided_image = PIL.Image.open(image), PIL.Image.open(unguided)
     assert guided_image.size == unguided_image.size == (64, 64)
     assert PIL.Image.open(edge_map).size == (64, 64)
     assert '"seed": 1' in settings and '"sketch_guidance_scale": 2.5' in settings
+    assert '"sketch_fill": "auto"' in settings and '"sketch_fill_scale": 0.25' in settings
     assert STAR_PROMPT in guided_image.text["parameters"]
     truth = enclosed_region(PIL.Image.open(star_file))
     guided_iou = iou(segment_foreground(guided_image), truth)
@@ -509,6 +554,7 @@ def test_the_app_draws_into_a_photo_inside_the_painted_region(tmp_path):
         star, Settings("a red star on a grey background", steps=4, strength=0.5), photo=square_photo()
     )
     assert "mask_image_sha256" not in json.loads(PIL.Image.open(img2img.image).text["sketch_guided"])
+    assert recorded["sketch_fill"] is None  # only the text-to-image pipeline guides with the fill
     with pytest.raises(ValueError, match="needs the photo"):
         app.generate(star, settings, region=half_mask())
 
