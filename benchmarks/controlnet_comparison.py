@@ -187,6 +187,13 @@ def measure_base(args, model: str, label: str, cases, size: int, timed: bool) ->
     lgp_training = training_record(lgp_folder)
     fill_lgp = getattr(pipe, "fill_lgp", None)  # guides by default where the model has one
     lgps = [pipe.lgp] if fill_lgp is None else [pipe.lgp, fill_lgp]
+    fill_folder = Path(args.fill_lgp) if args.fill_lgp not in (None, "none") else Path(model) / "fill_lgp"
+    fill = {}
+    if fill_lgp is not None:  # the pair is what the user trains and ships: its time and files count together
+        fill = {
+            "fill_training_seconds": training_record(fill_folder).get("seconds"),
+            "fill_file_bytes": weights_bytes(fill_folder),
+        }
     rows = [
         {"method": "unguided", "base": label, **score(lgp_images(None)), "seconds": seconds["unguided"]},
         {
@@ -198,7 +205,8 @@ def measure_base(args, model: str, label: str, cases, size: int, timed: bool) ->
             "training_seconds": lgp_training.get("seconds"),
             "training_device": lgp_training.get("device"),
             "trainable_parameters": sum(p.numel() for lgp in lgps for p in lgp.parameters()),
-            "file_bytes": weights_bytes(lgp_folder),
+            "file_bytes": weights_bytes(lgp_folder) + fill.get("fill_file_bytes", 0),
+            **fill,
         },
     ]
     for folder, controlnet in controlnets.items():
@@ -244,8 +252,12 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for row in rows:
         training = (
-            f"{row['training_seconds']:.0f} s on {row['training_device']}" if row.get("training_seconds") else "-"
+            [f"{row['training_seconds']:.0f} s on {row['training_device']}"] if row.get("training_seconds") else []
         )
+        if "fill_training_seconds" in row:
+            fill_seconds = row["fill_training_seconds"]
+            training.append(f"fill LGP {fill_seconds:.0f} s" if fill_seconds else "fill LGP's time not recorded")
+        training = " + ".join(training) or "-"
         parameters = f"{row['trainable_parameters'] / 1e6:.2f}M" if row.get("trainable_parameters") else "-"
         size = f"{row['file_bytes'] / 2**20:.1f} MiB" if row.get("file_bytes") else "-"
         seconds = f"{row['seconds']:.2f}" if row.get("seconds") else "-"

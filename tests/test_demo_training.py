@@ -103,6 +103,40 @@ def test_controlnet_snapshots_at_each_budget_drive_the_demo_unet(pairs, tmp_path
     assert steered.sample.shape == latents.shape
 
 
+def test_controlnet_snapshots_by_steps_count_optimiser_steps(pairs, tmp_path):
+    output = tmp_path / "controlnet"
+    train_controlnet.main(
+        [
+            "--pretrained_model_name_or_path", str(DEMO_MODEL_DIR), "--train_data_dir", str(pairs),
+            "--output_dir", str(output), "--snapshot_steps", "3", "1", "--train_batch_size", "2", "--device", "cpu",
+        ]
+    )  # fmt: skip
+    records = [json.loads((output / name / "training.json").read_text()) for name in ("steps-1", "steps-3")]
+    assert [record["steps"] for record in records] == [1, 3] == [record["budget_steps"] for record in records]
+    assert sorted(path.name for path in output.iterdir()) == ["steps-1", "steps-3"]
+    first, last = (ControlNetModel.from_pretrained(output / name) for name in ("steps-1", "steps-3"))
+    assert any(not torch.equal(a, b) for a, b in zip(first.parameters(), last.parameters(), strict=True))  # trained on
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        (["--snapshot_steps", "0"], "at least 1 step"),
+        (["--snapshot_seconds", "nan"], "0 or more"),
+        (["--snapshot_steps", "5", "--snapshot_seconds", "5"], "not allowed with"),
+        ([], "one of the arguments --snapshot_seconds --snapshot_steps is required"),
+    ],
+)
+def test_controlnet_budgets_that_cannot_work_are_refused_before_loading(budget, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_controlnet.main(
+            ["--pretrained_model_name_or_path", "no/such/model", "--train_data_dir", str(tmp_path),
+             "--output_dir", str(tmp_path / "out"), *budget]
+        )  # fmt: skip
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_controlnet_training_names_a_folder_that_is_not_training_data(tmp_path):
     with pytest.raises(SystemExit, match="prepare_data"):
         train_controlnet.main(
@@ -151,7 +185,12 @@ def test_comparison_an_untrained_controlnet_draws_the_unguided_images(tmp_path, 
     lgps = [LGPModel.from_pretrained(DEMO_MODEL_DIR / folder) for folder in ("lgp", "fill_lgp")]
     assert lgp["trainable_parameters"] == sum(p.numel() for model in lgps for p in model.parameters())
     assert untrained["trainable_parameters"] == sum(p.numel() for p in controlnet.parameters())
-    assert lgp["file_bytes"] == (DEMO_MODEL_DIR / "lgp" / "diffusion_pytorch_model.safetensors").stat().st_size
+    # Both files count, and the table names the fill LGP's training time: the demo's does not record one in seconds.
+    assert lgp["file_bytes"] == sum(
+        (DEMO_MODEL_DIR / folder / "diffusion_pytorch_model.safetensors").stat().st_size
+        for folder in ("lgp", "fill_lgp")
+    )
+    assert lgp["fill_training_seconds"] is None
     # Each image's own figures, by seed and case, so a set's figure can be traced to the sketches that hold it down.
     report = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert [case["radius"] for case in report["cases"]] == [round(case.radius, 2) for case in asked_cases]
@@ -163,6 +202,7 @@ def test_comparison_an_untrained_controlnet_draws_the_unguided_images(tmp_path, 
     assert [i["iou"] for i in untrained_images] == pytest.approx([i["iou"] for i in unguided_images], abs=1e-6)
     table = (tmp_path / "out" / "comparison.md").read_text()
     assert "ControlNet, 0.5 s of training" in table and "LGP guidance" in table and "| one object |" in table
+    assert "fill LGP's time not recorded" in table
     # SD1.5's published ControlNets train 361M parameters; the sizes are counted on that architecture.
     assert "a ControlNet trains 361M" in table
 

@@ -11,7 +11,8 @@ encoder and UNet stay frozen. It reads the folder `prepare_data` writes for the 
 methods learn from the same pairs. Training runs on one device with a wall-clock budget: `--snapshot_seconds` saves a
 ControlNet at each budget (counted from the start of the command, data preparation included, as the LGP's training time
 is), and the run stops after the last one. Each snapshot is `<output_dir>/seconds-<S>/` (a diffusers ControlNetModel
-folder with `training.json`), written atomically.
+folder with `training.json`), written atomically. `--snapshot_steps` counts optimiser steps instead (`steps-<N>/`): a
+budget that does not change with the machine's speed, for matching a run measured on another day or machine.
 """
 
 from __future__ import annotations
@@ -38,12 +39,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="the base Stable Diffusion pipeline")
     parser.add_argument("--train_data_dir", type=Path, required=True, help="a prepare_data output folder")
     parser.add_argument("--output_dir", type=Path, required=True)
-    parser.add_argument(
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
         "--snapshot_seconds",
         type=float,
         nargs="+",
-        required=True,
         help="save a ControlNet when the command has run this long; stop after the last",
+    )
+    budget.add_argument(
+        "--snapshot_steps",
+        type=int,
+        nargs="+",
+        help="save a ControlNet after this many optimiser steps; stop after the last",
     )
     parser.add_argument("--train_batch_size", type=int, default=32)
     # The recipe's examples use 1e-5 for SD1.5 over days; a small model on a budget of minutes needs a larger step.
@@ -51,7 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--proportion_empty_prompts", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.snapshot_steps and min(args.snapshot_steps) < 1:
+        parser.error(f"--snapshot_steps {min(args.snapshot_steps)}: each budget must be at least 1 step.")
+    if args.snapshot_seconds and not all(seconds >= 0 for seconds in args.snapshot_seconds):  # NaN fails too
+        parser.error("--snapshot_seconds: each budget must be a number of seconds, 0 or more.")
+    return args
 
 
 def conditioning_channels(vae: AutoencoderKL) -> tuple[int, ...]:
@@ -80,7 +92,8 @@ def load_pairs(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def main(argv=None) -> None:
     started = time.monotonic()
     args = parse_args(argv)
-    budgets = sorted(args.snapshot_seconds)
+    by_steps = args.snapshot_steps is not None
+    budgets = sorted(args.snapshot_steps if by_steps else args.snapshot_seconds)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = args.pretrained_model_name_or_path
@@ -138,10 +151,10 @@ def main(argv=None) -> None:
             recent = torch.stack(losses[-100:]).mean().item()
             print(f"step {step}: loss {recent:.4f} ({time.monotonic() - started:.0f} s)", flush=True)
         elapsed = time.monotonic() - started
-        if elapsed >= budgets[0]:
+        if (step if by_steps else elapsed) >= budgets[0]:
             budget = budgets.pop(0)
             report = {
-                "budget_seconds": budget,
+                ("budget_steps" if by_steps else "budget_seconds"): budget,
                 "seconds": round(elapsed, 1),
                 "steps": step,
                 "batch_size": args.train_batch_size,
@@ -157,7 +170,7 @@ def main(argv=None) -> None:
                 controlnet.save_pretrained(folder)
                 (folder / "training.json").write_text(json.dumps(report, indent=2) + "\n")
 
-            target = args.output_dir / f"seconds-{budget:g}"
+            target = args.output_dir / (f"steps-{budget}" if by_steps else f"seconds-{budget:g}")
             args.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_save(write, target)
             saved.append(str(target))
