@@ -213,7 +213,8 @@ def measure_base(args, model: str, label: str, cases, size: int, timed: bool) ->
         record = training_record(folder)
         rows.append(
             {
-                "method": f"ControlNet, {record.get('seconds', '?')} s of training",
+                "method": f"ControlNet, {record.get('seconds', '?')} s of training"
+                + (f" ({record['steps']:,} steps)" if record.get("steps") else ""),
                 "base": label,
                 **score(controlnet_images(folder)),
                 "seconds": seconds["controlnet"],
