@@ -187,9 +187,9 @@ def measure_base(args, model: str, label: str, cases, size: int, timed: bool) ->
     lgp_training = training_record(lgp_folder)
     fill_lgp = getattr(pipe, "fill_lgp", None)  # guides by default where the model has one
     lgps = [pipe.lgp] if fill_lgp is None else [pipe.lgp, fill_lgp]
-    fill_folder = Path(args.fill_lgp) if args.fill_lgp not in (None, "none") else Path(model) / "fill_lgp"
     fill = {}
     if fill_lgp is not None:  # the pair is what the user trains and ships: its time and files count together
+        fill_folder = Path(args.fill_lgp) if args.fill_lgp is not None else Path(model) / "fill_lgp"
         fill = {
             "fill_training_seconds": training_record(fill_folder).get("seconds"),
             "fill_file_bytes": weights_bytes(fill_folder),

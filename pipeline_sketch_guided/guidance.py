@@ -602,6 +602,12 @@ class SketchGuidanceMixin:
                 " Use float32 or bfloat16 on the CPU, or float16 on a GPU."
             )
 
+    @property
+    def fills_by_default(self) -> bool:
+        """Whether a sketch is guided with its own fill when `sketch_fill` is left out: the pipeline has a `fill_lgp`
+        and its `lgp` reads sketches (edge maps). Another map (a silhouette, a depth map) has no outline to fill."""
+        return getattr(self, "fill_lgp", None) is not None and self.lgp.config.map_kind == "edges"
+
     def check_fill_inputs(self, sketch, sketch_fill, sketch_fill_scale: float, num_images: int, batch_size: int):
         """Check fill guidance's arguments (after `check_sketch_inputs`); return whether this call guides with a fill:
         with an explicit `sketch_fill`, or by default (`None`) when the pipeline has a `fill_lgp` and its `lgp` reads
@@ -613,8 +619,7 @@ class SketchGuidanceMixin:
             )
         fill_lgp = getattr(self, "fill_lgp", None)
         if sketch_fill is None:
-            # By default only for sketches: another map (a silhouette, a depth map) has no outline to fill.
-            if sketch is None or fill_lgp is None or self.lgp.config.map_kind != "edges":
+            if sketch is None or not self.fills_by_default:
                 return False
         else:
             if sketch is not None and self.lgp.config.map_kind != "edges":

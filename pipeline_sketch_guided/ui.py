@@ -222,9 +222,9 @@ class SketchGuidedApp:
 
     @property
     def fills(self) -> bool:
-        """Whether sketches are guided with their fill as well: the pipeline has a fill LGP and its LGP reads
-        sketches (edge maps), whose outlines can be filled."""
-        return getattr(self.pipe, "fill_lgp", None) is not None and self.map_kind == "edges"
+        """Whether sketches are guided with their fill as well (`fills_by_default`: a fill LGP, and an LGP that reads
+        sketches)."""
+        return self.pipe.fills_by_default
 
     def guidance_map(self, drawing: PIL.Image.Image) -> PIL.Image.Image:
         """The drawing, passed to the pipeline as drawn: it reads sketches and silhouettes either way round (shapes

@@ -216,9 +216,7 @@ def fill_arguments(args: argparse.Namespace, pipe) -> dict:
 
 def fill_setting(args: argparse.Namespace, pipe) -> str | None:
     """What the image's metadata records as its fill: "auto", the fill image's sha256, or None (no fill guidance)."""
-    if not args.sketch or args.sketch_fill_scale == 0 or getattr(pipe, "fill_lgp", None) is None:
-        return None
-    if pipe.lgp.config.map_kind != "edges":  # a map that is no sketch has no outline to fill
+    if not args.sketch or args.sketch_fill_scale == 0 or not pipe.fills_by_default:
         return None
     return file_sha256(args.sketch_fill) if args.sketch_fill not in (None, "auto") else "auto"
 
