@@ -446,8 +446,7 @@ def test_in_a_browser_a_drawn_star_becomes_a_red_star_where_it_was_drawn(server)
             page.wait_for_timeout(300)
             # The editor shows its square paper centred in the canvas element, at the zoom it prints.
             box = canvas.bounding_box()
-            zoom = float(page.locator("#sketch").get_by_text("%").first.inner_text().strip("%")) / 100
-            side = 512 * zoom
+            side = 512 * editor_zoom(page, "#sketch")
             left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
             screen = [(left + x * side, top + y * side) for x, y in star]
             page.mouse.move(*screen[0])
@@ -484,6 +483,25 @@ def test_in_a_browser_a_drawn_star_becomes_a_red_star_where_it_was_drawn(server)
     assert edge_map.size == guided.size
     settings = PIL.Image.open(io.BytesIO(gallery_png)).text["sketch_guided"]
     assert STAR_PROMPT in settings and '"seed": 0' in settings
+
+
+def editor_zoom(page, editor: str) -> float:
+    """The zoom an image editor prints (its paper's scale on screen), as a fraction."""
+    return float(page.locator(editor).get_by_text("%").first.inner_text().strip("%")) / 100
+
+
+def wait_for_new_zoom(page, editor: str, old: float, timeout_s: float = 60) -> float:
+    """Wait until the editor's zoom is no longer `old` (it has refitted itself to a new image) and stays the same for
+    half a second; return it."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        zoom = editor_zoom(page, editor)
+        if zoom != old and zoom == last:
+            return zoom
+        last = zoom
+        page.wait_for_timeout(500)
+    pytest.fail(f"{editor} did not refit itself to the uploaded image within {timeout_s} s (zoom stayed {old:.0%})")
 
 
 def fetch_image(page, src: str) -> PIL.Image.Image:
@@ -584,13 +602,15 @@ def test_in_a_browser_a_shape_is_drawn_into_a_photo(server, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
             page.goto(url)
             page.locator("#editing").get_by_text("Draw into a photo").click()
-            page.locator("#photo input[type=file]").set_input_files(str(photo_file))
             region = page.locator("#region canvas").first
             region.wait_for(timeout=60_000)
-            page.wait_for_timeout(1500)  # the photo reaches the canvas and the region editor
+            empty_zoom = editor_zoom(page, "#region")
+            page.locator("#photo input[type=file]").set_input_files(str(photo_file))
+            # The region editor fits itself to the photo once the photo reaches it, which on a loaded machine takes
+            # seconds: painting before that lands at the empty editor's scale (CI lost a run to a fixed wait).
+            zoom = wait_for_new_zoom(page, "#region", empty_zoom)
             page.locator('#region button[aria-label="Brush"]').click()
             box = region.bounding_box()
-            zoom = float(page.locator("#region").get_by_text("%").first.inner_text().strip("%")) / 100
             side = 256 * zoom
             left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
             for row in range(6, 256, 12):  # paint the right half, row by row
@@ -601,8 +621,7 @@ def test_in_a_browser_a_shape_is_drawn_into_a_photo(server, tmp_path):
             canvas = page.locator("#sketch canvas").first
             page.locator('#sketch button[aria-label="Brush"]').click()
             box = canvas.bounding_box()
-            zoom = float(page.locator("#sketch").get_by_text("%").first.inner_text().strip("%")) / 100
-            side = 512 * zoom  # the sketch canvas's fixed paper, the photo fitted onto it
+            side = 512 * editor_zoom(page, "#sketch")  # the sketch canvas's fixed paper, the photo fitted onto it
             left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
             screen = [(left + x * side, top + y * side) for x, y in star]
             page.mouse.move(*screen[0])
