@@ -38,6 +38,7 @@ import torch
 
 from benchmarks.efficacy import foreground_colour, iou, named_colour, segment_foreground
 from pipeline_sketch_guided.demo import COLOURS, SHAPES, freehand_sketch
+from pipeline_sketch_guided.guidance import DEFAULT_SKETCH_FILL_SCALE
 from pipeline_sketch_guided.loading import editing_pipeline, load_pipeline
 from pipeline_sketch_guided.training.shapes import (
     BACKGROUND_STYLES,
@@ -126,9 +127,10 @@ def summarize(values: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    pipe = editing_pipeline(load_pipeline(args.model, args.lgp), image=True, mask=True)
+    pipe = editing_pipeline(load_pipeline(args.model, args.lgp, fill_lgp=args.fill_lgp), image=True, mask=True)
     if pipe.lgp is None:
         raise ValueError(f"{args.model!r} has no LGP: pass `--lgp` with the folder or Hub id of one trained for it.")
+    fills = pipe.fills_by_default and args.sketch_fill_scale > 0
     pipe.set_progress_bar_config(disable=True)
     cases = inpainting_cases(args.num_cases)
     started = time.perf_counter()
@@ -144,7 +146,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             plain = pipe(case["prompt"], **common).images[0]
             common["generator"] = torch.Generator().manual_seed(1000 * seed + case["index"])
-            guided = pipe(case["prompt"], sketch=case["sketch"], **common).images[0]
+            fill = {"sketch_fill_scale": args.sketch_fill_scale} if pipe.fills_by_default else {}  # 0 too
+            guided = pipe(case["prompt"], sketch=case["sketch"], **common, **fill).images[0]
             results["unguided"].append(measure(plain, case))
             results["guided"].append(measure(guided, case))
             if seed == args.seeds[0]:  # the floor outside the mask: the photo through the VAE and back
@@ -181,6 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kept = f"{values['kept_max']} | {values['kept_mean']:.2f}"
         lines.append(f"| {name} | {values['iou']:.3f} | {values['colour']:.0%} | {kept} |")
     lines.append(f"\nguided / unguided IoU: {summary['ratio']:.2f}x ({len(cases)} cases x {len(args.seeds)} seeds)")
+    fill_lgp = "the model's fill LGP" if args.fill_lgp is None else args.fill_lgp
+    lines.append(f"fill guidance: {f'{fill_lgp}, scale {args.sketch_fill_scale}' if fills else 'none'}")
     table = "\n".join(lines)
     (out / "inpainting.md").write_text(table + "\n")
     print(table)
@@ -191,6 +196,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a Stable Diffusion folder or Hub id (default: the demo model)")
     parser.add_argument("--lgp", default=None, help="an LGP folder or Hub id (default: the model's own)")
+    parser.add_argument("--fill_lgp", default=None, help="a fill LGP folder or Hub id (default: the model's own)")
+    parser.add_argument(
+        "--sketch_fill_scale",
+        type=float,
+        default=DEFAULT_SKETCH_FILL_SCALE,
+        help=f"fill guidance's weight where there is a fill LGP; 0: none (default {DEFAULT_SKETCH_FILL_SCALE})",
+    )
     parser.add_argument("--output_dir", default="outputs/inpainting")
     parser.add_argument("--num_cases", type=int, default=24)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -199,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.lgp is not None and args.model is None:
         parser.error("--lgp needs --model: the demo model brings its own LGP.")
+    if args.fill_lgp is not None and args.model is None:
+        parser.error("--fill_lgp needs --model: the demo model brings its own fill LGP.")
     return args
 
 

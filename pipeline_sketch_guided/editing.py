@@ -21,7 +21,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
-from .guidance import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE
+from .guidance import DEFAULT_SKETCH_FILL_SCALE, DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE
 
 
 @dataclass
@@ -58,23 +58,27 @@ SKETCH_ARGUMENTS = {
     "guidance_map": None,
     "invert_map": False,
 }
+# Fill guidance's arguments, taken by the pipelines that have a `fill_lgp` component (the SD 1.x/2.x ones).
+FILL_ARGUMENTS = {"sketch_fill": None, "sketch_fill_scale": DEFAULT_SKETCH_FILL_SCALE}
 
 
-def sketch_guided_signature(parent_call) -> inspect.Signature:
-    """The parent's `__call__` signature with the sketch arguments added as keyword-only parameters."""
+def sketch_guided_signature(parent_call, fill: bool = False) -> inspect.Signature:
+    """The parent's `__call__` signature with the sketch arguments (and with `fill`, fill guidance's) added as
+    keyword-only parameters."""
     signature = inspect.signature(parent_call)
     parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     variadic = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-        for name, default in SKETCH_ARGUMENTS.items()
+        for name, default in {**SKETCH_ARGUMENTS, **(FILL_ARGUMENTS if fill else {})}.items()
     ]
     return signature.replace(parameters=[*parameters, *added, *variadic])
 
 
 class SketchGuidedEditingMixin:
     """The `__call__` of the editing pipelines (`sketch_guided_call`): the parent's arguments (by position or name,
-    with its defaults), then the sketch arguments. Mix in before `SketchGuidanceMixin`.
+    with its defaults), then the sketch arguments, and fill guidance's in a pipeline with a `fill_lgp` component. Mix
+    in before `SketchGuidanceMixin`.
 
     Each class's `__call__` has the parent's own signature plus the sketch arguments (`sketch_guided_signature`), rather
     than a copy of diffusers' long argument lists in each of five files, which would drift from the installed
@@ -90,7 +94,8 @@ class SketchGuidedEditingMixin:
 
     def sketch_guided_call(self, *args, **kwargs):
         """The body of each editing pipeline's `__call__`."""
-        guidance = {name: kwargs.pop(name, default) for name, default in SKETCH_ARGUMENTS.items()}
+        arguments = {**SKETCH_ARGUMENTS, **(FILL_ARGUMENTS if "fill_lgp" in self._optional_components else {})}
+        guidance = {name: kwargs.pop(name, default) for name, default in arguments.items()}
         named_return_dict = kwargs.pop("return_dict", None)
         parent_call = self._parent_call()
         parent_signature = inspect.signature(parent_call)

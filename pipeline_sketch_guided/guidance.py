@@ -450,6 +450,11 @@ class SketchGuidanceMixin:
         super().__setattr__(name, value)
         if name == "vae":  # encoded sketches belong to the VAE that encoded them
             self.__dict__.pop("_sketch_cache", None)
+        config = self.__dict__.get("_internal_dict") or {}
+        if name in ("lgp", "fill_lgp") and name in config and (value is None) != (config[name][0] is None):
+            # diffusers' own `__setattr__` keeps a component that was None as `[null, null]` in the config, so that
+            # `save_pretrained` would leave out an LGP set as `pipe.lgp = ...`: register it (which sets it again).
+            self.register_modules(**{name: value})
 
     # -----------------------------------------------------------------------------------------------------------------
     # The denoiser: what the UNet pipelines and the transformer pipelines call differently
@@ -817,6 +822,13 @@ class SketchGuidanceMixin:
         Returns:
             (the parent's output, as with `return_dict=True`; the decoded edge maps, or `None`)
         """
+        if "fill_lgp" not in self._optional_components:
+            for name in ("sketch_fill", "sketch_fill_scale"):
+                if name in parent_kwargs:  # the parent's `**kwargs` would take it and do nothing with it
+                    raise ValueError(
+                        f"`{name}`: fill guidance is in the Stable Diffusion 1.x/2.x pipelines (text-to-image,"
+                        f" image-to-image and inpainting); {type(self).__name__} has no fill LGP."
+                    )
         prompt, prompt_embeds = parent_kwargs.get("prompt"), parent_kwargs.get("prompt_embeds")
         if isinstance(prompt, list):
             batch_size = len(prompt)

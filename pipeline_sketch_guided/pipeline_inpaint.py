@@ -37,16 +37,19 @@ class SketchGuidedStableDiffusionInpaintPipeline(
     output is the parent's, bit for bit. The sketch arguments are those of
     [`SketchGuidedStableDiffusionPipeline.__call__`]; the guided fraction counts the steps this call runs (with
     `strength` < 1, about `strength` x `num_inference_steps`). `from_pipe` moves between this pipeline and the other
-    sketch-guided ones, sharing the LGP.
+    sketch-guided ones, sharing the LGP and the fill LGP.
 
     Args:
         vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder,
             requires_safety_checker: as for [`StableDiffusionInpaintPipeline`].
         lgp ([`LGPModel`], *optional*):
             The Latent Guidance Predictor trained for this `unet`, checked against it when set.
+        fill_lgp ([`LGPModel`], *optional*):
+            The fill LGP (`map_kind="silhouette"`) of [`SketchGuidedStableDiffusionPipeline`]: with it, a sketch is
+            guided with its fill too (`sketch_fill`, `sketch_fill_scale`).
     """
 
-    _optional_components = [*StableDiffusionInpaintPipeline._optional_components, "lgp"]
+    _optional_components = [*StableDiffusionInpaintPipeline._optional_components, "lgp", "fill_lgp"]
     output_class = SketchGuidedEditingPipelineOutput
     size_from_image = False  # as the parent: `height` x `width`, else the UNet's size; the photo is resized
 
@@ -62,6 +65,7 @@ class SketchGuidedStableDiffusionInpaintPipeline(
         image_encoder: CLIPVisionModelWithProjection = None,
         requires_safety_checker: bool = True,
         lgp: LGPModel | None = None,
+        fill_lgp: LGPModel | None = None,
     ):
         super().__init__(
             vae=vae,
@@ -74,10 +78,10 @@ class SketchGuidedStableDiffusionInpaintPipeline(
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-        self.register_modules(lgp=lgp)
+        self.register_modules(lgp=lgp, fill_lgp=fill_lgp)
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
         return self.sketch_guided_call(*args, **kwargs)
 
-    __call__.__signature__ = sketch_guided_signature(StableDiffusionInpaintPipeline.__call__)
+    __call__.__signature__ = sketch_guided_signature(StableDiffusionInpaintPipeline.__call__, fill=True)

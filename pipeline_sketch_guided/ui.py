@@ -356,7 +356,7 @@ class SketchGuidedApp:
                 "return_edge_maps": True,
             }
         pipe = loading.editing_pipeline(self.pipe, image="image" in editing, mask="mask_image" in editing)
-        if sketch is not None and self.fills and not editing:  # 0 too: the pipeline's default would fill
+        if sketch is not None and self.fills:  # 0 too: the pipeline's default would fill
             guidance["sketch_fill_scale"] = settings.sketch_fill_scale
         output = pipe(
             settings.prompt,
@@ -372,10 +372,10 @@ class SketchGuidedApp:
             raise Stopped(f"Stopped at step {stopped_at[0]} of {settings.steps} ({what}); nothing was saved.")
         return output
 
-    def _fill_scale(self, settings: Settings, editing: dict[str, Any]) -> float | None:
-        """The weight the sketch's fill is guided with; `None` for no fill guidance: none asked for, none in the
-        pipeline, or a photo to draw into (only the text-to-image pipeline has fill guidance)."""
-        if not self.fills or editing or settings.sketch_fill_scale == 0:
+    def _fill_scale(self, settings: Settings) -> float | None:
+        """The weight the sketch's fill is guided with; `None` for no fill guidance (none asked for, or none in the
+        pipeline)."""
+        if not self.fills or settings.sketch_fill_scale == 0:
             return None
         return settings.sketch_fill_scale
 
@@ -391,7 +391,7 @@ class SketchGuidedApp:
             "mask_image_sha256": image_sha256(editing["mask_image"]) if "mask_image" in editing else None,
             "strength": settings.strength if "image" in editing else None,
         }
-        fill_scale = self._fill_scale(settings, editing)
+        fill_scale = self._fill_scale(settings)
         return {
             **{name: value for name, value in photo.items() if value is not None},
             "prompt": settings.prompt,

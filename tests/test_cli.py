@@ -238,6 +238,13 @@ def test_a_fill_lgp_guides_with_the_sketchs_fill_and_the_metadata_says_so(tmp_pa
     pixels = {path: np.asarray(PIL.Image.open(path)) for path in (plain, filled, fill_off)}
     assert not np.array_equal(pixels[filled], pixels[plain])
     assert np.array_equal(pixels[fill_off], pixels[plain])
+    # Drawing into a photo (inpainting) guides with the fill as well, and says so.
+    photo, mask, inpainted = tmp_path / "photo.png", tmp_path / "mask.png", tmp_path / "inpainted.png"
+    PIL.Image.new("RGB", (64, 64), (150, 150, 150)).save(photo)
+    PIL.Image.new("L", (64, 64), 255).save(mask)
+    cli.main(generate_args(inpainted, "--sketch", sketch, "--image", str(photo), "--mask-image", str(mask)))
+    settings = json.loads(PIL.Image.open(inpainted).text["sketch_guided"])
+    assert settings["sketch_fill"] == "auto" and settings["mask_image_sha256"]
 
 
 def test_the_command_line_is_the_top_of_the_house():

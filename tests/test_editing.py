@@ -22,7 +22,8 @@ from diffusers import (
 from test_pipeline import sketch_loss
 
 from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline
-from pipeline_sketch_guided.editing import SKETCH_ARGUMENTS
+from pipeline_sketch_guided.editing import FILL_ARGUMENTS, SKETCH_ARGUMENTS
+from pipeline_sketch_guided.fill import fill_sketch
 from pipeline_sketch_guided.pipeline_controlnet import SketchGuidedStableDiffusionControlNetPipeline
 from pipeline_sketch_guided.pipeline_img2img import SketchGuidedStableDiffusionImg2ImgPipeline
 from pipeline_sketch_guided.pipeline_inpaint import SketchGuidedStableDiffusionInpaintPipeline
@@ -138,8 +139,10 @@ def test_the_signature_is_the_parents_plus_the_sketch_arguments(case):
     ours, parents = inspect.signature(ours_class.__call__), inspect.signature(parent_class.__call__)
     for name, parameter in parents.parameters.items():
         assert ours.parameters[name].default == parameter.default, name
-    for name, default in SKETCH_ARGUMENTS.items():
+    with_fill = case != "controlnet"  # the SD 1.x/2.x pipelines with a `fill_lgp` component
+    for name, default in {**SKETCH_ARGUMENTS, **(FILL_ARGUMENTS if with_fill else {})}.items():
         assert ours.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY and ours.parameters[name].default == default
+    assert ("sketch_fill" in ours.parameters) == with_fill
 
 
 def test_img2img_guides_the_steps_it_runs_and_lowers_the_sketch_loss():
@@ -179,21 +182,60 @@ def test_inpainting_guides_inside_the_mask_and_keeps_the_rest():
         run(ours, {**inputs, "padding_mask_crop": 4}, sketch=sketch)
 
 
-def test_from_pipe_moves_between_text_to_image_and_editing_sharing_the_lgp():
+def test_from_pipe_moves_between_text_to_image_and_editing_sharing_the_lgps():
     components = tiny_components()
-    text_to_image = SketchGuidedStableDiffusionPipeline(**components, lgp=random_lgp(components["unet"]))
+    unet = components["unet"]
+    fill_lgp = random_lgp(unet, seed=1, map_kind="silhouette")
+    text_to_image = SketchGuidedStableDiffusionPipeline(**components, lgp=random_lgp(unet), fill_lgp=fill_lgp)
     img2img = SketchGuidedStableDiffusionImg2ImgPipeline.from_pipe(text_to_image)
     inpaint = SketchGuidedStableDiffusionInpaintPipeline.from_pipe(img2img)
     back = SketchGuidedStableDiffusionPipeline.from_pipe(inpaint)
     assert img2img.lgp is inpaint.lgp is back.lgp is text_to_image.lgp
+    assert img2img.fill_lgp is inpaint.fill_lgp is back.fill_lgp is fill_lgp
     assert img2img.unet is text_to_image.unet
 
 
-def test_an_editing_pipeline_loads_as_a_custom_pipeline(tmp_path):
+def test_an_editing_pipeline_loads_as_a_custom_pipeline_with_its_fill_lgp(tmp_path):
     ours, _, _ = make("inpaint")
+    ours.fill_lgp = random_lgp(ours.unet, seed=1, map_kind="silhouette")
     ours.save_pretrained(tmp_path)
     loaded = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=PIPELINE_INPAINT_FILE, trust_remote_code=True)
     assert type(loaded).__name__ == "SketchGuidedStableDiffusionInpaintPipeline" and loaded.lgp is not None
+    assert loaded.fills_by_default
+    for name, tensor in ours.fill_lgp.state_dict().items():
+        assert torch.equal(loaded.fill_lgp.state_dict()[name], tensor)
+
+
+@pytest.mark.parametrize("case", ["img2img", "inpaint"])
+def test_the_sd_editing_pipelines_guide_with_the_sketchs_fill(case):
+    """With a fill LGP, img2img and inpainting guide a sketch with its fill by default (the sketch's own, "auto"), as
+    text-to-image does; `sketch_fill_scale=0` is the sketch alone, bit for bit. Inpainting's fill applies where the
+    sketch does, the inpainting mask by default."""
+    ours, _, inputs = make(case)
+    sketch = draw_square()
+    common = {"output_type": "latent", "sketch_guidance_end": 0.6}
+    alone = run(ours, inputs, sketch=sketch, **common).images
+    ours.fill_lgp = random_lgp(ours.unet, seed=1, map_kind="silhouette")
+    assert ours.fills_by_default
+    torch.testing.assert_close(run(ours, inputs, sketch=sketch, sketch_fill_scale=0.0, **common).images, alone)
+    by_default = run(ours, inputs, sketch=sketch, **common).images
+    assert not torch.allclose(by_default, alone)
+    own = fill_sketch(sketch, 32, 32)
+    torch.testing.assert_close(run(ours, inputs, sketch=sketch, sketch_fill=own, **common).images, by_default)
+    if case == "inpaint":  # the sketch mask, the fill's too (`test_the_sketch_mask_applies_to_the_fill`)
+        explicit = run(ours, inputs, sketch=sketch, sketch_mask=inputs["mask_image"], **common).images
+        torch.testing.assert_close(explicit, by_default, rtol=0, atol=0)
+        everywhere = run(ours, inputs, sketch=sketch, sketch_mask=np.full((32, 32), 255, np.uint8), **common).images
+        assert not torch.equal(everywhere, by_default)
+
+
+@pytest.mark.parametrize("case", ["xl-img2img", "controlnet"])
+def test_the_editing_pipelines_without_a_fill_lgp_component_refuse_a_fill(case):
+    """Their parents take `**kwargs`, where a fill would be dropped without a word: it is refused instead."""
+    ours, _, inputs = make(case)
+    for name, value in (("sketch_fill", "auto"), ("sketch_fill_scale", 0.5)):
+        with pytest.raises(ValueError, match=f"`{name}`: fill guidance is in the Stable Diffusion 1.x/2.x"):
+            run(ours, inputs, sketch=draw_square(), **{name: value})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -196,6 +196,23 @@ def test_the_fill_lgp_is_saved_and_loaded_with_the_pipeline(fill_pipe, tmp_path)
         assert torch.equal(loaded.fill_lgp.state_dict()[name], tensor)
 
 
+def test_lgps_set_on_a_pipeline_without_them_are_saved_with_it(components, tmp_path):
+    """diffusers keeps a component that was None as `[null, null]` in the config when it is set by attribute, which
+    would leave it out of `save_pretrained`: `pipe.lgp = ...` and `pipe.fill_lgp = ...` are saved, and None again is
+    not."""
+    pipe = SketchGuidedStableDiffusionPipeline(**components)
+    pipe.lgp = random_lgp(components["unet"])
+    pipe.fill_lgp = random_lgp(components["unet"], seed=1, map_kind="silhouette")
+    pipe.save_pretrained(tmp_path / "both")
+    loaded = SketchGuidedStableDiffusionPipeline.from_pretrained(tmp_path / "both")
+    for name in ("lgp", "fill_lgp"):
+        for key, tensor in getattr(pipe, name).state_dict().items():
+            assert torch.equal(getattr(loaded, name).state_dict()[key], tensor), (name, key)
+    pipe.fill_lgp = None
+    pipe.save_pretrained(tmp_path / "edges")
+    assert SketchGuidedStableDiffusionPipeline.from_pretrained(tmp_path / "edges").fill_lgp is None
+
+
 def test_fill_arguments_are_checked(fill_pipe, pipe, components):
     with pytest.raises(ValueError, match="needs a fill LGP"):
         generate(pipe, sketch=draw_square(), sketch_fill="auto")

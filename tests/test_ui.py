@@ -25,6 +25,7 @@ pytest.importorskip("gradio", reason="the ui extra (pip install -e '.[ui]') is n
 
 from benchmarks.efficacy import foreground_colour, iou, named_colour, segment_foreground  # noqa: E402
 from pipeline_sketch_guided.demo import filled_mask, freehand_sketch, load_demo_pipeline  # noqa: E402
+from pipeline_sketch_guided.guidance import DEFAULT_SKETCH_FILL_SCALE  # noqa: E402
 from pipeline_sketch_guided.sketch import prepare_map  # noqa: E402
 from pipeline_sketch_guided.ui import Settings, SketchGuidedApp, Stopped, sketch_from_canvas  # noqa: E402
 
@@ -167,8 +168,6 @@ def test_the_unguided_image_is_reused_for_a_new_sketch_and_matches_the_pipeline(
 def test_the_canvas_guides_the_sketchs_fill_at_the_chosen_scale_and_records_it(demo_app):
     """The demo has a fill LGP: the app's images are the pipeline's own at the fill scale asked for (0 turns the fill
     off, not back to the pipeline's default), and each PNG records whether the fill guided it and how strongly."""
-    from pipeline_sketch_guided.guidance import DEFAULT_SKETCH_FILL_SCALE
-
     assert demo_app.fills
     ring = freehand_sketch("circle", (32, 32), 29, seed=4, size=256)  # a frame-filling ring: the fill matters
     settings = Settings("a green circle on a white background", seed=3, steps=8)
@@ -572,7 +571,13 @@ def test_the_app_draws_into_a_photo_inside_the_painted_region(tmp_path):
         star, Settings("a red star on a grey background", steps=4, strength=0.5), photo=square_photo()
     )
     assert "mask_image_sha256" not in json.loads(PIL.Image.open(img2img.image).text["sketch_guided"])
-    assert recorded["sketch_fill"] is None  # only the text-to-image pipeline guides with the fill
+    # The demo's fill LGP guides drawing into a photo too; at 0 the fill is off and not recorded.
+    assert (recorded["sketch_fill"], recorded["sketch_fill_scale"]) == ("auto", DEFAULT_SKETCH_FILL_SCALE)
+    off = app.generate(
+        star, replace(settings, sketch_fill_scale=0), compare=False, photo=square_photo(), region=half_mask()
+    )
+    assert json.loads(PIL.Image.open(off.image).text["sketch_guided"])["sketch_fill"] is None
+    assert not np.array_equal(np.asarray(PIL.Image.open(off.image)), np.asarray(PIL.Image.open(result.image)))
     with pytest.raises(ValueError, match="needs the photo"):
         app.generate(star, settings, region=half_mask())
 

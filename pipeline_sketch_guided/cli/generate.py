@@ -207,8 +207,8 @@ def fill_arguments(args: argparse.Namespace, pipe) -> dict:
     if "sketch_fill" not in inspect.signature(type(pipe).__call__).parameters:
         if args.sketch_fill:
             raise UsageError(
-                "--sketch-fill: fill guidance is in the Stable Diffusion 1.x/2.x text-to-image pipeline; this is"
-                f" {type(pipe).__name__}."
+                "--sketch-fill: fill guidance is in the Stable Diffusion 1.x/2.x pipelines (text-to-image,"
+                f" image-to-image and inpainting); this is {type(pipe).__name__}."
             )
         return {}
     return {"sketch_fill": args.sketch_fill, "sketch_fill_scale": args.sketch_fill_scale}
