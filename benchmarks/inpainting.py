@@ -3,7 +3,8 @@
 Each case is a render of the demo's kind (one shape on one half of a background, `training/shapes.py`'s renderer), the
 other half masked for repainting, and a free-hand sketch of a second shape in that half; the prompt names the second
 shape. The same seeds are inpainted without the sketch and with it (`SketchGuidedStableDiffusionInpaintPipeline`, the
-sketch mask defaulting to the inpainting mask), and each image is measured:
+sketch mask defaulting to the inpainting mask; where the model has a fill LGP, as the demo does, the sketch is guided
+with its fill at `--sketch_fill_scale`, and 0 measures the sketch alone), and each image is measured:
 
 - IoU, inside the repainted half, of the image's foreground with the sketched shape (filled);
 - colour: whether that foreground has the prompt's colour;
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if pipe.lgp is None:
         raise ValueError(f"{args.model!r} has no LGP: pass `--lgp` with the folder or Hub id of one trained for it.")
     fills = pipe.fills_by_default and args.sketch_fill_scale > 0
+    fill = {"sketch_fill_scale": args.sketch_fill_scale} if pipe.fills_by_default else {}  # 0 too: off, not default
     pipe.set_progress_bar_config(disable=True)
     cases = inpainting_cases(args.num_cases)
     started = time.perf_counter()
@@ -146,7 +148,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             plain = pipe(case["prompt"], **common).images[0]
             common["generator"] = torch.Generator().manual_seed(1000 * seed + case["index"])
-            fill = {"sketch_fill_scale": args.sketch_fill_scale} if pipe.fills_by_default else {}  # 0 too
             guided = pipe(case["prompt"], sketch=case["sketch"], **common, **fill).images[0]
             results["unguided"].append(measure(plain, case))
             results["guided"].append(measure(guided, case))

@@ -259,6 +259,15 @@ def test_inpainting_benchmark_measures_both_and_the_vae_floor(tmp_path):
     assert again["summary"] == summary
     with pytest.raises(SystemExit):
         inpainting.parse_args(["--lgp", str(DEMO_MODEL_DIR / "lgp")])
+    with pytest.raises(SystemExit):
+        inpainting.parse_args(["--fill_lgp", str(DEMO_MODEL_DIR / "fill_lgp")])
+    # The demo guides with the sketch's fill by default; --sketch_fill_scale 0 is the sketch alone, and says so.
+    assert "fill guidance: the model's fill LGP, scale 0.125" in (tmp_path / "inpainting.md").read_text()
+    small = ["--num_cases", "1", "--seeds", "0", "--steps", "2"]
+    off = inpainting.main([*small, "--sketch_fill_scale", "0", "--output_dir", str(tmp_path / "off")])
+    assert "fill guidance: none" in (tmp_path / "off" / "inpainting.md").read_text()
+    assert off["per_image"]["unguided"] == record["per_image"]["unguided"]
+    assert off["per_image"]["guided"] != record["per_image"]["guided"]
 
 
 def test_guided_sampling_refuses_a_recurrence_below_two(capsys):
