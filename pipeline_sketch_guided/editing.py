@@ -58,7 +58,7 @@ SKETCH_ARGUMENTS = {
     "guidance_map": None,
     "invert_map": False,
 }
-# Fill guidance's arguments, taken by the pipelines that have a `fill_lgp` component (the SD 1.x/2.x ones).
+# Fill guidance's arguments, taken by the pipelines that have a `fill_lgp` component (SD 1.x/2.x and XL).
 FILL_ARGUMENTS = {"sketch_fill": None, "sketch_fill_scale": DEFAULT_SKETCH_FILL_SCALE}
 
 

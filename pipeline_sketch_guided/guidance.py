@@ -826,7 +826,7 @@ class SketchGuidanceMixin:
             for name in ("sketch_fill", "sketch_fill_scale"):
                 if name in parent_kwargs:  # the parent's `**kwargs` would take it and do nothing with it
                     raise ValueError(
-                        f"`{name}`: fill guidance is in the Stable Diffusion 1.x/2.x pipelines (text-to-image,"
+                        f"`{name}`: fill guidance is in the Stable Diffusion 1.x/2.x and XL pipelines (text-to-image,"
                         f" image-to-image and inpainting); {type(self).__name__} has no fill LGP."
                     )
         prompt, prompt_embeds = parent_kwargs.get("prompt"), parent_kwargs.get("prompt_embeds")

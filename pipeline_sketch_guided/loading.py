@@ -76,7 +76,7 @@ def load_pipeline(
     if fill_lgp is not None:
         if "fill_lgp" not in pipe.components:
             raise ValueError(
-                "fill guidance is in the Stable Diffusion 1.x/2.x pipelines (text-to-image, image-to-image and"
+                "fill guidance is in the Stable Diffusion 1.x/2.x and XL pipelines (text-to-image, image-to-image and"
                 f" inpainting); {type(pipe).__name__} has no fill LGP."
             )
         pipe.fill_lgp = LGPModel.from_pretrained(fill_lgp, **dtype_kwargs(torch_dtype))

@@ -27,7 +27,12 @@ from transformers import (
 # diffusers copies a local custom pipeline's modules by this file's own relative imports: each module is imported here.
 from .capture import capture_activations  # noqa: F401
 from .fill import fill_sketch  # noqa: F401
-from .guidance import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE, SketchGuidanceMixin
+from .guidance import (
+    DEFAULT_SKETCH_FILL_SCALE,
+    DEFAULT_SKETCH_GUIDANCE_END,
+    DEFAULT_SKETCH_GUIDANCE_SCALE,
+    SketchGuidanceMixin,
+)
 from .lgp import LGPModel
 from .sketch import SketchInput
 
@@ -79,11 +84,14 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
             The Latent Guidance Predictor trained for this `unet` (`LGPModel.from_unet(unet)` reads down blocks 0-1,
             the mid block and up blocks 0-1 of SDXL's UNet). Needed only to generate with a sketch; it is checked
             against the UNet when set.
+        fill_lgp ([`LGPModel`], *optional*):
+            An LGP trained on filled silhouettes for this `unet` (`map_kind="silhouette"`), for fill guidance
+            (`sketch_fill`), as in [`SketchGuidedStableDiffusionPipeline`]. Checked against the UNet when set.
     """
 
     # The LGP stays out of the offload chain: it runs between UNet calls (see SketchGuidedStableDiffusionPipeline).
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
-    _optional_components = [*StableDiffusionXLPipeline._optional_components, "lgp"]
+    _optional_components = [*StableDiffusionXLPipeline._optional_components, "lgp", "fill_lgp"]
 
     def __init__(
         self,
@@ -99,6 +107,7 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker: bool | None = None,
         lgp: LGPModel | None = None,
+        fill_lgp: LGPModel | None = None,
     ):
         super().__init__(
             vae=vae,
@@ -113,7 +122,7 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
             add_watermarker=add_watermarker,
         )
-        self.register_modules(lgp=lgp)
+        self.register_modules(lgp=lgp, fill_lgp=fill_lgp)
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -163,6 +172,8 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
         return_edge_maps: bool = False,
         guidance_map: SketchInput | list[SketchInput] | None = None,
         invert_map: bool = False,
+        sketch_fill: SketchInput | list[SketchInput] | str | None = None,
+        sketch_fill_scale: float = DEFAULT_SKETCH_FILL_SCALE,
         **kwargs,
     ):
         r"""
@@ -196,6 +207,11 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
             invert_map (`bool`, *optional*, defaults to `False`):
                 For a depth LGP: the map is dark where near (a distance map), so turn it round; the LGP reads light as
                 near. Sketches and silhouettes need no flag (their paper is found, either way round).
+            sketch_fill (`"auto"`, or the same types as `sketch`, *optional*):
+                Fill guidance with the pipeline's `fill_lgp`, as in [`SketchGuidedStableDiffusionPipeline.__call__`]:
+                by default (`None`) each sketch's own fill when the pipeline has a `fill_lgp`, none otherwise.
+            sketch_fill_scale (`float`, *optional*, defaults to 0.125):
+                The weight of the fill's error against the sketch's in the guidance loss; 0 turns fill guidance off.
 
         Examples:
 
@@ -250,6 +266,8 @@ class SketchGuidedStableDiffusionXLPipeline(SketchGuidanceMixin, StableDiffusion
             "return_edge_maps": return_edge_maps,
             "guidance_map": guidance_map,
             "invert_map": invert_map,
+            "sketch_fill": sketch_fill,
+            "sketch_fill_scale": sketch_fill_scale,
         }
         output, edge_maps = self.generate_with_sketch(super().__call__, parent_kwargs, guidance)
         if not return_dict:

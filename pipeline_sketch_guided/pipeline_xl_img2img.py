@@ -39,7 +39,7 @@ class SketchGuidedStableDiffusionXLImg2ImgPipeline(
     output is the parent's, bit for bit. The sketch arguments are those of
     [`SketchGuidedStableDiffusionPipeline.__call__`]; the guided fraction counts the steps this call runs (with
     `strength` < 1, about `strength` x `num_inference_steps`). `from_pipe` moves between this pipeline and the other
-    sketch-guided ones, sharing the LGP.
+    sketch-guided ones, sharing the LGP and the fill LGP.
 
     Args:
         vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder, feature_extractor,
@@ -47,9 +47,12 @@ class SketchGuidedStableDiffusionXLImg2ImgPipeline(
             [`StableDiffusionXLImg2ImgPipeline`].
         lgp ([`LGPModel`], *optional*):
             The Latent Guidance Predictor trained for this `unet`, checked against it when set.
+        fill_lgp ([`LGPModel`], *optional*):
+            The fill LGP (`map_kind="silhouette"`) of [`SketchGuidedStableDiffusionXLPipeline`]: with it, a sketch is
+            guided with its fill too (`sketch_fill`, `sketch_fill_scale`).
     """
 
-    _optional_components = [*StableDiffusionXLImg2ImgPipeline._optional_components, "lgp"]
+    _optional_components = [*StableDiffusionXLImg2ImgPipeline._optional_components, "lgp", "fill_lgp"]
     output_class = SketchGuidedEditingXLPipelineOutput
 
     def __init__(
@@ -67,6 +70,7 @@ class SketchGuidedStableDiffusionXLImg2ImgPipeline(
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker: bool | None = None,
         lgp: LGPModel | None = None,
+        fill_lgp: LGPModel | None = None,
     ):
         super().__init__(
             vae=vae,
@@ -82,10 +86,10 @@ class SketchGuidedStableDiffusionXLImg2ImgPipeline(
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
             add_watermarker=add_watermarker,
         )
-        self.register_modules(lgp=lgp)
+        self.register_modules(lgp=lgp, fill_lgp=fill_lgp)
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
         return self.sketch_guided_call(*args, **kwargs)
 
-    __call__.__signature__ = sketch_guided_signature(StableDiffusionXLImg2ImgPipeline.__call__)
+    __call__.__signature__ = sketch_guided_signature(StableDiffusionXLImg2ImgPipeline.__call__, fill=True)

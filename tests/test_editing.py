@@ -133,13 +133,13 @@ def test_unguided_is_the_parent_bit_for_bit_and_a_sketch_guides(case):
     assert len(as_tuple) == len(run(parent, inputs, return_dict=False)) + 1
 
 
-@pytest.mark.parametrize("case", ["img2img", "inpaint", "controlnet"])
+@pytest.mark.parametrize("case", ["img2img", "inpaint", "xl-img2img", "xl-inpaint", "controlnet"])
 def test_the_signature_is_the_parents_plus_the_sketch_arguments(case):
     ours_class, parent_class, *_ = CASES[case]
     ours, parents = inspect.signature(ours_class.__call__), inspect.signature(parent_class.__call__)
     for name, parameter in parents.parameters.items():
         assert ours.parameters[name].default == parameter.default, name
-    with_fill = case != "controlnet"  # the SD 1.x/2.x pipelines with a `fill_lgp` component
+    with_fill = case != "controlnet"  # the SD 1.x/2.x and XL pipelines, with a `fill_lgp` component
     for name, default in {**SKETCH_ARGUMENTS, **(FILL_ARGUMENTS if with_fill else {})}.items():
         assert ours.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY and ours.parameters[name].default == default
     assert ("sketch_fill" in ours.parameters) == with_fill
@@ -206,11 +206,11 @@ def test_an_editing_pipeline_loads_as_a_custom_pipeline_with_its_fill_lgp(tmp_pa
         assert torch.equal(loaded.fill_lgp.state_dict()[name], tensor)
 
 
-@pytest.mark.parametrize("case", ["img2img", "inpaint"])
-def test_the_sd_editing_pipelines_guide_with_the_sketchs_fill(case):
-    """With a fill LGP, img2img and inpainting guide a sketch with its fill by default (the sketch's own, "auto"), as
-    text-to-image does; `sketch_fill_scale=0` is the sketch alone, bit for bit. Inpainting's fill applies where the
-    sketch does, the inpainting mask by default."""
+@pytest.mark.parametrize("case", ["img2img", "inpaint", "xl-img2img", "xl-inpaint"])
+def test_the_editing_pipelines_guide_with_the_sketchs_fill(case):
+    """With a fill LGP, img2img and inpainting (SD 1.x/2.x and XL) guide a sketch with its fill by default (the
+    sketch's own, "auto"), as text-to-image does; `sketch_fill_scale=0` is the sketch alone, bit for bit. Inpainting's
+    fill applies where the sketch does, the inpainting mask by default."""
     ours, _, inputs = make(case)
     sketch = draw_square()
     common = {"output_type": "latent", "sketch_guidance_end": 0.6}
@@ -223,19 +223,19 @@ def test_the_sd_editing_pipelines_guide_with_the_sketchs_fill(case):
     assert not torch.allclose(by_default, alone)
     own = fill_sketch(sketch, 32, 32)
     torch.testing.assert_close(run(ours, inputs, sketch=sketch, sketch_fill=own, **common).images, by_default)
-    if case == "inpaint":  # the sketch mask, the fill's too (`test_the_sketch_mask_applies_to_the_fill`)
+    if case.endswith("inpaint"):  # the sketch mask, the fill's too (`test_the_sketch_mask_applies_to_the_fill`)
         explicit = run(ours, inputs, sketch=sketch, sketch_mask=inputs["mask_image"], **common).images
         torch.testing.assert_close(explicit, by_default, rtol=0, atol=0)
         everywhere = run(ours, inputs, sketch=sketch, sketch_mask=np.full((32, 32), 255, np.uint8), **common).images
         assert not torch.equal(everywhere, by_default)
 
 
-@pytest.mark.parametrize("case", ["xl-img2img", "controlnet"])
-def test_the_editing_pipelines_without_a_fill_lgp_component_refuse_a_fill(case):
-    """Their parents take `**kwargs`, where a fill would be dropped without a word: it is refused instead."""
-    ours, _, inputs = make(case)
+def test_the_controlnet_pipeline_refuses_a_fill():
+    """It has no fill LGP yet, and its parent takes `**kwargs`, where a fill would be dropped without a word: it is
+    refused instead."""
+    ours, _, inputs = make("controlnet")
     for name, value in (("sketch_fill", "auto"), ("sketch_fill_scale", 0.5)):
-        with pytest.raises(ValueError, match=f"`{name}`: fill guidance is in the Stable Diffusion 1.x/2.x"):
+        with pytest.raises(ValueError, match=f"`{name}`: fill guidance is in the Stable Diffusion 1.x/2.x and XL"):
             run(ours, inputs, sketch=draw_square(), **{name: value})
 
 

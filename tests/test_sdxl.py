@@ -147,6 +147,24 @@ def test_saved_and_loaded_and_as_a_custom_pipeline(pipe, tmp_path):
     np.testing.assert_allclose(generate(custom, sketch=draw_square()).images, expected, atol=1e-6)
 
 
+def test_a_fill_lgp_guides_sdxl_by_default_and_is_saved_with_it(pipe, tmp_path):
+    """Fill guidance works in SDXL as in SD 1.x/2.x (the same guidance core): with a `fill_lgp` each sketch is guided
+    with its own fill by default ("auto"), `sketch_fill_scale=0` is the sketch alone, bit for bit, and the fill LGP is
+    saved and loaded with the pipeline."""
+    latent = {"sketch": draw_square(), "output_type": "latent"}
+    alone = generate(pipe, **latent).images
+    pipe.fill_lgp = random_lgp(pipe.unet, seed=1, map_kind="silhouette")
+    assert pipe.fills_by_default
+    by_default = generate(pipe, **latent).images
+    assert not torch.allclose(by_default, alone)
+    torch.testing.assert_close(generate(pipe, sketch_fill="auto", **latent).images, by_default, rtol=0, atol=0)
+    torch.testing.assert_close(generate(pipe, sketch_fill_scale=0.0, **latent).images, alone, rtol=0, atol=0)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = SketchGuidedStableDiffusionXLPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(generate(loaded, **latent).images, by_default, rtol=1e-5, atol=1e-6)
+
+
 def test_sketch_mask_restricts_the_loss_to_its_region(pipe):
     """A mask over the left half weighs the loss there only (at latent resolution), and changes what guidance does; a
     black mask, or a mask without a sketch, is refused."""

@@ -124,8 +124,8 @@ def add_generate_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--sketch-fill",
-        help="fill guidance (SD 1.x/2.x, with a fill LGP): 'auto' fills what the sketch's outlines enclose, or an"
-        " image of the filled shapes (white on black); default: auto when the model has a fill LGP",
+        help="fill guidance (SD 1.x/2.x and XL, with a fill LGP): 'auto' fills what the sketch's outlines enclose, or"
+        " an image of the filled shapes (white on black); default: auto when the model has a fill LGP",
     )
     parser.add_argument(
         "--sketch-fill-scale",
@@ -207,7 +207,7 @@ def fill_arguments(args: argparse.Namespace, pipe) -> dict:
     if "sketch_fill" not in inspect.signature(type(pipe).__call__).parameters:
         if args.sketch_fill:
             raise UsageError(
-                "--sketch-fill: fill guidance is in the Stable Diffusion 1.x/2.x pipelines (text-to-image,"
+                "--sketch-fill: fill guidance is in the Stable Diffusion 1.x/2.x and XL pipelines (text-to-image,"
                 f" image-to-image and inpainting); this is {type(pipe).__name__}."
             )
         return {}
