@@ -94,7 +94,7 @@ class SketchGuidedEditingMixin:
 
     def sketch_guided_call(self, *args, **kwargs):
         """The body of each editing pipeline's `__call__`."""
-        arguments = {**SKETCH_ARGUMENTS, **(FILL_ARGUMENTS if "fill_lgp" in self._optional_components else {})}
+        arguments = {**SKETCH_ARGUMENTS, **(FILL_ARGUMENTS if self.has_fill_guidance else {})}
         guidance = {name: kwargs.pop(name, default) for name, default in arguments.items()}
         named_return_dict = kwargs.pop("return_dict", None)
         parent_call = self._parent_call()

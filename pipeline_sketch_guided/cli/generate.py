@@ -204,11 +204,12 @@ def check_generate_args(args: argparse.Namespace) -> None:
 def fill_arguments(args: argparse.Namespace, pipe) -> dict:
     """The fill guidance arguments for `pipe`: none for a pipeline without fill guidance (an error where a fill was
     asked for)."""
-    if "sketch_fill" not in inspect.signature(type(pipe).__call__).parameters:
+    from ..guidance import FILL_GUIDANCE_PIPELINES
+
+    if not pipe.has_fill_guidance:
         if args.sketch_fill:
             raise UsageError(
-                "--sketch-fill: fill guidance is in the Stable Diffusion 1.x/2.x and XL pipelines (text-to-image,"
-                f" image-to-image and inpainting); this is {type(pipe).__name__}."
+                f"--sketch-fill: fill guidance is in {FILL_GUIDANCE_PIPELINES}; this is {type(pipe).__name__}."
             )
         return {}
     return {"sketch_fill": args.sketch_fill, "sketch_fill_scale": args.sketch_fill_scale}
