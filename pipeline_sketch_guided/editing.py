@@ -58,27 +58,26 @@ SKETCH_ARGUMENTS = {
     "guidance_map": None,
     "invert_map": False,
 }
-# Fill guidance's arguments, taken by the pipelines that have a `fill_lgp` component (SD 1.x/2.x and XL).
+# Fill guidance's arguments (with the pipeline's `fill_lgp`).
 FILL_ARGUMENTS = {"sketch_fill": None, "sketch_fill_scale": DEFAULT_SKETCH_FILL_SCALE}
 
 
-def sketch_guided_signature(parent_call, fill: bool = False) -> inspect.Signature:
-    """The parent's `__call__` signature with the sketch arguments (and with `fill`, fill guidance's) added as
-    keyword-only parameters."""
+def sketch_guided_signature(parent_call) -> inspect.Signature:
+    """The parent's `__call__` signature with the sketch arguments and fill guidance's added as keyword-only
+    parameters."""
     signature = inspect.signature(parent_call)
     parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     variadic = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-        for name, default in {**SKETCH_ARGUMENTS, **(FILL_ARGUMENTS if fill else {})}.items()
+        for name, default in {**SKETCH_ARGUMENTS, **FILL_ARGUMENTS}.items()
     ]
     return signature.replace(parameters=[*parameters, *added, *variadic])
 
 
 class SketchGuidedEditingMixin:
     """The `__call__` of the editing pipelines (`sketch_guided_call`): the parent's arguments (by position or name,
-    with its defaults), then the sketch arguments, and fill guidance's in a pipeline with a `fill_lgp` component. Mix
-    in before `SketchGuidanceMixin`.
+    with its defaults), then the sketch arguments and fill guidance's. Mix in before `SketchGuidanceMixin`.
 
     Each class's `__call__` has the parent's own signature plus the sketch arguments (`sketch_guided_signature`), rather
     than a copy of diffusers' long argument lists in each of five files, which would drift from the installed
@@ -94,7 +93,7 @@ class SketchGuidedEditingMixin:
 
     def sketch_guided_call(self, *args, **kwargs):
         """The body of each editing pipeline's `__call__`."""
-        arguments = {**SKETCH_ARGUMENTS, **(FILL_ARGUMENTS if self.has_fill_guidance else {})}
+        arguments = {**SKETCH_ARGUMENTS, **FILL_ARGUMENTS}
         guidance = {name: kwargs.pop(name, default) for name, default in arguments.items()}
         named_return_dict = kwargs.pop("return_dict", None)
         parent_call = self._parent_call()

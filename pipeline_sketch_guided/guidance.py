@@ -61,8 +61,6 @@ DEFAULT_SKETCH_FILL_SCALE = 0.125
 # Far above the useful range (about 1 to 4) a guidance step outweighs the denoising step many times over and the image
 # turns to noise or black: a larger scale is a mistake, refused with the sensible range.
 MAX_SKETCH_GUIDANCE_SCALE = 50.0
-# The pipelines with fill guidance (a `fill_lgp` component), named where the others refuse a fill.
-FILL_GUIDANCE_PIPELINES = "the Stable Diffusion 1.x/2.x and XL pipelines (text-to-image, image-to-image and inpainting)"
 
 # How a guided step runs the classifier-free guidance branches. "split": the LGP's branch with autograd, the other
 # without (the backward goes through one half only). "batched": one UNet call on the batch of 2 with autograd, as the
@@ -610,11 +608,6 @@ class SketchGuidanceMixin:
             )
 
     @property
-    def has_fill_guidance(self) -> bool:
-        """Whether this pipeline takes a fill LGP (`fill_lgp`) and the fill arguments: `FILL_GUIDANCE_PIPELINES`."""
-        return "fill_lgp" in self._optional_components
-
-    @property
     def fills_by_default(self) -> bool:
         """Whether a sketch is guided with its own fill when `sketch_fill` is left out: the pipeline has a `fill_lgp`
         and its `lgp` reads sketches (edge maps). Another map (a silhouette, a depth map) has no outline to fill."""
@@ -822,20 +815,12 @@ class SketchGuidanceMixin:
         """The parent pipeline's `__call__` (`parent_call`, with `parent_kwargs`), guided by the sketch arguments in
         `guidance` (`sketch`, `sketch_mask`, `sketch_guidance_scale`, `..._start`, `..._end`, `..._interval`,
         `..._recurrence` (1 where absent, as in pipeline files written before it), `return_edge_maps`, `invert_map`,
-        and `guidance_map`, another name for `sketch`): checked and prepared first,
-        then the
-        parent's own loop with `sketch_guidance`.
+        `guidance_map` (another name for `sketch`), `sketch_fill` and `sketch_fill_scale`): checked and prepared first,
+        then the parent's own loop with `sketch_guidance`.
 
         Returns:
             (the parent's output, as with `return_dict=True`; the decoded edge maps, or `None`)
         """
-        if not self.has_fill_guidance:
-            for name in ("sketch_fill", "sketch_fill_scale"):
-                if name in parent_kwargs:  # the parent's `**kwargs` would take it and do nothing with it
-                    raise ValueError(
-                        f"`{name}`: fill guidance is in {FILL_GUIDANCE_PIPELINES}; {type(self).__name__} has no fill"
-                        " LGP."
-                    )
         prompt, prompt_embeds = parent_kwargs.get("prompt"), parent_kwargs.get("prompt_embeds")
         if isinstance(prompt, list):
             batch_size = len(prompt)

@@ -60,7 +60,6 @@ def load_pipeline(
     import torch
 
     from .demo import load_demo_pipeline
-    from .guidance import FILL_GUIDANCE_PIPELINES
     from .lgp import LGPModel
     from .utils import dtype_kwargs
 
@@ -75,8 +74,6 @@ def load_pipeline(
     if lgp is not None:
         pipe.lgp = LGPModel.from_pretrained(lgp, **dtype_kwargs(torch_dtype))
     if fill_lgp is not None:
-        if not pipe.has_fill_guidance:
-            raise ValueError(f"fill guidance is in {FILL_GUIDANCE_PIPELINES}; {type(pipe).__name__} has no fill LGP.")
         pipe.fill_lgp = LGPModel.from_pretrained(fill_lgp, **dtype_kwargs(torch_dtype))
     return pipe.to(device) if device is not None else pipe
 

@@ -38,16 +38,19 @@ class SketchGuidedStableDiffusionControlNetPipeline(
     output is the parent's, bit for bit. The sketch arguments are those of
     [`SketchGuidedStableDiffusionPipeline.__call__`]; the guided fraction counts the steps this call runs (with
     `strength` < 1, about `strength` x `num_inference_steps`). `from_pipe` moves between this pipeline and the other
-    sketch-guided ones, sharing the LGP.
+    sketch-guided ones, sharing the LGP and the fill LGP.
 
     Args:
         vae, text_encoder, tokenizer, unet, controlnet, scheduler, safety_checker, feature_extractor, image_encoder,
             requires_safety_checker: as for [`StableDiffusionControlNetPipeline`].
         lgp ([`LGPModel`], *optional*):
             The Latent Guidance Predictor trained for this `unet`, checked against it when set.
+        fill_lgp ([`LGPModel`], *optional*):
+            An LGP trained on filled silhouettes for this `unet`, for fill guidance (`sketch_fill`), as in
+            [`SketchGuidedStableDiffusionPipeline`].
     """
 
-    _optional_components = [*StableDiffusionControlNetPipeline._optional_components, "lgp"]
+    _optional_components = [*StableDiffusionControlNetPipeline._optional_components, "lgp", "fill_lgp"]
     output_class = SketchGuidedEditingPipelineOutput
 
     def __init__(
@@ -63,6 +66,7 @@ class SketchGuidedStableDiffusionControlNetPipeline(
         image_encoder: CLIPVisionModelWithProjection = None,
         requires_safety_checker: bool = True,
         lgp: LGPModel | None = None,
+        fill_lgp: LGPModel | None = None,
     ):
         super().__init__(
             vae=vae,
@@ -76,7 +80,7 @@ class SketchGuidedStableDiffusionControlNetPipeline(
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-        self.register_modules(lgp=lgp)
+        self.register_modules(lgp=lgp, fill_lgp=fill_lgp)
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):

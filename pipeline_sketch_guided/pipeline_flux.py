@@ -29,7 +29,12 @@ from transformers import (
 # diffusers copies a local custom pipeline's modules by this file's own relative imports: each module is imported here.
 from .capture import capture_activations  # noqa: F401
 from .fill import fill_sketch  # noqa: F401
-from .guidance import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE, SketchGuidanceMixin
+from .guidance import (
+    DEFAULT_SKETCH_FILL_SCALE,
+    DEFAULT_SKETCH_GUIDANCE_END,
+    DEFAULT_SKETCH_GUIDANCE_SCALE,
+    SketchGuidanceMixin,
+)
 from .lgp import LGPModel
 from .sketch import SketchInput
 
@@ -78,9 +83,13 @@ class SketchGuidedFluxPipeline(SketchGuidanceMixin, FluxPipeline):
         feature_extractor: as for [`FluxPipeline`].
         lgp ([`LGPModel`], *optional*):
             The Latent Guidance Predictor trained for this `transformer`, checked against it when set.
+        fill_lgp ([`LGPModel`], *optional*):
+            An LGP trained on filled silhouettes for this `transformer` (`map_kind="silhouette"`), for fill guidance
+            (`sketch_fill`): guided with the region the sketch's outlines enclose, alongside `lgp`, it says which side
+            of the lines is the shape. It reads the same blocks' tokens in the same pass.
     """
 
-    _optional_components = [*FluxPipeline._optional_components, "lgp"]
+    _optional_components = [*FluxPipeline._optional_components, "lgp", "fill_lgp"]
     denoiser_name = "transformer"
     denoiser_sample_argument = "hidden_states"
 
@@ -96,6 +105,7 @@ class SketchGuidedFluxPipeline(SketchGuidanceMixin, FluxPipeline):
         image_encoder: CLIPVisionModelWithProjection = None,
         feature_extractor: CLIPImageProcessor = None,
         lgp: LGPModel | None = None,
+        fill_lgp: LGPModel | None = None,
     ):
         super().__init__(
             scheduler=scheduler,
@@ -108,7 +118,7 @@ class SketchGuidedFluxPipeline(SketchGuidanceMixin, FluxPipeline):
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
         )
-        self.register_modules(lgp=lgp)
+        self.register_modules(lgp=lgp, fill_lgp=fill_lgp)
 
     @property
     def denoiser_branches(self) -> int:
@@ -165,6 +175,8 @@ class SketchGuidedFluxPipeline(SketchGuidanceMixin, FluxPipeline):
         return_edge_maps: bool = False,
         guidance_map: SketchInput | list[SketchInput] | None = None,
         invert_map: bool = False,
+        sketch_fill: SketchInput | list[SketchInput] | str | None = None,
+        sketch_fill_scale: float = DEFAULT_SKETCH_FILL_SCALE,
     ):
         r"""
         Generate images from a prompt, following a sketch.
@@ -172,7 +184,7 @@ class SketchGuidedFluxPipeline(SketchGuidanceMixin, FluxPipeline):
         Every argument of [`FluxPipeline.__call__`] means the same here; see its documentation. The sketch arguments
         (`sketch`, `sketch_mask`, `sketch_guidance_scale`, `sketch_guidance_start`, `sketch_guidance_end`,
         `sketch_guidance_interval`, `sketch_guidance_recurrence`, `return_edge_maps`, `guidance_map`,
-        `invert_map`) mean what they mean for
+        `invert_map`, `sketch_fill`, `sketch_fill_scale`) mean what they mean for
         [`SketchGuidedStableDiffusionPipeline.__call__`]; the fractions of the schedule count FLUX's steps.
 
         Examples:
@@ -220,6 +232,8 @@ class SketchGuidedFluxPipeline(SketchGuidanceMixin, FluxPipeline):
             "return_edge_maps": return_edge_maps,
             "guidance_map": guidance_map,
             "invert_map": invert_map,
+            "sketch_fill": sketch_fill,
+            "sketch_fill_scale": sketch_fill_scale,
         }
         output, edge_maps = self.generate_with_sketch(super().__call__, parent_kwargs, guidance)
         if not return_dict:

@@ -80,4 +80,4 @@ class SketchGuidedStableDiffusionImg2ImgPipeline(
     def __call__(self, *args, **kwargs):
         return self.sketch_guided_call(*args, **kwargs)
 
-    __call__.__signature__ = sketch_guided_signature(StableDiffusionImg2ImgPipeline.__call__, fill=True)
+    __call__.__signature__ = sketch_guided_signature(StableDiffusionImg2ImgPipeline.__call__)

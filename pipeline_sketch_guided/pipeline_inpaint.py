@@ -84,4 +84,4 @@ class SketchGuidedStableDiffusionInpaintPipeline(
     def __call__(self, *args, **kwargs):
         return self.sketch_guided_call(*args, **kwargs)
 
-    __call__.__signature__ = sketch_guided_signature(StableDiffusionInpaintPipeline.__call__, fill=True)
+    __call__.__signature__ = sketch_guided_signature(StableDiffusionInpaintPipeline.__call__)

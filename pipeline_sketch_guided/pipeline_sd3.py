@@ -27,7 +27,12 @@ from transformers import (
 # diffusers copies a local custom pipeline's modules by this file's own relative imports: each module is imported here.
 from .capture import capture_activations  # noqa: F401
 from .fill import fill_sketch  # noqa: F401
-from .guidance import DEFAULT_SKETCH_GUIDANCE_END, DEFAULT_SKETCH_GUIDANCE_SCALE, SketchGuidanceMixin
+from .guidance import (
+    DEFAULT_SKETCH_FILL_SCALE,
+    DEFAULT_SKETCH_GUIDANCE_END,
+    DEFAULT_SKETCH_GUIDANCE_SCALE,
+    SketchGuidanceMixin,
+)
 from .lgp import LGPModel
 from .sketch import SketchInput
 
@@ -77,9 +82,13 @@ class SketchGuidedStableDiffusion3Pipeline(SketchGuidanceMixin, StableDiffusion3
         image_encoder, feature_extractor: as for [`StableDiffusion3Pipeline`].
         lgp ([`LGPModel`], *optional*):
             The Latent Guidance Predictor trained for this `transformer`, checked against it when set.
+        fill_lgp ([`LGPModel`], *optional*):
+            An LGP trained on filled silhouettes for this `transformer` (`map_kind="silhouette"`), for fill guidance
+            (`sketch_fill`): guided with the region the sketch's outlines enclose, alongside `lgp`, it says which side
+            of the lines is the shape. It reads the same blocks' tokens in the same pass.
     """
 
-    _optional_components = [*StableDiffusion3Pipeline._optional_components, "lgp"]
+    _optional_components = [*StableDiffusion3Pipeline._optional_components, "lgp", "fill_lgp"]
     denoiser_name = "transformer"
     denoiser_sample_argument = "hidden_states"
 
@@ -97,6 +106,7 @@ class SketchGuidedStableDiffusion3Pipeline(SketchGuidanceMixin, StableDiffusion3
         image_encoder: SiglipVisionModel = None,
         feature_extractor: SiglipImageProcessor = None,
         lgp: LGPModel | None = None,
+        fill_lgp: LGPModel | None = None,
     ):
         super().__init__(
             transformer=transformer,
@@ -111,7 +121,7 @@ class SketchGuidedStableDiffusion3Pipeline(SketchGuidanceMixin, StableDiffusion3
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
         )
-        self.register_modules(lgp=lgp)
+        self.register_modules(lgp=lgp, fill_lgp=fill_lgp)
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -159,6 +169,8 @@ class SketchGuidedStableDiffusion3Pipeline(SketchGuidanceMixin, StableDiffusion3
         return_edge_maps: bool = False,
         guidance_map: SketchInput | list[SketchInput] | None = None,
         invert_map: bool = False,
+        sketch_fill: SketchInput | list[SketchInput] | str | None = None,
+        sketch_fill_scale: float = DEFAULT_SKETCH_FILL_SCALE,
     ):
         r"""
         Generate images from a prompt, following a sketch.
@@ -166,7 +178,7 @@ class SketchGuidedStableDiffusion3Pipeline(SketchGuidanceMixin, StableDiffusion3
         Every argument of [`StableDiffusion3Pipeline.__call__`] means the same here; see its documentation. The sketch
         arguments (`sketch`, `sketch_mask`, `sketch_guidance_scale`, `sketch_guidance_start`, `sketch_guidance_end`,
         `sketch_guidance_interval`, `sketch_guidance_recurrence`, `return_edge_maps`, `guidance_map`,
-        `invert_map`) mean what they mean for
+        `invert_map`, `sketch_fill`, `sketch_fill_scale`) mean what they mean for
         [`SketchGuidedStableDiffusionPipeline.__call__`]; the fractions of the schedule count SD3's steps.
 
         Examples:
@@ -219,6 +231,8 @@ class SketchGuidedStableDiffusion3Pipeline(SketchGuidanceMixin, StableDiffusion3
             "return_edge_maps": return_edge_maps,
             "guidance_map": guidance_map,
             "invert_map": invert_map,
+            "sketch_fill": sketch_fill,
+            "sketch_fill_scale": sketch_fill_scale,
         }
         output, edge_maps = self.generate_with_sketch(super().__call__, parent_kwargs, guidance)
         if not return_dict:

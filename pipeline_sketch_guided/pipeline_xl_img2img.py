@@ -92,4 +92,4 @@ class SketchGuidedStableDiffusionXLImg2ImgPipeline(
     def __call__(self, *args, **kwargs):
         return self.sketch_guided_call(*args, **kwargs)
 
-    __call__.__signature__ = sketch_guided_signature(StableDiffusionXLImg2ImgPipeline.__call__, fill=True)
+    __call__.__signature__ = sketch_guided_signature(StableDiffusionXLImg2ImgPipeline.__call__)

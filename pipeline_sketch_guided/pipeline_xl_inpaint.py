@@ -94,4 +94,4 @@ class SketchGuidedStableDiffusionXLInpaintPipeline(
     def __call__(self, *args, **kwargs):
         return self.sketch_guided_call(*args, **kwargs)
 
-    __call__.__signature__ = sketch_guided_signature(StableDiffusionXLInpaintPipeline.__call__, fill=True)
+    __call__.__signature__ = sketch_guided_signature(StableDiffusionXLInpaintPipeline.__call__)

@@ -83,6 +83,18 @@ def test_a_hub_id_offline_is_refused_at_once(tmp_path, monkeypatch, no_loading):
         cli.main(generate_args("out.png", "--lgp", "someone/an-lgp"))
 
 
+def test_a_fill_lgp_of_another_map_is_refused_naming_the_flag(tmp_path):
+    """The demo's edge LGP given as the fill LGP: the pipeline refuses it when it is set, and the message says which
+    flag was wrong and what a fill LGP is."""
+    from pipeline_sketch_guided.demo import DEMO_LGP_FOLDERS, DEMO_MODEL_DIR
+
+    edge_lgp = str(DEMO_MODEL_DIR / DEMO_LGP_FOLDERS["edges"])
+    with pytest.raises(SystemExit) as raised:
+        cli.main(generate_args(tmp_path / "out.png", "--fill-lgp", edge_lgp))
+    assert str(raised.value).startswith("sketch-guided generate: error: --fill-lgp: `fill_lgp` must be an LGP trained")
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_steps_must_be_positive(tmp_path, capsys, no_loading):
     with pytest.raises(SystemExit) as raised:
         cli.main(generate_args(tmp_path / "out.png", "--steps", "0"))

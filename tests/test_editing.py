@@ -139,10 +139,8 @@ def test_the_signature_is_the_parents_plus_the_sketch_arguments(case):
     ours, parents = inspect.signature(ours_class.__call__), inspect.signature(parent_class.__call__)
     for name, parameter in parents.parameters.items():
         assert ours.parameters[name].default == parameter.default, name
-    with_fill = case != "controlnet"  # the SD 1.x/2.x and XL pipelines, with a `fill_lgp` component
-    for name, default in {**SKETCH_ARGUMENTS, **(FILL_ARGUMENTS if with_fill else {})}.items():
+    for name, default in {**SKETCH_ARGUMENTS, **FILL_ARGUMENTS}.items():
         assert ours.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY and ours.parameters[name].default == default
-    assert ("sketch_fill" in ours.parameters) == with_fill
 
 
 def test_img2img_guides_the_steps_it_runs_and_lowers_the_sketch_loss():
@@ -190,8 +188,9 @@ def test_from_pipe_moves_between_text_to_image_and_editing_sharing_the_lgps():
     img2img = SketchGuidedStableDiffusionImg2ImgPipeline.from_pipe(text_to_image)
     inpaint = SketchGuidedStableDiffusionInpaintPipeline.from_pipe(img2img)
     back = SketchGuidedStableDiffusionPipeline.from_pipe(inpaint)
-    assert img2img.lgp is inpaint.lgp is back.lgp is text_to_image.lgp
-    assert img2img.fill_lgp is inpaint.fill_lgp is back.fill_lgp is fill_lgp
+    controlnet = SketchGuidedStableDiffusionControlNetPipeline.from_pipe(back, controlnet=tiny_controlnet(unet))
+    assert img2img.lgp is inpaint.lgp is back.lgp is controlnet.lgp is text_to_image.lgp
+    assert img2img.fill_lgp is inpaint.fill_lgp is back.fill_lgp is controlnet.fill_lgp is fill_lgp
     assert img2img.unet is text_to_image.unet
 
 
@@ -206,11 +205,11 @@ def test_an_editing_pipeline_loads_as_a_custom_pipeline_with_its_fill_lgp(tmp_pa
         assert torch.equal(loaded.fill_lgp.state_dict()[name], tensor)
 
 
-@pytest.mark.parametrize("case", ["img2img", "inpaint", "xl-img2img", "xl-inpaint"])
+@pytest.mark.parametrize("case", ["img2img", "inpaint", "xl-img2img", "xl-inpaint", "controlnet"])
 def test_the_editing_pipelines_guide_with_the_sketchs_fill(case):
-    """With a fill LGP, img2img and inpainting (SD 1.x/2.x and XL) guide a sketch with its fill by default (the
-    sketch's own, "auto"), as text-to-image does; `sketch_fill_scale=0` is the sketch alone, bit for bit. Inpainting's
-    fill applies where the sketch does, the inpainting mask by default."""
+    """With a fill LGP, img2img, inpainting (SD 1.x/2.x and XL) and the ControlNet pipeline guide a sketch with its fill
+    by default (the sketch's own, "auto"), as text-to-image does; `sketch_fill_scale=0` is the sketch alone, bit for
+    bit. Inpainting's fill applies where the sketch does, the inpainting mask by default."""
     ours, _, inputs = make(case)
     sketch = draw_square()
     common = {"output_type": "latent", "sketch_guidance_end": 0.6}
@@ -228,15 +227,6 @@ def test_the_editing_pipelines_guide_with_the_sketchs_fill(case):
         torch.testing.assert_close(explicit, by_default, rtol=0, atol=0)
         everywhere = run(ours, inputs, sketch=sketch, sketch_mask=np.full((32, 32), 255, np.uint8), **common).images
         assert not torch.equal(everywhere, by_default)
-
-
-def test_the_controlnet_pipeline_refuses_a_fill():
-    """It has no fill LGP yet, and its parent takes `**kwargs`, where a fill would be dropped without a word: it is
-    refused instead."""
-    ours, _, inputs = make("controlnet")
-    for name, value in (("sketch_fill", "auto"), ("sketch_fill_scale", 0.5)):
-        with pytest.raises(ValueError, match=f"`{name}`: fill guidance is in the Stable Diffusion 1.x/2.x and XL"):
-            run(ours, inputs, sketch=draw_square(), **{name: value})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

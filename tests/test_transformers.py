@@ -19,6 +19,7 @@ from diffusers import (
 )
 
 from pipeline_sketch_guided import LGPModel, SketchGuidedFluxPipeline, SketchGuidedStableDiffusion3Pipeline
+from pipeline_sketch_guided.fill import fill_sketch
 from pipeline_sketch_guided.guidance import frozen_parameters
 from pipeline_sketch_guided.lgp import spread_blocks, tokens_to_grid
 from pipeline_sketch_guided.pipeline_flux import __file__ as PIPELINE_FLUX_FILE
@@ -260,6 +261,36 @@ def test_saved_and_loaded_with_its_lgp(family, request, tmp_path):
     assert isinstance(loaded.lgp, LGPModel) and loaded.lgp.config.blocks == pipe.lgp.config.blocks
     sketch = draw_square()
     np.testing.assert_allclose(generate(loaded, sketch=sketch).images, generate(pipe, sketch=sketch).images, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_fill_lgp_guides_by_default_and_is_saved_with_the_pipeline(family, tmp_path):
+    """Fill guidance on a transformer, as on a UNet (the same guidance core): the fill LGP reads the same pass of the
+    same blocks at every guided step; each sketch is guided with its own fill by default ("auto", the same as passing
+    `fill_sketch`'s image), `sketch_fill_scale=0` is the sketch alone, bit for bit; the fill LGP is saved and loaded
+    with the pipeline. On FLUX the fill's target lives at the unpacked latents' resolution, as the sketch's does."""
+    pipe = make_pipe(family)
+    sketch = draw_square()
+    latent = {"sketch": sketch, "output_type": "latent", "sketch_guidance_end": 0.5}
+    alone = generate(pipe, **latent).images
+    pipe.fill_lgp = random_transformer_lgp(pipe.transformer, seed=1, map_kind="silhouette")
+    assert pipe.fills_by_default
+    calls = []
+    handle = pipe.fill_lgp.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+    try:
+        by_default = generate(pipe, **latent).images
+    finally:
+        handle.remove()
+    assert calls == [(1, 4, 16, 16)] * 2  # 2 guided steps of 4, on the (unpacked) latents' grid
+    assert torch.isfinite(by_default).all() and not torch.allclose(by_default, alone)
+    own = fill_sketch(sketch, 32, 32)
+    torch.testing.assert_close(generate(pipe, sketch_fill=own, **latent).images, by_default, rtol=0, atol=0)
+    torch.testing.assert_close(generate(pipe, sketch_fill_scale=0.0, **latent).images, alone, rtol=0, atol=0)
+    pipe.save_pretrained(tmp_path)
+    loaded = FAMILIES[family][0].from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.fill_lgp.config.map_kind == "silhouette"
+    torch.testing.assert_close(generate(loaded, **latent).images, by_default, rtol=1e-5, atol=1e-6)
 
 
 def test_flux_as_a_custom_pipeline(flux, tmp_path):

@@ -124,7 +124,7 @@ def add_generate_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--sketch-fill",
-        help="fill guidance (SD 1.x/2.x and XL, with a fill LGP): 'auto' fills what the sketch's outlines enclose, or"
+        help="fill guidance (with a fill LGP): 'auto' fills what the sketch's outlines enclose, or"
         " an image of the filled shapes (white on black); default: auto when the model has a fill LGP",
     )
     parser.add_argument(
@@ -201,20 +201,6 @@ def check_generate_args(args: argparse.Namespace) -> None:
     check_model_source(args.fill_lgp, "--fill-lgp", "fill LGP's")
 
 
-def fill_arguments(args: argparse.Namespace, pipe) -> dict:
-    """The fill guidance arguments for `pipe`: none for a pipeline without fill guidance (an error where a fill was
-    asked for)."""
-    from ..guidance import FILL_GUIDANCE_PIPELINES
-
-    if not pipe.has_fill_guidance:
-        if args.sketch_fill:
-            raise UsageError(
-                f"--sketch-fill: fill guidance is in {FILL_GUIDANCE_PIPELINES}; this is {type(pipe).__name__}."
-            )
-        return {}
-    return {"sketch_fill": args.sketch_fill, "sketch_fill_scale": args.sketch_fill_scale}
-
-
 def fill_setting(args: argparse.Namespace, pipe) -> str | None:
     """What the image's metadata records as its fill: "auto", the fill image's sha256, or None (no fill guidance)."""
     if not args.sketch or args.sketch_fill_scale == 0 or not pipe.fills_by_default:
@@ -245,7 +231,7 @@ def run_generate(args: argparse.Namespace) -> int:
             args.model, args.lgp, device, dtype, demo_map=args.demo_map, fill_lgp=args.fill_lgp
         )
     except ValueError as error:
-        if not args.fill_lgp or "fill guidance" not in str(error):
+        if not args.fill_lgp or "`fill_lgp`" not in str(error):
             raise
         raise UsageError(f"--fill-lgp: {error}") from None
     try:
@@ -265,7 +251,7 @@ def run_generate(args: argparse.Namespace) -> int:
             editing["mask_image"] = PIL.Image.open(args.mask_image).convert("L")
         if args.strength is not None:
             editing["strength"] = args.strength
-    fill = fill_arguments(args, pipe)
+    fill = {"sketch_fill": args.sketch_fill, "sketch_fill_scale": args.sketch_fill_scale}
     if args.scheduler:
         try:
             loading.set_scheduler(pipe, args.scheduler)
