@@ -165,3 +165,22 @@ def test_rows_can_set_the_fill_and_its_weight(tmp_path):
     assert not np.array_equal(pixels["off.png"], pixels["default.png"])
     recorded = json.loads(PIL.Image.open(out / "own.png").text["sketch_guided_row"])
     assert recorded["sketch_fill"].endswith("star-fill.png")
+
+
+def test_a_fill_lgp_given_to_the_batch_is_recorded_and_a_change_of_it_redoes_the_rows(tmp_path):
+    """`--fill-lgp` is part of what each image records, so a run with another fill LGP does not keep images made
+    with the model's own."""
+    from pipeline_sketch_guided.demo import DEMO_LGP_FOLDERS, DEMO_MODEL_DIR
+
+    (tmp_path / "sketches").mkdir()
+    demo_sketches()[0][1].save(tmp_path / "sketches" / "star.png")
+    row = {"prompt": "a red star on a white background", "sketch": "sketches/star.png", "seed": 3, "output": "a.png"}
+    path = tmp_path / "manifest.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    out = tmp_path / "out"
+    assert run(path, out) == 0
+    silhouette_lgp = str(DEMO_MODEL_DIR / DEMO_LGP_FOLDERS["silhouette"])
+    assert run(path, out, "--fill-lgp", silhouette_lgp) == 0
+    assert [r["status"] for r in results(out)] == ["done"]
+    recorded = json.loads(PIL.Image.open(out / "a.png").text["sketch_guided_row"])
+    assert recorded["fill_lgp"] == silhouette_lgp

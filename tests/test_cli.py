@@ -83,16 +83,25 @@ def test_a_hub_id_offline_is_refused_at_once(tmp_path, monkeypatch, no_loading):
         cli.main(generate_args("out.png", "--lgp", "someone/an-lgp"))
 
 
-def test_a_fill_lgp_of_another_map_is_refused_naming_the_flag(tmp_path):
-    """The demo's edge LGP given as the fill LGP: the pipeline refuses it when it is set, and the message says which
-    flag was wrong and what a fill LGP is."""
+@pytest.mark.parametrize("command", ["generate", "batch", "ui"])
+def test_every_command_takes_a_fill_lgp_and_refuses_one_of_another_map(tmp_path, monkeypatch, command):
+    """--fill-lgp is read by each command that loads a model. The demo's edge LGP given there is refused when it is
+    set on the pipeline, before any image is made, and the message names the flag and says what a fill LGP is."""
     from pipeline_sketch_guided.demo import DEMO_LGP_FOLDERS, DEMO_MODEL_DIR
 
     edge_lgp = str(DEMO_MODEL_DIR / DEMO_LGP_FOLDERS["edges"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": PROMPT, "output": "row.png"}) + "\n")
+    argv = {
+        "generate": generate_args("out.png"),
+        "batch": ["batch", "rows.jsonl", "--out", "batch"],
+        "ui": ["ui", "--output-dir", "canvas"],
+    }[command]
     with pytest.raises(SystemExit) as raised:
-        cli.main(generate_args(tmp_path / "out.png", "--fill-lgp", edge_lgp))
-    assert str(raised.value).startswith("sketch-guided generate: error: --fill-lgp: `fill_lgp` must be an LGP trained")
-    assert not (tmp_path / "out.png").exists()
+        cli.main([*argv, "--fill-lgp", edge_lgp])
+    expected = f"sketch-guided {command}: error: --fill-lgp {edge_lgp}: `fill_lgp` must be an LGP trained on filled"
+    assert str(raised.value).startswith(expected), str(raised.value)
+    assert not list(tmp_path.rglob("*.png"))
 
 
 def test_steps_must_be_positive(tmp_path, capsys, no_loading):
@@ -246,6 +255,7 @@ def test_a_fill_lgp_guides_with_the_sketchs_fill_and_the_metadata_says_so(tmp_pa
     cli.main(generate_args(fill_off, "--sketch", sketch, "--fill-lgp", silhouette_lgp, "--sketch-fill-scale", "0"))
     settings = json.loads(PIL.Image.open(filled).text["sketch_guided"])
     assert settings["sketch_fill"] == "auto" and settings["sketch_fill_scale"] == DEFAULT_SKETCH_FILL_SCALE
+    assert settings["fill_lgp"] == silhouette_lgp
     assert json.loads(PIL.Image.open(fill_off).text["sketch_guided"])["sketch_fill"] is None
     pixels = {path: np.asarray(PIL.Image.open(path)) for path in (plain, filled, fill_off)}
     assert not np.array_equal(pixels[filled], pixels[plain])

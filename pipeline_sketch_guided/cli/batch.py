@@ -6,13 +6,12 @@ import argparse
 import os
 import sys
 
-from .. import loading
 from .common import (
     add_model_arguments,
-    check_demo_map,
-    check_model_source,
+    check_model_arguments,
     check_output_path,
     lgp_name,
+    load_model,
     positive_int,
     resolve_device,
     resolve_dtype,
@@ -46,19 +45,19 @@ def run_batch(args: argparse.Namespace) -> int:
     from ..batch import contact_sheet, process_state, read_manifest, run_manifest
 
     read_manifest(args.manifest)  # a manifest that cannot be read at all fails now, before a model is loaded
-    check_demo_map(args)
-    check_model_source(args.model, "--model", "model's")
-    check_model_source(args.lgp, "--lgp", "LGP's")
+    check_model_arguments(args)
     if args.contact_sheet:
         check_output_path(args.contact_sheet, "--contact-sheet")
     state = process_state()
     device = resolve_device(args.device) if args.device or state.num_processes == 1 else str(state.device)
     dtype = resolve_dtype(args.dtype, device, guided=True)
     set_threads(args, device)
-    pipe = loading.load_pipeline(args.model, args.lgp, device, dtype, demo_map=args.demo_map)
+    pipe = load_model(args, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     context = {"model": args.model or "pipeline_sketch_guided demo model", "lgp": lgp_name(args)}
     context["dtype"] = str(dtype)
+    if args.fill_lgp:
+        context["fill_lgp"] = args.fill_lgp
     summary = run_manifest(
         pipe,
         args.manifest,

@@ -17,11 +17,16 @@ def positive_int(text: str) -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --lgp, --device, --dtype, --threads: what runs, and where."""
+    """--model, --lgp, --fill-lgp, --demo-map, --device, --dtype, --threads: what runs, and where."""
     parser.add_argument(
         "--model", help="base model: a Hub repo id or a folder (default: the shipped demo model, offline)"
     )
     parser.add_argument("--lgp", help="LGP: a Hub repo id or a folder (default: the one saved with --model, if any)")
+    parser.add_argument(
+        "--fill-lgp",
+        help="fill LGP (trained on filled silhouettes for --model), which guides each sketch's filled outline too: a"
+        " Hub repo id or a folder (default: the one saved with --model, if any; the demo model has one)",
+    )
     parser.add_argument(
         "--demo-map",
         choices=["edges", "silhouette"],
@@ -112,9 +117,30 @@ def lgp_name(args: argparse.Namespace) -> str | None:
     return args.lgp or (f"pipeline_sketch_guided demo {args.demo_map} LGP" if args.demo_map else None)
 
 
-def check_demo_map(args: argparse.Namespace) -> None:
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """`add_model_arguments`' model sources, checked before anything is loaded."""
     if args.demo_map is not None and (args.model is not None or args.lgp is not None):
         raise UsageError("--demo-map picks one of the demo model's LGPs: use it without --model and --lgp.")
+    check_model_source(args.model, "--model", "model's")
+    check_model_source(args.lgp, "--lgp", "LGP's")
+    check_model_source(args.fill_lgp, "--fill-lgp", "fill LGP's")
+
+
+def load_model(args: argparse.Namespace, device: str, dtype):
+    """The pipeline that `add_model_arguments` name, on `device` in `dtype`. A fill LGP that the pipeline refuses (one
+    of another map kind, or made for another base model) is reported as --fill-lgp's error."""
+    from .. import loading
+    from ..lgp import LGPModel
+    from ..utils import dtype_kwargs
+
+    pipe = loading.load_pipeline(args.model, args.lgp, device, dtype, demo_map=args.demo_map)
+    if args.fill_lgp is not None:
+        fill_lgp = LGPModel.from_pretrained(args.fill_lgp, **dtype_kwargs(dtype))
+        try:
+            pipe.fill_lgp = fill_lgp.to(pipe.device)
+        except ValueError as error:
+            raise UsageError(f"--fill-lgp {args.fill_lgp}: {error}") from None
+    return pipe
 
 
 def check_model_source(source: str | None, option: str, what: str) -> None:

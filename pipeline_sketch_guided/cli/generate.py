@@ -13,11 +13,11 @@ from ..saving import file_sha256, image_grid, save_image
 from .common import (
     UsageError,
     add_model_arguments,
-    check_demo_map,
     check_image_file,
-    check_model_source,
+    check_model_arguments,
     check_output_path,
     lgp_name,
+    load_model,
     positive_int,
     resolve_device,
     resolve_dtype,
@@ -133,11 +133,6 @@ def add_generate_parser(subparsers) -> None:
         default=DEFAULT_SKETCH_FILL_SCALE,
         help=f"weight of the fill against the sketch, 0 turns fill guidance off (default {DEFAULT_SKETCH_FILL_SCALE})",
     )
-    parser.add_argument(
-        "--fill-lgp",
-        help="fill LGP (trained on filled silhouettes for --model): a Hub repo id or a folder (default: the one saved"
-        " with --model, if any; the demo model has one)",
-    )
     parser.add_argument("--height", type=positive_int, help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=positive_int, help="image width in pixels (default: the model's)")
     parser.add_argument(
@@ -195,10 +190,7 @@ def check_generate_args(args: argparse.Namespace) -> None:
     for size in (args.height, args.width):
         if size is not None and size % 8:
             raise UsageError(f"--height and --width must be multiples of 8, got {size}.")
-    check_demo_map(args)
-    check_model_source(args.model, "--model", "model's")
-    check_model_source(args.lgp, "--lgp", "LGP's")
-    check_model_source(args.fill_lgp, "--fill-lgp", "fill LGP's")
+    check_model_arguments(args)
 
 
 def fill_setting(args: argparse.Namespace, pipe) -> str | None:
@@ -226,14 +218,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.model is None and (unknown := unknown_words(f"{args.prompt} {args.negative_prompt or ''}")):
         logger.warning(f"The demo model does not know {', '.join(map(repr, unknown))}. {VOCABULARY_HELP}")
 
-    try:
-        pipe = loading.load_pipeline(
-            args.model, args.lgp, device, dtype, demo_map=args.demo_map, fill_lgp=args.fill_lgp
-        )
-    except ValueError as error:
-        if not args.fill_lgp or "`fill_lgp`" not in str(error):
-            raise
-        raise UsageError(f"--fill-lgp: {error}") from None
+    pipe = load_model(args, device, dtype)
     try:
         pipe = loading.editing_pipeline(pipe, image=bool(args.image), mask=bool(args.mask_image))
     except ValueError as error:
@@ -299,6 +284,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "invert_map": True if args.invert_map else None,
         "sketch_fill": fill_used,
         "sketch_fill_scale": args.sketch_fill_scale if fill_used else None,
+        "fill_lgp": args.fill_lgp if fill_used else None,  # None: the model's own
         "image_sha256": file_sha256(args.image) if args.image else None,
         "mask_image_sha256": file_sha256(args.mask_image) if args.mask_image else None,
         "strength": args.strength,

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from .. import loading
 from .common import (
     UsageError,
     add_model_arguments,
-    check_demo_map,
-    check_model_source,
+    check_model_arguments,
     lgp_name,
+    load_model,
     resolve_device,
     resolve_dtype,
     set_threads,
@@ -64,9 +63,7 @@ def run_ui(args: argparse.Namespace) -> int:
         raise UsageError(f"--output-dir {args.output_dir}: a file, not a folder.")
     if not os.path.isdir(os.path.dirname(output_dir)):
         raise UsageError(f"--output-dir {args.output_dir}: the folder {os.path.dirname(output_dir)} does not exist.")
-    check_demo_map(args)
-    check_model_source(args.model, "--model", "model's")
-    check_model_source(args.lgp, "--lgp", "LGP's")
+    check_model_arguments(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device, guided=True)
     # Gradio keeps uploads and served copies in its temporary folder, which it reads when it is imported: inside the
@@ -84,7 +81,7 @@ def run_ui(args: argparse.Namespace) -> int:
 
     from ..ui import SketchGuidedApp, launch
 
-    pipe = loading.load_pipeline(args.model, args.lgp, device, dtype, demo_map=args.demo_map)
+    pipe = load_model(args, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     app = SketchGuidedApp(
         pipe, output_dir, model_name=args.model or "pipeline_sketch_guided demo model", lgp_name=lgp_name(args)
