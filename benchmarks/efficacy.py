@@ -57,7 +57,7 @@ import PIL.ImageDraw
 import torch
 
 from benchmarks.measuring import recurrence_fraction, schedule_fraction
-from pipeline_sketch_guided import LGPModel, SketchGuidedStableDiffusionPipeline, loading
+from pipeline_sketch_guided import SketchGuidedStableDiffusionPipeline, loading
 from pipeline_sketch_guided import guidance as guidance_module
 from pipeline_sketch_guided.demo import (
     DEMO_IMAGE_SIZE,
@@ -688,9 +688,10 @@ def load_pipeline(
 def set_fill_lgp(pipe: SketchGuidedStableDiffusionPipeline, fill_lgp: str | None) -> None:
     """A benchmark's `--fill_lgp`: `None` keeps the pipeline's own fill LGP, `"none"` removes it, anything else is the
     folder or Hub id of the fill LGP to set (in the LGP's dtype, on the pipeline's device)."""
-    if fill_lgp is not None:
-        model = None if fill_lgp == "none" else LGPModel.from_pretrained(fill_lgp)
-        pipe.fill_lgp = None if model is None else model.to(pipe.device, pipe.lgp.dtype)
+    if fill_lgp == "none":
+        pipe.fill_lgp = None
+    elif fill_lgp is not None:
+        loading.load_fill_lgp(pipe, fill_lgp, pipe.lgp.dtype)
 
 
 def native_image_size(pipe: SketchGuidedStableDiffusionPipeline) -> int:

@@ -74,8 +74,17 @@ def load_pipeline(
     if lgp is not None:
         pipe.lgp = LGPModel.from_pretrained(lgp, **dtype_kwargs(torch_dtype))
     if fill_lgp is not None:
-        pipe.fill_lgp = LGPModel.from_pretrained(fill_lgp, **dtype_kwargs(torch_dtype))
+        load_fill_lgp(pipe, fill_lgp, torch_dtype)
     return pipe.to(device) if device is not None else pipe
+
+
+def load_fill_lgp(pipe, fill_lgp: str, torch_dtype) -> None:
+    """Set the fill LGP at `fill_lgp` (a folder or Hub id) as `pipe.fill_lgp`, in `torch_dtype`, on the pipeline's
+    device. The pipeline refuses one it cannot guide with (another map kind, another base model): `ValueError`."""
+    from .lgp import LGPModel
+    from .utils import dtype_kwargs
+
+    pipe.fill_lgp = LGPModel.from_pretrained(fill_lgp, **dtype_kwargs(torch_dtype)).to(pipe.device)
 
 
 def pipeline_class_for(model: str, revision: str | None = None):

@@ -130,14 +130,11 @@ def load_model(args: argparse.Namespace, device: str, dtype):
     """The pipeline that `add_model_arguments` name, on `device` in `dtype`. A fill LGP that the pipeline refuses (one
     of another map kind, or made for another base model) is reported as --fill-lgp's error."""
     from .. import loading
-    from ..lgp import LGPModel
-    from ..utils import dtype_kwargs
 
     pipe = loading.load_pipeline(args.model, args.lgp, device, dtype, demo_map=args.demo_map)
     if args.fill_lgp is not None:
-        fill_lgp = LGPModel.from_pretrained(args.fill_lgp, **dtype_kwargs(dtype))
         try:
-            pipe.fill_lgp = fill_lgp.to(pipe.device)
+            loading.load_fill_lgp(pipe, args.fill_lgp, dtype)
         except ValueError as error:
             raise UsageError(f"--fill-lgp {args.fill_lgp}: {error}") from None
     return pipe
